@@ -1,0 +1,285 @@
+"""The per-batch setup every engine works on: validated inputs, selected parameters, policies.
+
+A :class:`KernelProblem` fixes what "the Jacobian" means for one call: which parameters are
+differentiated (``params``), which tensors are held fixed (``frozen``: the other parameters and
+cloned buffers), the inputs, and the model's output size ``q`` per sample. Engines only read it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+Inputs = Union[Tensor, Sequence[Tensor]]
+ParamFilter = Union[None, Callable[[str, nn.Parameter], bool], Iterable[Union[str, nn.Module, nn.Parameter]]]
+
+OUTPUT_MODES = ("full", "sum")
+BATCH_NORM_POLICIES = ("eval", "batch")
+
+_BATCH_NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+_DROPOUT_TYPES = (nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+@dataclass
+class KernelProblem:
+    """One mini-batch kernel computation, as engines see it.
+
+    Attributes:
+        model: the module; called through :func:`torch.func.functional_call` only.
+        inputs: positional inputs, batch on dim 0 (already on the model's device and dtype).
+        params: name -> tensor for the differentiated parameters (the columns of J).
+        frozen: name -> tensor for everything else passed to ``functional_call``.
+        n: number of samples; q: outputs per sample (the model's output flattened per sample).
+        per_sample: True when each sample's outputs depend on that sample alone (the engines'
+            vmap-over-samples route is exact); False when the batch interacts (train-mode BatchNorm
+            under ``batch_norm="batch"``), which leaves only the whole-batch Jacobian.
+        stochastic: True when a known random layer (Dropout) is active in the current mode.
+    """
+
+    model: nn.Module
+    inputs: tuple[Tensor, ...]
+    params: dict[str, Tensor]
+    frozen: dict[str, Tensor]
+    n: int
+    q: int
+    output_shape: tuple[int, ...]
+    per_sample: bool = True
+    stochastic: bool = False
+    modules_of_params: dict[str, str] = field(default_factory=dict)
+
+    def forward(self, params: dict[str, Tensor] | None = None, inputs: tuple[Tensor, ...] | None = None) -> Tensor:
+        """Model outputs as an ``(batch, q)`` matrix, with ``params`` substituted for the selected ones."""
+        state = {**self.frozen, **(self.params if params is None else params)}
+        x = self.inputs if inputs is None else inputs
+        out = functional_call(self.model, state, x)
+        return out.reshape(x[0].shape[0], -1)
+
+    def restrict(self, names: Iterable[str]) -> "KernelProblem":
+        """The same problem with only ``names`` differentiated; the rest join ``frozen``."""
+        names = set(names)
+        keep = {k: v for k, v in self.params.items() if k in names}
+        rest = {k: v for k, v in self.params.items() if k not in names}
+        return KernelProblem(
+            self.model, self.inputs, keep, {**self.frozen, **rest}, self.n, self.q, self.output_shape,
+            self.per_sample, self.stochastic, self.modules_of_params,
+        )
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+def as_input_tuple(inputs: Inputs) -> tuple[Tensor, ...]:
+    """Validate ``inputs`` (a tensor or a tuple/list of tensors, batch on dim 0)."""
+    if isinstance(inputs, Tensor):
+        items: tuple = (inputs,)
+    elif isinstance(inputs, (tuple, list)) and len(inputs) > 0 and all(isinstance(x, Tensor) for x in inputs):
+        items = tuple(inputs)
+    else:
+        what = type(inputs).__name__
+        if isinstance(inputs, (tuple, list)):
+            what += " of " + ", ".join(sorted({type(x).__name__ for x in inputs})) if inputs else " (empty)"
+        raise TypeError(
+            f"inputs must be a torch.Tensor or a non-empty tuple of tensors with the batch on dim 0 "
+            f"(passed to the model as model(*inputs)); got {what}. If your data loader yields "
+            f"(inputs, targets), pass only the inputs."
+        )
+    for i, x in enumerate(items):
+        if x.dim() == 0:
+            raise ValueError(f"input {i} is a 0-dimensional tensor; inputs need the batch on dim 0, e.g. x.unsqueeze(0)")
+    n = items[0].shape[0]
+    if n == 0:
+        raise ValueError("the batch is empty (0 samples); the MGS kernel needs at least one sample")
+    for i, x in enumerate(items[1:], 1):
+        if x.shape[0] != n:
+            raise ValueError(f"inputs disagree on the batch size: input 0 has {n} samples, input {i} has {x.shape[0]}")
+    return items
+
+
+def select_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str, nn.Parameter]:
+    """The trainable parameters (``requires_grad``) that ``params`` selects, by name.
+
+    ``params`` is ``None`` (all trainable parameters), a callable ``(name, parameter) -> bool``, or an
+    iterable mixing parameter names, name prefixes (``"fc1"`` selects ``"fc1.weight"``), submodules and
+    parameter objects.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameters (none with requires_grad=True); "
+            f"the MGS kernel is a Jacobian with respect to trainable parameters"
+        )
+    if params is None:
+        chosen = named
+    elif callable(params) and not isinstance(params, nn.Module):
+        chosen = [(k, p) for k, p in named if params(k, p)]
+    else:
+        items = list(params) if not isinstance(params, (str, nn.Module, nn.Parameter)) else [params]
+        ids: set[int] = set()
+        prefixes: list[str] = []
+        for item in items:
+            if isinstance(item, nn.Module):
+                ids.update(id(p) for p in item.parameters())
+            elif isinstance(item, Tensor):
+                ids.add(id(item))
+            elif isinstance(item, str):
+                prefixes.append(item)
+            else:
+                raise TypeError(f"params entries must be names, modules or parameters; got {type(item).__name__}")
+        known = [k for k, _ in named]
+        for pre in prefixes:
+            if not any(k == pre or k.startswith(pre + ".") for k in known):
+                raise ValueError(f"params names {pre!r}, which matches no trainable parameter; known: {known}")
+        chosen = [
+            (k, p) for k, p in named
+            if id(p) in ids or any(k == pre or k.startswith(pre + ".") for pre in prefixes)
+        ]
+    if not chosen:
+        raise ValueError("the params filter selects no trainable parameter; check the names, modules or callable")
+    return dict(chosen)
+
+
+def check_outputs(out: object, n: int) -> Tensor:
+    """Validate a batched model output and return it; ``q`` is its per-sample size."""
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"the model returned {type(out).__name__}, not a tensor; MGS needs the raw outputs (logits). "
+            f"Wrap the model so that forward returns one tensor of shape (batch, ...)"
+        )
+    if out.dim() == 0 or out.shape[0] != n:
+        raise ValueError(
+            f"the model output has shape {tuple(out.shape)}, expected the batch ({n}) on dim 0: "
+            f"shapes (n,), (n, q) or (n, *shape) are supported"
+        )
+    if not out.is_floating_point():
+        raise TypeError(f"the model output has dtype {out.dtype}; raw floating-point outputs (logits) are needed")
+    if out[0].numel() == 0:
+        raise ValueError(f"the model output has shape {tuple(out.shape)}: zero outputs per sample")
+    bad = (~torch.isfinite(out)).sum()
+    if bad.item():
+        raise ValueError(
+            f"the model produced {int(bad)} non-finite outputs (NaN or inf) on this batch; "
+            f"the kernel is undefined. Check the inputs and the weights (diverged training?)"
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# building a problem without side effects
+
+
+def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module, batch_norm: str) -> Iterator[None]:
+    """Run a kernel computation without side effects on ``model`` or the global RNG.
+
+    Train/eval flags are restored, BatchNorm layers are in eval mode under ``batch_norm="eval"``,
+    autocast is off (the kernel is computed in the parameters' dtype or the requested one), and the
+    global random state (CPU and the model's CUDA device) is forked, so Dropout masks drawn here do
+    not shift the training run's random stream.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    try:
+        if batch_norm == "eval":
+            for m in model.modules():
+                if isinstance(m, _BATCH_NORM_TYPES):
+                    m.eval()
+        with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as stack:
+            for dev in ("cpu", "cuda"):
+                if dev == "cpu" or devices:
+                    stack.enter_context(torch.autocast(dev, enabled=False))
+            yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def build_problem(
+    model: nn.Module,
+    inputs: Inputs,
+    *,
+    params: ParamFilter = None,
+    dtype: torch.dtype | None = None,
+    create_graph: bool = False,
+    batch_norm: str = "eval",
+) -> KernelProblem:
+    """Validate arguments and assemble a :class:`KernelProblem`; call inside :func:`preserved_state`.
+
+    With ``create_graph=False`` every tensor is detached (no autograd graph is built); otherwise the
+    selected and frozen parameters stay connected to the model's parameters, so the kernel can be
+    back-propagated to all of them.
+    """
+    if batch_norm not in BATCH_NORM_POLICIES:
+        raise ValueError(f"batch_norm must be one of {BATCH_NORM_POLICIES}, got {batch_norm!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype such as torch.float64, got {dtype!r}")
+    selected = select_parameters(model, params)
+    x = as_input_tuple(inputs)
+    device = next(iter(selected.values())).device
+    x = tuple(_cast(t.to(device), dtype) for t in x)
+    if dtype is None:
+        # compute in the parameters' dtype (a float32 model fed float64 data would mix dtypes)
+        pdtype = next(iter(selected.values())).dtype
+        x = tuple(t.to(pdtype) if t.is_floating_point() and t.dtype != pdtype else t for t in x)
+
+    def prep(t: Tensor) -> Tensor:
+        t = _cast(t, dtype)
+        return t if create_graph else t.detach()
+
+    chosen = {k: prep(p) for k, p in selected.items()}
+    frozen: dict[str, Tensor] = {k: prep(p) for k, p in model.named_parameters() if k not in selected}
+    # buffers are cloned: modules that update buffers in forward (BatchNorm running stats) write to copies
+    frozen.update({k: _cast(b.detach().clone(), dtype) for k, b in model.named_buffers()})
+
+    bns = [m for m in model.modules() if isinstance(m, _BATCH_NORM_TYPES)]
+    if batch_norm == "eval":
+        for m in bns:
+            if not m.track_running_stats or m.running_mean is None:
+                raise ValueError(
+                    f"{type(m).__name__} without running statistics normalises with batch statistics even "
+                    f"in eval mode, so a per-sample kernel is undefined; pass batch_norm='batch' for the "
+                    f"Jacobian of the whole-batch function"
+                )
+    per_sample = not any(m.training or not m.track_running_stats or m.running_mean is None for m in bns)
+    stochastic = any(isinstance(m, _DROPOUT_TYPES) and m.training and m.p > 0 for m in model.modules())
+
+    owners = {}
+    for mname, mod in model.named_modules():
+        for pname, _ in mod.named_parameters(recurse=False):
+            owners[f"{mname}.{pname}" if mname else pname] = mname
+
+    problem = KernelProblem(model, x, chosen, frozen, x[0].shape[0], 0, (), per_sample, stochastic, owners)
+    return problem
+
+
+Cotangents = Union[Tensor, Callable[[KernelProblem], Tensor]]
+
+
+def one_hot_cotangents(problem: KernelProblem) -> Tensor:
+    """e_a for every output a, broadcast over samples: (q, n, q); their row norms are diag K."""
+    q = problem.q
+    return torch.eye(q, device=problem.inputs[0].device).unsqueeze(1).expand(q, problem.n, q)
+
+
+def finish_problem(problem: KernelProblem, out: Tensor) -> Tensor:
+    """Validate a batched output of ``problem`` and record ``q`` and the output shape."""
+    out = check_outputs(out, problem.n)
+    problem.output_shape = tuple(out.shape[1:])
+    problem.q = max(1, math.prod(problem.output_shape))
+    return out.reshape(problem.n, -1)

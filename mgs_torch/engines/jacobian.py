@@ -1,0 +1,109 @@
+"""Reference engine: explicit Jacobians from :mod:`torch.func`, contracted into K.
+
+Always correct for any module the per-sample function can be vmapped over (the torch.func NTK
+tutorial's "Jacobian contraction"). Two routes:
+
+* per-sample (the default): ``vmap(jacrev(f))`` over samples, ``f`` the model on one sample.
+  Cost: n·q per-sample backward passes, memory n·q·p for J; K = J Jᵀ costs (n·q)²·p.
+* whole-batch (when samples interact, e.g. BatchNorm with batch statistics): one batched forward
+  and ``vmap`` of its vjp over the n·q one-hot cotangents. Cost: n·q backward passes of the whole
+  batch (n times the per-sample route), exact for the batch function.
+
+Contract shared with every engine (see :mod:`mgs_torch.engines`):
+``kernel(problem, outputs=..., chunk_size=...) -> K`` and
+``row_sq_norms(problem, cotangents, chunk_size=...) -> (k, n)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.func import jacrev, vjp, vmap
+
+from .._problem import Cotangents, KernelProblem, finish_problem
+
+
+def _validate(problem: KernelProblem) -> None:
+    if problem.q == 0:
+        with torch.no_grad():
+            finish_problem(problem, problem.forward())
+
+
+def _single_sample_fn(problem: KernelProblem):
+    def f(params: dict[str, Tensor], *xs: Tensor) -> Tensor:
+        return problem.forward(params, tuple(x.unsqueeze(0) for x in xs)).squeeze(0)
+
+    return f
+
+
+def _randomness(problem: KernelProblem) -> str:
+    # active Dropout draws an independent mask per sample; anything else random is an error
+    return "different" if problem.stochastic else "error"
+
+
+def _contract(jac: dict[str, Tensor], n: int, q: int, outputs: str) -> Tensor:
+    """K from per-parameter Jacobians of shape (n·q, *param_shape), rows ordered (sample, output)."""
+    K = None
+    for j in jac.values():
+        j = j.reshape(n, q, -1)
+        if outputs == "full":
+            flat = j.reshape(n * q, -1)
+            part = flat @ flat.T
+        else:
+            part = torch.einsum("iap,jap->ij", j, j)
+        K = part if K is None else K + part
+    return K
+
+
+def jacobian_rows(problem: KernelProblem, *, chunk_size: int | None = None) -> dict[str, Tensor]:
+    """J as ``{name: (n·q, *param_shape)}``, rows ordered (sample, output)."""
+    _validate(problem)
+    n, q = problem.n, problem.q
+    if problem.per_sample:
+        f = _single_sample_fn(problem)
+        in_dims = (None,) + (0,) * len(problem.inputs)
+        jac = vmap(jacrev(f), in_dims=in_dims, chunk_size=chunk_size, randomness=_randomness(problem))(
+            problem.params, *problem.inputs
+        )
+        return {k: v.reshape(n * q, *v.shape[2:]) for k, v in jac.items()}
+    out, vjp_fn = vjp(lambda p: problem.forward(p).reshape(-1), problem.params)
+    eye = torch.eye(n * q, dtype=out.dtype, device=out.device)
+    return vmap(vjp_fn, chunk_size=chunk_size)(eye)[0]
+
+
+def kernel(problem: KernelProblem, *, outputs: str = "full", chunk_size: int | None = None) -> Tensor:
+    """K = J Jᵀ ((n·q)×(n·q)) or, with ``outputs="sum"``, Σ_a K[(i,a),(j,a)] (n×n)."""
+    jac = jacobian_rows(problem, chunk_size=chunk_size)
+    return _contract(jac, problem.n, problem.q, outputs)
+
+
+def row_sq_norms(problem: KernelProblem, cotangents: Cotangents, *, chunk_size: int | None = None) -> Tensor:
+    """‖Σ_a c[k,i,a] ∇θ f_a(x_i)‖² for every probe k and sample i: a (k, n) tensor.
+
+    ``cotangents`` is a (k, n, q) tensor or a function of the (validated) problem returning one.
+    With one-hot cotangents (k = q) these are the diagonal entries of K, so their sum is tr K.
+    """
+    _validate(problem)
+    if callable(cotangents):
+        cotangents = cotangents(problem)
+    n, q = problem.n, problem.q
+    k = cotangents.shape[0]
+    if problem.per_sample:
+        f = _single_sample_fn(problem)
+
+        def one_sample(params: dict[str, Tensor], c: Tensor, *xs: Tensor) -> Tensor:
+            _, vjp_fn = vjp(lambda p: f(p, *xs), params)
+            grads = vmap(vjp_fn)(c)[0]
+            return sum((g.reshape(c.shape[0], -1) ** 2).sum(1) for g in grads.values())
+
+        in_dims = (None, 1) + (0,) * len(problem.inputs)
+        norms = vmap(one_sample, in_dims=in_dims, chunk_size=chunk_size, randomness=_randomness(problem))(
+            problem.params, cotangents, *problem.inputs
+        )
+        return norms.T
+    # whole batch: probe (k, i) is the cotangent c[k, i] on sample i and zero elsewhere
+    out, vjp_fn = vjp(lambda p: problem.forward(p), problem.params)
+    eye = torch.eye(n, dtype=out.dtype, device=out.device)
+    cots = torch.einsum("kia,ij->kija", cotangents.to(out.dtype), eye).reshape(k * n, n, q)
+    grads = vmap(vjp_fn, chunk_size=chunk_size)(cots)[0]
+    return sum((g.reshape(k * n, -1) ** 2).sum(1) for g in grads.values()).reshape(k, n)

@@ -1,0 +1,214 @@
+"""Per-layer rules for the structured engine (the BackPACK-extension / Opacus-grad-sampler pattern).
+
+A rule knows how one layer type uses its parameters. During the forward it captures what it needs
+from the layer's input (:meth:`LayerRule.capture`); given the gradients of k output cotangents with
+respect to the layer's output, it returns each parameter's per-sample gradients in factored form
+(:meth:`LayerRule.factors`). Rules are looked up by *exact* type, so a subclass that overrides
+``forward`` is never mistaken for its parent; anything without a rule is computed by the reference
+engine. Register your own with :func:`register_layer_rule`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .factors import DirectFactor, IndexOuterFactor, OuterFactor
+
+Factor = Any
+
+
+class LayerRule:
+    """Base class: how a layer type's parameters enter its output.
+
+    Subclasses set ``params`` (the parameter names they cover) and implement ``capture`` and
+    ``factors``; ``unsupported`` returns a reason when a particular module's configuration is not
+    covered (its parameters then go to the reference engine).
+    """
+
+    params: tuple[str, ...] = ("weight", "bias")
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        return None
+
+    def capture(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """Tensors to keep from the forward (called inside the layer's forward hook)."""
+        return (inputs[0],)
+
+    def factors(self, module: nn.Module, saved: tuple[Tensor, ...], grad: Tensor, names: set[str]) -> dict[str, Factor]:
+        """Per-sample gradient factors for ``names`` given ``grad`` = ∂(c·f)/∂output, shape (k, n, *out)."""
+        raise NotImplementedError
+
+
+def _sum_positions(t: Tensor) -> Tensor:
+    """(k, n, C, *positions) -> (k, n, C): sum over the positions sharing a per-channel parameter."""
+    return t.reshape(*t.shape[:3], -1).sum(-1)
+
+
+class LinearRule(LayerRule):
+    """y = x Wᵀ + b on (n, *, I): grad W = Σ_t g_t a_tᵀ over the * positions, grad b = Σ_t g_t."""
+
+    def factors(self, module, saved, grad, names):
+        (a,) = saved
+        k, n = grad.shape[:2]
+        out = {}
+        if "weight" in names:
+            out["weight"] = OuterFactor(a.reshape(n, 1, -1, a.shape[-1]), grad.reshape(k, n, 1, -1, grad.shape[-1]))
+        if "bias" in names:
+            out["bias"] = DirectFactor(grad.reshape(k, n, -1, grad.shape[-1]).sum(2))
+        return out
+
+
+def _conv_same_padding(module: nn.Module) -> list[int]:
+    """F.pad amounts (last dim first) that reproduce padding='same'/'valid' for an unfold."""
+    pads: list[int] = []
+    for d, k in zip(reversed(module.dilation), reversed(module.kernel_size)):
+        total = d * (k - 1) if module.padding == "same" else 0
+        pads += [total // 2, total - total // 2]
+    return pads
+
+
+class ConvRule(LayerRule):
+    """Conv1d/Conv2d through unfold: the weight acts on patches a_t as a linear layer shared over positions t."""
+
+    def capture(self, module, inputs):
+        a = inputs[0]
+        if module.padding_mode != "zeros":
+            a = F.pad(a, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        elif isinstance(module.padding, str):
+            a = F.pad(a, _conv_same_padding(module))
+        return (a,)
+
+    def factors(self, module, saved, grad, names):
+        (a,) = saved
+        k, n, C_out = grad.shape[:3]
+        G = module.groups
+        out = {}
+        if "weight" in names:
+            explicit = module.padding_mode == "zeros" and not isinstance(module.padding, str)
+            padding = tuple(module.padding) if explicit else (0,) * len(module.kernel_size)
+            if a.dim() == 3:  # Conv1d as a Conv2d of height 1
+                a2, ks, dil, pad, st = a.unsqueeze(2), (1, *module.kernel_size), (1, *module.dilation), (0, *padding), (1, *module.stride)
+            else:
+                a2, ks, dil, pad, st = a, module.kernel_size, module.dilation, padding, module.stride
+            U = F.unfold(a2, ks, dilation=dil, padding=pad, stride=st)  # (n, C_in·Πk, T)
+            T = U.shape[-1]
+            U = U.reshape(n, G, -1, T).transpose(2, 3)  # (n, G, T, I)
+            g = grad.reshape(k, n, G, C_out // G, T).transpose(3, 4)  # (k, n, G, T, O)
+            out["weight"] = OuterFactor(U, g)
+        if "bias" in names:
+            out["bias"] = DirectFactor(_sum_positions(grad))
+        return out
+
+
+class BatchNormRule(LayerRule):
+    """BatchNorm with running statistics (eval mode): y = γ x̂ + β, x̂ = (x − μ)/√(σ² + ε) per channel."""
+
+    def unsupported(self, module):
+        if module.training or module.running_mean is None:
+            return "batch statistics couple the samples"
+        return None
+
+    def capture(self, module, inputs):
+        x = inputs[0]
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        xhat = (x - module.running_mean.view(shape)) / torch.sqrt(module.running_var.view(shape) + module.eps)
+        return (xhat,)
+
+    def factors(self, module, saved, grad, names):
+        (xhat,) = saved
+        out = {}
+        if "weight" in names:
+            out["weight"] = DirectFactor(_sum_positions(grad * xhat))
+        if "bias" in names:
+            out["bias"] = DirectFactor(_sum_positions(grad))
+        return out
+
+
+class LayerNormRule(LayerRule):
+    """LayerNorm: y = γ ⊙ x̂ + β over the normalised trailing dims, summed over leading positions."""
+
+    def capture(self, module, inputs):
+        return (F.layer_norm(inputs[0], module.normalized_shape, None, None, module.eps),)
+
+    def factors(self, module, saved, grad, names):
+        (xhat,) = saved
+        k, n = grad.shape[:2]
+        P = math.prod(module.normalized_shape)
+        out = {}
+        if "weight" in names:
+            out["weight"] = DirectFactor((grad * xhat).reshape(k, n, -1, P).sum(2))
+        if "bias" in names:
+            out["bias"] = DirectFactor(grad.reshape(k, n, -1, P).sum(2))
+        return out
+
+
+class GroupNormRule(LayerRule):
+    """GroupNorm: y = γ_c x̂ + β_c, x̂ normalised per sample and group; summed over spatial positions."""
+
+    def capture(self, module, inputs):
+        return (F.group_norm(inputs[0], module.num_groups, None, None, module.eps),)
+
+    def factors(self, module, saved, grad, names):
+        (xhat,) = saved
+        out = {}
+        if "weight" in names:
+            out["weight"] = DirectFactor(_sum_positions(grad * xhat))
+        if "bias" in names:
+            out["bias"] = DirectFactor(_sum_positions(grad))
+        return out
+
+
+class EmbeddingRule(LayerRule):
+    """Embedding: row idx_t of W gets g_t, so ⟨G_i, G_j⟩ = Σ_{t,s} [idx_it = idx_js] g_it·g_js."""
+
+    params = ("weight",)
+
+    def unsupported(self, module):
+        if module.max_norm is not None:
+            return "max_norm renormalises the weight in place during forward"
+        return None
+
+    def capture(self, module, inputs):
+        return (inputs[0],)
+
+    def factors(self, module, saved, grad, names):
+        (idx,) = saved
+        k, n = grad.shape[:2]
+        D = grad.shape[-1]
+        idx = idx.reshape(n, 1, -1)
+        g = grad.reshape(k, n, 1, -1, D)
+        if module.padding_idx is not None:  # the padding row receives no gradient
+            g = g * (idx != module.padding_idx).unsqueeze(0).unsqueeze(-1).to(g.dtype)
+        return {"weight": IndexOuterFactor(idx, g, module.num_embeddings)}
+
+
+LAYER_RULES: dict[type, LayerRule] = {
+    nn.Linear: LinearRule(),
+    nn.Conv1d: ConvRule(),
+    nn.Conv2d: ConvRule(),
+    nn.BatchNorm1d: BatchNormRule(),
+    nn.BatchNorm2d: BatchNormRule(),
+    nn.BatchNorm3d: BatchNormRule(),
+    nn.LayerNorm: LayerNormRule(),
+    nn.GroupNorm: GroupNormRule(),
+    nn.Embedding: EmbeddingRule(),
+}
+
+
+def register_layer_rule(module_type: type, rule: LayerRule) -> None:
+    """Teach the structured engine a layer type (matched exactly, not by subclass).
+
+    The rule must be exact for the way the type's ``forward`` uses its parameters; the engine checks
+    that they are used nowhere else, that the layer runs once per forward, and tests can compare it
+    with ``strategy="jacobian"``.
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+    if not isinstance(rule, LayerRule):
+        raise TypeError(f"rule must be a LayerRule instance, got {type(rule).__name__}")
+    LAYER_RULES[module_type] = rule
