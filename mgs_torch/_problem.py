@@ -52,13 +52,34 @@ class KernelProblem:
     per_sample: bool = True
     stochastic: bool = False
     modules_of_params: dict[str, str] = field(default_factory=dict)
+    buffer_names: frozenset[str] = frozenset()
 
-    def forward(self, params: dict[str, Tensor] | None = None, inputs: tuple[Tensor, ...] | None = None) -> Tensor:
-        """Model outputs as an ``(batch, q)`` matrix, with ``params`` substituted for the selected ones."""
-        state = {**self.frozen, **(self.params if params is None else params)}
+    def forward(
+        self, params: dict[str, Tensor] | None = None, inputs: tuple[Tensor, ...] | None = None, fresh_buffers: bool = False
+    ) -> Tensor:
+        """Model outputs as an ``(batch, q)`` matrix, with ``params`` substituted for the selected ones.
+
+        ``fresh_buffers`` clones the buffers first: inside a torch.func transform a module may then
+        update them in place (train-mode BatchNorm does), which captured tensors do not allow.
+        """
         x = self.inputs if inputs is None else inputs
-        out = functional_call(self.model, state, x)
-        return out.reshape(x[0].shape[0], -1)
+        return self.raw_forward(params, x, fresh_buffers).reshape(x[0].shape[0], -1)
+
+    def raw_forward(self, params=None, inputs=None, fresh_buffers: bool = False):
+        """Whatever the model returns (not yet validated or flattened)."""
+        state = {**self.frozen, **(self.params if params is None else params)}
+        if fresh_buffers:
+            state.update({k: state[k].clone() for k in self.buffer_names})
+        return functional_call(self.model, state, self.inputs if inputs is None else inputs)
+
+    def validation_forward(self) -> Tensor:
+        """A forward without graph or random-state change that validates outputs and sets ``q``.
+
+        The RNG is forked, so Dropout masks of a following forward are those ``model(X)`` would draw.
+        """
+        devices = sorted({t.device.index or 0 for t in self.params.values() if t.device.type == "cuda"})
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            return finish_problem(self, self.raw_forward())
 
     def restrict(self, names: Iterable[str]) -> "KernelProblem":
         """The same problem with only ``names`` differentiated; the rest join ``frozen``."""
@@ -67,7 +88,7 @@ class KernelProblem:
         rest = {k: v for k, v in self.params.items() if k not in names}
         return KernelProblem(
             self.model, self.inputs, keep, {**self.frozen, **rest}, self.n, self.q, self.output_shape,
-            self.per_sample, self.stochastic, self.modules_of_params,
+            self.per_sample, self.stochastic, self.modules_of_params, self.buffer_names,
         )
 
     @property
@@ -193,6 +214,8 @@ def preserved_state(model: nn.Module, batch_norm: str) -> Iterator[None]:
     global random state (CPU and the model's CUDA device) is forked, so Dropout masks drawn here do
     not shift the training run's random stream.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     flags = [(m, m.training) for m in model.modules()]
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
@@ -264,8 +287,8 @@ def build_problem(
         for pname, _ in mod.named_parameters(recurse=False):
             owners[f"{mname}.{pname}" if mname else pname] = mname
 
-    problem = KernelProblem(model, x, chosen, frozen, x[0].shape[0], 0, (), per_sample, stochastic, owners)
-    return problem
+    buffers = frozenset(k for k, _ in model.named_buffers())
+    return KernelProblem(model, x, chosen, frozen, x[0].shape[0], 0, (), per_sample, stochastic, owners, buffers)
 
 
 Cotangents = Union[Tensor, Callable[[KernelProblem], Tensor]]

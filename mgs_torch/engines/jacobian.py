@@ -20,13 +20,12 @@ import torch
 from torch import Tensor
 from torch.func import jacrev, vjp, vmap
 
-from .._problem import Cotangents, KernelProblem, finish_problem
+from .._problem import Cotangents, KernelProblem
 
 
 def _validate(problem: KernelProblem) -> None:
     if problem.q == 0:
-        with torch.no_grad():
-            finish_problem(problem, problem.forward())
+        problem.validation_forward()
 
 
 def _single_sample_fn(problem: KernelProblem):
@@ -66,7 +65,7 @@ def jacobian_rows(problem: KernelProblem, *, chunk_size: int | None = None) -> d
             problem.params, *problem.inputs
         )
         return {k: v.reshape(n * q, *v.shape[2:]) for k, v in jac.items()}
-    out, vjp_fn = vjp(lambda p: problem.forward(p).reshape(-1), problem.params)
+    out, vjp_fn = vjp(lambda p: problem.forward(p, fresh_buffers=True).reshape(-1), problem.params)
     eye = torch.eye(n * q, dtype=out.dtype, device=out.device)
     return vmap(vjp_fn, chunk_size=chunk_size)(eye)[0]
 
@@ -102,7 +101,7 @@ def row_sq_norms(problem: KernelProblem, cotangents: Cotangents, *, chunk_size: 
         )
         return norms.T
     # whole batch: probe (k, i) is the cotangent c[k, i] on sample i and zero elsewhere
-    out, vjp_fn = vjp(lambda p: problem.forward(p), problem.params)
+    out, vjp_fn = vjp(lambda p: problem.forward(p, fresh_buffers=True), problem.params)
     eye = torch.eye(n, dtype=out.dtype, device=out.device)
     cots = torch.einsum("kia,ij->kija", cotangents.to(out.dtype), eye).reshape(k * n, n, q)
     grads = vmap(vjp_fn, chunk_size=chunk_size)(cots)[0]

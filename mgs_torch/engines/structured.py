@@ -26,7 +26,7 @@ from torch.func import vjp, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .._problem import Cotangents, KernelProblem, finish_problem, one_hot_cotangents
+from .._problem import Cotangents, KernelProblem, one_hot_cotangents
 from . import jacobian
 from .layers import LAYER_RULES, LayerRule
 
@@ -75,7 +75,11 @@ def _layer_input(args: tuple, kwargs: dict) -> tuple[Tensor, ...]:
 
 
 def plan(problem: KernelProblem) -> Plan:
-    """Run one forward without a graph to find the layers a rule covers exactly; validate outputs."""
+    """Run one forward without a graph to find the layers a rule covers exactly; validate outputs.
+
+    The forward forks the RNG, so the computation's own forward draws the Dropout masks that
+    ``model(X)`` would draw from the current random state.
+    """
     model = problem.model
     candidates: dict[str, _Layer] = {}
     fallback: dict[str, str] = {}
@@ -99,8 +103,7 @@ def plan(problem: KernelProblem) -> Plan:
         else:
             candidates[mname] = _Layer(mname, module, rule, {p: f for p, f in local.items() if p not in uncovered})
     if not candidates:
-        with torch.no_grad():
-            finish_problem(problem, problem.forward())
+        problem.validation_forward()
         return Plan([], fallback)
 
     stack: list[str] = []
@@ -138,12 +141,11 @@ def plan(problem: KernelProblem) -> Plan:
             handles.append(mod.register_forward_hook(post(name), with_kwargs=True))
         handles.append(model.register_forward_pre_hook(root_pre, with_kwargs=True, prepend=True))
         handles.append(model.register_forward_hook(root_post, with_kwargs=True))
-        with torch.no_grad(), monitor:
-            out = problem.forward()
+        with monitor:
+            problem.validation_forward()
     finally:
         for h in handles:
             h.remove()
-    finish_problem(problem, out)
 
     layers = []
     for name, layer in candidates.items():

@@ -1,0 +1,124 @@
+"""Every bad input gets an error that names the problem and what to do."""
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import mlp
+from mgs_torch import mgs_kernel, mgs_penalty, mgs_trace
+
+X = torch.randn(3, 4, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("strategy", ["jacobian", "structured"])
+@pytest.mark.parametrize(
+    "inputs, error, match",
+    [
+        (torch.randn(0, 4, dtype=torch.float64), ValueError, "batch is empty"),
+        ([1.0, 2.0], TypeError, "got list of float"),
+        ({"x": X}, TypeError, "got dict"),
+        ((), TypeError, "non-empty tuple"),
+        ("data", TypeError, "got str"),
+        (torch.tensor(1.0, dtype=torch.float64), ValueError, "0-dimensional"),
+        ((X, torch.randn(2, 4)), ValueError, "disagree on the batch size"),
+    ],
+    ids=["empty", "list-of-floats", "dict", "empty-tuple", "string", "scalar", "batch-mismatch"],
+)
+def test_bad_inputs(strategy, inputs, error, match):
+    with pytest.raises(error, match=match):
+        mgs_kernel(mlp(3), inputs, strategy=strategy)
+
+
+def test_batch_from_a_data_loader_gets_a_hint():
+    with pytest.raises(TypeError, match="pass only the inputs"):
+        mgs_kernel(mlp(3), [X, [0, 1, 2]])
+
+
+def test_model_without_trainable_parameters():
+    frozen = mlp(3).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        mgs_kernel(frozen, X)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        mgs_penalty(nn.ReLU(), X)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        mgs_kernel(lambda x: x, X)
+
+
+class Returns(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.lin, self.fn = nn.Linear(4, 2).double(), fn
+
+    def forward(self, x):
+        return self.fn(self.lin(x))
+
+
+@pytest.mark.parametrize("strategy", ["jacobian", "structured"])
+@pytest.mark.parametrize(
+    "fn, error, match",
+    [
+        (lambda y: y / 0.0, ValueError, "non-finite outputs"),
+        (lambda y: y * float("nan"), ValueError, "non-finite outputs"),
+        (lambda y: y.sum(), ValueError, "batch .3. on dim 0"),
+        (lambda y: y.T, ValueError, "expected the batch"),
+        (lambda y: (y, y), TypeError, "returned tuple"),
+        (lambda y: {"logits": y}, TypeError, "returned dict"),
+        (lambda y: y.argmax(1), TypeError, "floating-point"),
+        (lambda y: y[:, :0], ValueError, "zero outputs per sample"),
+    ],
+    ids=["inf", "nan", "scalar", "transposed", "tuple", "dict", "integer", "empty-output"],
+)
+def test_bad_outputs(strategy, fn, error, match):
+    with pytest.raises(error, match=match):
+        mgs_kernel(Returns(fn), X, strategy=strategy)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"strategy": "fast"}, "strategy must be one of"),
+        ({"outputs": "mean"}, "outputs must be one of"),
+        ({"chunk_size": 0}, "chunk_size must be a positive int"),
+        ({"chunk_size": 2.5}, "chunk_size must be a positive int"),
+        ({"batch_norm": "train"}, "batch_norm must be one of"),
+        ({"params": ["nope"]}, "matches no trainable parameter"),
+        ({"params": lambda name, p: False}, "selects no trainable parameter"),
+    ],
+)
+def test_bad_kernel_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        mgs_kernel(mlp(3), X, **kwargs)
+
+
+def test_bad_dtype_and_param_entries():
+    with pytest.raises(TypeError, match="floating torch.dtype"):
+        mgs_kernel(mlp(3), X, dtype=torch.int64)
+    with pytest.raises(TypeError, match="names, modules or parameters"):
+        mgs_kernel(mlp(3), X, params=[3])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"kind": "frobenius"}, "kind must be one of"),
+        ({"estimator": "sketch"}, "estimator must be one of"),
+        ({"kind": "logdet", "estimator": "hutchinson"}, "estimates the trace only"),
+        ({"estimator": "hutchinson", "num_probes": 0}, "num_probes must be a positive int"),
+        ({"reduction": "none"}, "reduction must be one of"),
+    ],
+)
+def test_bad_penalty_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        mgs_penalty(mlp(3), X, **kwargs)
+
+
+def test_bad_trace_options():
+    with pytest.raises(ValueError, match="num_probes"):
+        mgs_trace(mlp(3), X, estimator="hutchinson", num_probes=-1)
+
+
+def test_batch_norm_without_running_statistics_needs_the_batch_policy():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3, track_running_stats=False)).double()
+    with pytest.raises(ValueError, match="batch_norm='batch'"):
+        mgs_kernel(model, X)
+    assert mgs_kernel(model, X, batch_norm="batch").shape == (9, 9)

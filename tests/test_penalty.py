@@ -1,0 +1,135 @@
+"""mgs_penalty: values, gradients against finite differences, Hutchinson statistics."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import assert_close, mlp, reference_kernel, small_cnn
+from mgs_torch import mgs_kernel, mgs_penalty, mgs_trace
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double(), torch.randn(3, 3, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("strategy", ["jacobian", "structured"])
+@pytest.mark.parametrize("kind", ["trace", "logdet"])
+@pytest.mark.parametrize("outputs", ["full", "sum"])
+def test_gradcheck_against_finite_differences(strategy, kind, outputs):
+    model, x = _tiny()
+    params = tuple(model.parameters())
+
+    def penalty(*_):  # gradcheck perturbs the parameters themselves, in place
+        return mgs_penalty(model, x, kind=kind, strategy=strategy, outputs=outputs)
+
+    assert torch.autograd.gradcheck(penalty, params, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_gradcheck_on_a_cnn_with_normalisation_layers():
+    model = small_cnn(2)
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    params = tuple(model.parameters())
+    assert torch.autograd.gradcheck(lambda *_: mgs_penalty(model, x), params, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_hutchinson_gradient_matches_finite_differences_for_fixed_probes():
+    model, x = _tiny()
+    params = tuple(model.parameters())
+
+    def penalty(*_):
+        return mgs_penalty(model, x, estimator="hutchinson", num_probes=3, generator=torch.Generator().manual_seed(5))
+
+    assert torch.autograd.gradcheck(penalty, params, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["jacobian", "structured"])
+def test_values_and_reductions(strategy):
+    model, x = mlp(3), torch.randn(5, 4, dtype=torch.float64)
+    K = reference_kernel(model, x)
+    n, N = 5, 15
+    assert_close(mgs_penalty(model, x, reduction="sum", strategy=strategy), K.trace())
+    assert_close(mgs_penalty(model, x, strategy=strategy), K.trace() / N)
+    _, logdet = np.linalg.slogdet(K.detach().numpy())
+    assert mgs_penalty(model, x, kind="logdet", reduction="sum", strategy=strategy).item() == pytest.approx(logdet, rel=1e-9)
+    Ks = reference_kernel(model, x, outputs="sum")
+    _, logdet_s = np.linalg.slogdet(Ks.detach().numpy())
+    assert mgs_penalty(model, x, kind="logdet", outputs="sum", strategy=strategy).item() == pytest.approx(logdet_s / n, rel=1e-9)
+    assert_close(mgs_penalty(model, x, outputs="sum", strategy=strategy), K.trace() / n)
+
+
+@pytest.mark.parametrize("strategy", ["jacobian", "structured"])
+def test_hutchinson_is_unbiased(strategy):
+    model, x = small_cnn(3), torch.randn(4, 2, 5, 5, dtype=torch.float64)
+    exact = mgs_trace(model, x).item()
+    gen = torch.Generator().manual_seed(0)
+    samples = torch.stack([
+        mgs_trace(model, x, estimator="hutchinson", num_probes=1, generator=gen, strategy=strategy) for _ in range(400)
+    ])
+    mean, sem = samples.mean().item(), samples.std().item() / math.sqrt(len(samples))
+    assert sem > 0
+    assert abs(mean - exact) < 4 * sem, (mean, exact, sem)
+    many = mgs_trace(model, x, estimator="hutchinson", num_probes=400, generator=torch.Generator().manual_seed(1), strategy=strategy)
+    assert abs(many.item() - exact) < 4 * samples.std().item() / math.sqrt(400)
+
+
+def test_hutchinson_same_seed_same_value():
+    model, x = mlp(3), torch.randn(5, 4, dtype=torch.float64)
+
+    def est(seed):
+        return mgs_penalty(model, x, estimator="hutchinson", num_probes=2, generator=torch.Generator().manual_seed(seed))
+
+    assert est(7).item() == est(7).item()
+    assert est(7).item() != est(8).item()
+    # the default generator advances: consecutive calls draw new probes
+    a, b = mgs_penalty(model, x, estimator="hutchinson"), mgs_penalty(model, x, estimator="hutchinson")
+    assert a.item() != b.item()
+
+
+def test_penalty_is_a_scalar_that_backpropagates_into_grad():
+    model, x = mlp(3), torch.randn(5, 4, dtype=torch.float64)
+    pen = mgs_penalty(model, x)
+    assert pen.dim() == 0 and pen.requires_grad
+    pen.backward()
+    assert all(p.grad is not None for p in list(model.parameters())[:-1])
+
+
+def test_minimising_the_trace_penalty_reduces_the_trace():
+    torch.manual_seed(0)
+    model = mlp(3)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    before = mgs_trace(model, x).item()
+    for _ in range(20):
+        opt.zero_grad()
+        mgs_penalty(model, x).backward()
+        opt.step()
+    assert mgs_trace(model, x).item() < 0.8 * before
+
+
+def test_logdet_penalty_survives_a_singular_kernel_with_a_warning():
+    model = nn.Sequential(nn.Linear(2, 1), nn.Tanh(), nn.Linear(1, 3)).double()
+    x = torch.randn(6, 2, dtype=torch.float64)  # p = 9 < n·q = 18: K is singular
+    from mgs_torch import _linalg
+
+    _linalg._warned.discard("logdet-jitter")
+    with pytest.warns(RuntimeWarning, match="jitter"):
+        pen = mgs_penalty(model, x, kind="logdet")
+    assert math.isfinite(pen.item())
+    pen.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    jittered = mgs_penalty(model, x, kind="logdet", jitter=1e-3, reduction="sum").item()
+    K = mgs_kernel(model, x).detach().numpy()
+    assert jittered == pytest.approx(np.linalg.slogdet(K + 1e-3 * np.eye(18))[1], rel=1e-9)
+
+
+def test_float64_penalty_for_a_float32_model():
+    model = small_cnn(3).float()
+    x = torch.randn(3, 2, 5, 5)
+    pen = mgs_penalty(model, x, kind="logdet", dtype=torch.float64)
+    assert pen.dtype == torch.float64
+    pen.backward()
+    assert model.conv1.weight.grad.dtype == torch.float32

@@ -1,0 +1,251 @@
+"""The structured engine: every layer rule, both Gram routes, and exact fallback for the rest."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import assert_close, reference_kernel
+from mgs_torch import LayerRule, mgs_kernel, mgs_trace, register_layer_rule
+from mgs_torch._problem import build_problem, preserved_state
+from mgs_torch.engines import LAYER_RULES, factors, structured
+from mgs_torch.engines.factors import DirectFactor
+
+
+def plan_of(model, x, **kw):
+    with preserved_state(model, "eval"):
+        return structured.plan(build_problem(model, x, **kw))
+
+
+def check_both_outputs(model, x, **kw):
+    for outputs in ("full", "sum"):
+        assert_close(mgs_kernel(model, x, strategy="structured", outputs=outputs, **kw), reference_kernel(model, x, outputs=outputs))
+    assert_close(mgs_trace(model, x, strategy="structured", **kw), reference_kernel(model, x).trace())
+
+
+# --------------------------------------------------------------------------- covered layers
+
+
+class Sequence(nn.Module):
+    """Embedding (with padding_idx) -> Linear on (n, T, d) -> LayerNorm -> pooled head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4, padding_idx=0)
+        self.lin = nn.Linear(4, 5)
+        self.norm = nn.LayerNorm(5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, idx):
+        h = self.norm(torch.tanh(self.lin(self.emb(idx))))
+        return self.head(h.mean(1))
+
+
+class Convs(nn.Module):
+    """Conv1d, Conv2d with 'same', reflect padding, dilation, stride and groups; GroupNorm, BatchNorm1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 4, 3, padding="same", dilation=2)
+        self.bn1 = nn.BatchNorm1d(4)
+        self.c2 = nn.Conv2d(1, 4, (3, 2), padding=1, padding_mode="reflect", stride=(1, 2))
+        self.gn = nn.GroupNorm(2, 4)
+        self.c3 = nn.Conv2d(4, 4, 2, groups=4, bias=False)
+        self.head = nn.Linear(4 * 6 + 4 * 7 * 3, 3)
+
+    def forward(self, x1, x2):
+        a = torch.tanh(self.bn1(self.c1(x1))).flatten(1)
+        b = self.c3(torch.tanh(self.gn(self.c2(x2)))).flatten(1)
+        return self.head(torch.cat([a, b], 1))
+
+
+def _conv_inputs():
+    return (torch.randn(3, 2, 6, dtype=torch.float64), torch.randn(3, 1, 8, 7, dtype=torch.float64))
+
+
+def test_sequence_layers_are_covered_and_exact():
+    torch.manual_seed(0)
+    model = Sequence().double()
+    idx = torch.tensor([[1, 2, 0, 2], [3, 3, 6, 0], [5, 0, 0, 1]])
+    assert plan_of(model, idx).fallback == {}
+    check_both_outputs(model, idx)
+
+
+def test_convolution_variants_are_covered_and_exact():
+    torch.manual_seed(0)
+    model = Convs().double().eval()
+    with torch.no_grad():
+        model.bn1.running_mean.uniform_(-1, 1)
+        model.bn1.running_var.uniform_(0.5, 2)
+    x = _conv_inputs()
+    assert plan_of(model, x).fallback == {}
+    check_both_outputs(model, x)
+
+
+@pytest.mark.parametrize("ghost", [True, False])
+@pytest.mark.parametrize("model_name", ["sequence", "convs"])
+def test_ghost_and_materialised_products_agree(monkeypatch, ghost, model_name):
+    """Force each Gram route for every factor (T = 1 and T > 1, dense and index activations)."""
+    monkeypatch.setattr(factors.OuterFactor, "_ghost_is_cheaper", lambda self, quantity: ghost)
+    torch.manual_seed(0)
+    if model_name == "sequence":
+        model, x = Sequence().double(), torch.tensor([[1, 2, 0, 2], [3, 3, 6, 0]])
+    else:
+        model, x = Convs().double().eval(), _conv_inputs()
+    check_both_outputs(model, x)
+
+
+# --------------------------------------------------------------------------- fallbacks
+
+
+class Custom(nn.Module):
+    """A layer no rule knows: y = x ⊙ w + x²·c."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d))
+        self.c = nn.Parameter(torch.randn(()))
+
+    def forward(self, x):
+        return x * self.w + x**2 * self.c
+
+
+class WithCustom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.custom, self.b = nn.Linear(3, 4), Custom(4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.custom(self.a(x))))
+
+
+class SharedLayer(nn.Module):
+    """The same Linear applied twice: its per-sample gradient sums two uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.shared, self.out = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(self.shared(torch.tanh(self.shared(self.inp(x)))))
+
+
+class Tied(nn.Module):
+    """Output projection tied to the embedding (weight used by two layers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(6, 3)
+        self.proj = nn.Linear(3, 6, bias=False)
+        self.proj.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.proj(torch.tanh(self.emb(idx).sum(1)))
+
+
+class ParentUsesChildWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return F.linear(torch.tanh(h), self.lin.weight)  # a second, foreign use
+
+
+class MyLinear(nn.Linear):
+    """A subclass with its own forward must not borrow nn.Linear's rule."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0 + self.bias
+
+
+class InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        h.relu_()  # modifies the covered layer's output in place
+        return self.b(h)
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y, _ = self.attn(x, x, x)
+        return self.head(y.mean(1))
+
+
+@pytest.mark.parametrize(
+    "make, x, expect_fallback",
+    [
+        (WithCustom, torch.randn(4, 3), {"custom.w", "custom.c"}),
+        (SharedLayer, torch.randn(4, 3), {"shared.weight", "shared.bias"}),
+        (Tied, torch.tensor([[0, 1], [2, 5], [3, 3]]), {"emb.weight"}),
+        (ParentUsesChildWeight, torch.randn(4, 3), {"lin.weight", "lin.bias"}),
+        (lambda: nn.Sequential(MyLinear(3, 3), nn.Tanh(), nn.Linear(3, 2)), torch.randn(4, 3), {"0.weight", "0.bias"}),
+        (InPlace, torch.randn(4, 3), set()),
+        (Attention, torch.randn(3, 2, 4), {"attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias"}),
+    ],
+    ids=["custom-layer", "layer-run-twice", "tied-weights", "foreign-use", "subclass", "in-place", "attention"],
+)
+def test_uncovered_parameters_fall_back_exactly(make, x, expect_fallback):
+    torch.manual_seed(0)
+    model = make().double()
+    x = x.double() if x.is_floating_point() else x
+    p = plan_of(model, x)
+    assert set(p.fallback) == expect_fallback
+    assert all(isinstance(reason, str) and reason for reason in p.fallback.values())
+    check_both_outputs(model, x)
+
+
+def test_register_layer_rule_covers_a_custom_layer():
+    class Scale(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(d))
+
+        def forward(self, x):
+            return x * self.weight
+
+    class ScaleRule(LayerRule):
+        params = ("weight",)
+
+        def factors(self, module, saved, grad, names):
+            (a,) = saved
+            return {"weight": DirectFactor(grad * a)}  # ∂(c·f)/∂w_d = g_d a_d per sample
+
+    model = nn.Sequential(nn.Linear(3, 4), Scale(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    assert "1.weight" in plan_of(model, x).fallback
+    register_layer_rule(Scale, ScaleRule())
+    try:
+        assert plan_of(model, x).fallback == {}
+        check_both_outputs(model, x)
+    finally:
+        del LAYER_RULES[Scale]
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        register_layer_rule(int, ScaleRule())
+    with pytest.raises(TypeError, match="LayerRule instance"):
+        register_layer_rule(Scale, object())
+
+
+def test_layer_called_with_keyword_input():
+    class Kw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(input=torch.tanh(self.a(input=x)))
+
+    model = Kw().double()
+    x = torch.randn(3, 3, dtype=torch.float64)
+    assert plan_of(model, x).fallback == {}
+    check_both_outputs(model, x)
