@@ -53,6 +53,7 @@ class KernelProblem:
     stochastic: bool = False
     modules_of_params: dict[str, str] = field(default_factory=dict)
     buffer_names: frozenset[str] = frozenset()
+    signature: tuple = ()
 
     def forward(
         self, params: dict[str, Tensor] | None = None, inputs: tuple[Tensor, ...] | None = None, fresh_buffers: bool = False
@@ -89,6 +90,7 @@ class KernelProblem:
         return KernelProblem(
             self.model, self.inputs, keep, {**self.frozen, **rest}, self.n, self.q, self.output_shape,
             self.per_sample, self.stochastic, self.modules_of_params, self.buffer_names,
+            self.signature + (tuple(sorted(names)),),
         )
 
     @property
@@ -288,7 +290,16 @@ def build_problem(
             owners[f"{mname}.{pname}" if mname else pname] = mname
 
     buffers = frozenset(k for k, _ in model.named_buffers())
-    return KernelProblem(model, x, chosen, frozen, x[0].shape[0], 0, (), per_sample, stochastic, owners, buffers)
+    # what a cached structured plan may depend on: parameter identities, modes, input layout, dtype
+    signature = (
+        tuple((k, id(p), k in selected) for k, p in model.named_parameters()),
+        tuple(m.training for m in model.modules()),
+        tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in x),
+        dtype,
+    )
+    return KernelProblem(
+        model, x, chosen, frozen, x[0].shape[0], 0, (), per_sample, stochastic, owners, buffers, signature
+    )
 
 
 Cotangents = Union[Tensor, Callable[[KernelProblem], Tensor]]

@@ -86,7 +86,9 @@ def test_convolution_variants_are_covered_and_exact():
 @pytest.mark.parametrize("model_name", ["sequence", "convs"])
 def test_ghost_and_materialised_products_agree(monkeypatch, ghost, model_name):
     """Force each Gram route for every factor (T = 1 and T > 1, dense and index activations)."""
-    monkeypatch.setattr(factors.OuterFactor, "_ghost_is_cheaper", lambda self, quantity: ghost)
+    monkeypatch.setattr(factors.OuterFactor, "ghost_is_cheaper", lambda self, quantity: ghost)
+    if not ghost:
+        monkeypatch.setattr(factors.ConvFactor, "ghost_is_cheaper", lambda self, quantity: False)
     torch.manual_seed(0)
     if model_name == "sequence":
         model, x = Sequence().double(), torch.tensor([[1, 2, 0, 2], [3, 3, 6, 0]])
@@ -249,3 +251,44 @@ def test_layer_called_with_keyword_input():
     x = torch.randn(3, 3, dtype=torch.float64)
     assert plan_of(model, x).fallback == {}
     check_both_outputs(model, x)
+
+
+def test_conv3d_is_covered_through_materialised_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=1, groups=1), nn.Tanh(), nn.Conv3d(3, 3, 2, groups=3), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(3, 2, 3, 4, 3, dtype=torch.float64)
+    model(x.float())  # materialise the lazy layer
+    model = model.double()
+    assert plan_of(model, x).fallback == {}
+    check_both_outputs(model, x)
+
+
+def test_plans_are_cached_per_signature_and_rebuilt_when_stale(monkeypatch):
+    class Switch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+            self.use_b = True
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return self.head(torch.tanh(self.b(h)) if self.use_b else h)
+
+    calls = []
+    real_plan = structured.plan
+    monkeypatch.setattr(structured, "plan", lambda problem: calls.append(1) or real_plan(problem))
+    model = Switch().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    check_both_outputs(model, x)
+    assert len(calls) == 1  # one discovery forward for four computations
+    mgs_kernel(model, torch.randn(6, 3, dtype=torch.float64), strategy="structured")  # batch size is not in the key
+    assert len(calls) == 1
+    mgs_kernel(model, x, strategy="structured", params=["a"])  # a different selection is
+    assert len(calls) == 2
+    model.use_b = False  # same signature, different forward: the cached plan is stale
+    check_both_outputs(model, x)
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match="non-finite"):  # outputs are still validated on a cached plan
+        with torch.no_grad():
+            model.head.bias.fill_(float("nan"))
+        mgs_trace(model, x, strategy="structured")

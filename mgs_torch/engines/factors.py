@@ -11,13 +11,17 @@ T positions sharing the weight (sequence or spatial), I inputs and O outputs per
   weight block is Σ_t g[k,i,g,t] ⊗ a[i,g,t]. Its Gram products are either computed *ghost*-style,
   ⟨G_ki, G_lj⟩ = Σ_{g,t,s} (a_igt·a_jgs)(g_kigt·g_ljgs) without forming the gradients (cost ∝ T²),
   or by materialising the gradients (cost ∝ T·O·I); the cheaper is chosen per factor.
+* :class:`IndexOuterFactor` (embeddings: one-hot activations given as indices) and
+  :class:`ConvFactor` (convolutions: patches never unfolded unless the ghost route is cheaper;
+  per-sample gradients from one grouped ``convolution_backward``) specialise it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -30,11 +34,11 @@ def _gram_rows(G: Tensor, outputs: str) -> Tensor:
     return torch.einsum("kip,kjp->ij", G, G)
 
 
-@dataclass
 class DirectFactor:
     """Per-sample gradients (k, n, P) given explicitly (biases, normalisation affines)."""
 
-    grads: Tensor
+    def __init__(self, grads: Tensor):
+        self.grads = grads
 
     def row_sq_norms(self) -> Tensor:
         return (self.grads**2).flatten(2).sum(-1)
@@ -43,20 +47,24 @@ class DirectFactor:
         return _gram_rows(self.grads.flatten(2), outputs)
 
 
-@dataclass
 class OuterFactor:
     """Per-sample gradient Σ_t g_t ⊗ a_t for a (n, G, T, I) and g (k, n, G, T, O)."""
 
-    a: Tensor
-    g: Tensor
+    def __init__(self, a: Tensor, g: Tensor):
+        self.a, self.g = a, g
 
-    # ---- cost model (multiply-adds), used to pick ghost or materialised products
-    def _dims(self):
+    # ---- shape and cost model (multiply-adds), used to pick ghost or materialised products
+    def dims(self) -> tuple[int, int, int, int, int, int]:
+        """(k, n, G, T, O, I)."""
         k, n, G, T, O = self.g.shape
         return k, n, G, T, O, self.a.shape[-1]
 
-    def _ghost_is_cheaper(self, quantity: str) -> bool:
-        k, n, G, T, O, I = self._dims()
+    def ghost_operands(self) -> tuple[Tensor, Tensor]:
+        """(a, g) laid out as (n, G, T, I) and (k, n, G, T, O)."""
+        return self.a, self.g
+
+    def ghost_is_cheaper(self, quantity: str) -> bool:
+        k, n, G, T, O, I = self.dims()
         make = k * n * G * T * O * I
         if quantity == "rows":
             return n * G * T * T * (I + k * O) < make
@@ -64,55 +72,60 @@ class OuterFactor:
             return n * n * G * T * T * (I + k * k * O) < make + (k * n) ** 2 * G * O * I
         return n * n * G * T * T * (I + k * O) < make + k * n * n * G * O * I
 
-    # ---- the two routes; subclasses with implicit activations override these three
+    # ---- the two routes
     def gram_within(self) -> Tensor:
         """(n, G, T, T): a_igt · a_igs."""
-        return torch.einsum("ngtc,ngsc->ngts", self.a, self.a)
+        a, _ = self.ghost_operands()
+        return torch.einsum("ngtc,ngsc->ngts", a, a)
 
     def gram_across(self) -> Tensor:
         """(n, n, G, T, T): a_igt · a_jgs."""
-        return torch.einsum("igtc,jgsc->ijgts", self.a, self.a)
+        a, _ = self.ghost_operands()
+        return torch.einsum("igtc,jgsc->ijgts", a, a)
 
     def materialize(self) -> Tensor:
         """Per-sample gradients (k, n, G·O·I)."""
-        return torch.einsum("kngto,ngtc->kngoc", self.g, self.a).flatten(2)
+        a, g = self.ghost_operands()
+        return torch.einsum("kngto,ngtc->kngoc", g, a).flatten(2)
 
     # ---- contributions
     def row_sq_norms(self) -> Tensor:
-        k, n, G, T, O, I = self._dims()
-        if not self._ghost_is_cheaper("rows"):
+        if not self.ghost_is_cheaper("rows"):
             return DirectFactor(self.materialize()).row_sq_norms()
-        if T == 1 and type(self) is OuterFactor:
-            return torch.einsum("kng,ng->kn", (self.g**2).sum(-1)[..., 0], (self.a**2).sum(-1)[..., 0])
-        B = torch.einsum("kngto,kngso->kngts", self.g, self.g)
+        a, g = self.ghost_operands()
+        if g.shape[3] == 1 and type(self) is OuterFactor:
+            return torch.einsum("kng,ng->kn", (g**2).sum(-1)[..., 0], (a**2).sum(-1)[..., 0])
+        B = torch.einsum("kngto,kngso->kngts", g, g)
         return (B * self.gram_within()).sum((2, 3, 4))
 
     def kernel(self, outputs: str) -> Tensor:
-        k, n, G, T, O, I = self._dims()
-        if not self._ghost_is_cheaper(outputs):
+        if not self.ghost_is_cheaper(outputs):
             return _gram_rows(self.materialize(), outputs)
+        k, n = self.dims()[:2]
+        _, g = self.ghost_operands()
         A = self.gram_across()  # (n, n, G, T, T)
         if outputs == "full":
-            if T == 1:
-                g0 = self.g[:, :, :, 0]
+            if g.shape[3] == 1:
+                g0 = g[:, :, :, 0]
                 K = torch.einsum("kigo,ljgo,ijg->ikjl", g0, g0, A[..., 0, 0])
             else:
-                K = torch.einsum("kigto,ljgso,ijgts->ikjl", self.g, self.g, A)
+                K = torch.einsum("kigto,ljgso,ijgts->ikjl", g, g, A)
             return K.reshape(n * k, n * k)
-        B = torch.einsum("kigto,kjgso->ijgts", self.g, self.g)
+        B = torch.einsum("kigto,kjgso->ijgts", g, g)
         return (A * B).sum((2, 3, 4))
 
 
-@dataclass
 class IndexOuterFactor(OuterFactor):
     """:class:`OuterFactor` whose activations are one-hot rows given by indices (embeddings).
 
     ``a`` holds indices (n, G, T) into ``num_embeddings`` rows; a_t·a_s = [idx_t = idx_s].
     """
 
-    num_embeddings: int = 0
+    def __init__(self, a: Tensor, g: Tensor, num_embeddings: int):
+        super().__init__(a, g)
+        self.num_embeddings = num_embeddings
 
-    def _dims(self):
+    def dims(self):
         k, n, G, T, O = self.g.shape
         return k, n, G, T, O, self.num_embeddings
 
@@ -127,3 +140,56 @@ class IndexOuterFactor(OuterFactor):
         out = self.g.new_zeros(k, n, G, self.num_embeddings, O)
         idx = self.a.unsqueeze(0).unsqueeze(-1).expand(k, n, G, T, O)
         return out.scatter_add(3, idx, self.g).flatten(2)
+
+
+class ConvFactor(OuterFactor):
+    """Convolution weight: Σ_t g_t ⊗ patch_t over output positions t, for a (n, C_in, *spatial).
+
+    ``a`` must already carry any non-zero or asymmetric padding; ``padding`` is the remaining
+    symmetric zero padding. Materialised per-sample gradients come from one
+    ``convolution_backward`` with the samples as groups (as Opacus and functorch do), cost
+    k·n·T·O·I and double-differentiable; the ghost route unfolds the patches (1-D and 2-D only).
+    """
+
+    def __init__(self, a: Tensor, g: Tensor, kernel_size, stride, padding, dilation, groups: int):
+        self.raw_a, self.raw_g = a, g
+        self.kernel_size, self.stride, self.padding = tuple(kernel_size), tuple(stride), tuple(padding)
+        self.dilation, self.groups = tuple(dilation), groups
+        self._operands: tuple[Tensor, Tensor] | None = None
+
+    def dims(self):
+        k, n, C_out = self.raw_g.shape[:3]
+        G = self.groups
+        T = math.prod(self.raw_g.shape[3:])
+        return k, n, G, T, C_out // G, self.raw_a.shape[1] // G * math.prod(self.kernel_size)
+
+    def ghost_is_cheaper(self, quantity: str) -> bool:
+        return len(self.kernel_size) <= 2 and super().ghost_is_cheaper(quantity)
+
+    def ghost_operands(self):
+        if self._operands is None:
+            k, n, G, T, O, I = self.dims()
+            a = self.raw_a
+            ks, dil, pad, st = self.kernel_size, self.dilation, self.padding, self.stride
+            if a.dim() == 3:  # 1-D as 2-D of height 1
+                a, ks, dil, pad, st = a.unsqueeze(2), (1, *ks), (1, *dil), (0, *pad), (1, *st)
+            U = F.unfold(a, ks, dilation=dil, padding=pad, stride=st)  # (n, C_in·Πk, T)
+            self._operands = (
+                U.reshape(n, G, I, T).transpose(2, 3),
+                self.raw_g.reshape(k, n, G, O, T).transpose(3, 4),
+            )
+        return self._operands
+
+    def materialize(self) -> Tensor:
+        k, n, G, T, O, I = self.dims()
+        a, g = self.raw_a, self.raw_g
+        C_in, spatial = a.shape[1], a.shape[2:]
+        # samples become groups: output channels ordered (sample, group, cotangent, channel)
+        grad_out = g.reshape(k, n, G, O, *g.shape[3:]).permute(1, 2, 0, 3, *range(4, g.dim() + 1))
+        grad_out = grad_out.reshape(1, n * G * k * O, *g.shape[3:])
+        weight = a.new_empty(()).expand(n * G * k * O, C_in // G, *self.kernel_size)
+        _, gw, _ = torch.ops.aten.convolution_backward(
+            grad_out, a.reshape(1, n * C_in, *spatial), weight, None, self.stride, self.padding,
+            self.dilation, False, [0] * len(spatial), n * G, (False, True, False),
+        )
+        return gw.reshape(n, G, k, O * I).transpose(0, 2).transpose(1, 2).reshape(k, n, -1)

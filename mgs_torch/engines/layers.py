@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .factors import DirectFactor, IndexOuterFactor, OuterFactor
+from .factors import ConvFactor, DirectFactor, IndexOuterFactor, OuterFactor
 
 Factor = Any
 
@@ -38,6 +38,11 @@ class LayerRule:
     def capture(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         """Tensors to keep from the forward (called inside the layer's forward hook)."""
         return (inputs[0],)
+
+    def output(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        """The layer's output as the engine differentiates it; override with an equivalent
+        expression whose (double) backward is cheaper than the module's own."""
+        return output
 
     def factors(self, module: nn.Module, saved: tuple[Tensor, ...], grad: Tensor, names: set[str]) -> dict[str, Factor]:
         """Per-sample gradient factors for ``names`` given ``grad`` = ∂(c·f)/∂output, shape (k, n, *out)."""
@@ -73,7 +78,7 @@ def _conv_same_padding(module: nn.Module) -> list[int]:
 
 
 class ConvRule(LayerRule):
-    """Conv1d/Conv2d through unfold: the weight acts on patches a_t as a linear layer shared over positions t."""
+    """Conv1d/2d/3d: the weight acts on input patches a_t as a linear map shared over positions t."""
 
     def capture(self, module, inputs):
         a = inputs[0]
@@ -85,21 +90,11 @@ class ConvRule(LayerRule):
 
     def factors(self, module, saved, grad, names):
         (a,) = saved
-        k, n, C_out = grad.shape[:3]
-        G = module.groups
         out = {}
         if "weight" in names:
             explicit = module.padding_mode == "zeros" and not isinstance(module.padding, str)
             padding = tuple(module.padding) if explicit else (0,) * len(module.kernel_size)
-            if a.dim() == 3:  # Conv1d as a Conv2d of height 1
-                a2, ks, dil, pad, st = a.unsqueeze(2), (1, *module.kernel_size), (1, *module.dilation), (0, *padding), (1, *module.stride)
-            else:
-                a2, ks, dil, pad, st = a, module.kernel_size, module.dilation, padding, module.stride
-            U = F.unfold(a2, ks, dilation=dil, padding=pad, stride=st)  # (n, C_in·Πk, T)
-            T = U.shape[-1]
-            U = U.reshape(n, G, -1, T).transpose(2, 3)  # (n, G, T, I)
-            g = grad.reshape(k, n, G, C_out // G, T).transpose(3, 4)  # (k, n, G, T, O)
-            out["weight"] = OuterFactor(U, g)
+            out["weight"] = ConvFactor(a, grad, module.kernel_size, module.stride, padding, module.dilation, module.groups)
         if "bias" in names:
             out["bias"] = DirectFactor(_sum_positions(grad))
         return out
@@ -113,11 +108,25 @@ class BatchNormRule(LayerRule):
             return "batch statistics couple the samples"
         return None
 
+    @staticmethod
+    def _scale_shift(module, x):
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        inv_std = torch.rsqrt(module.running_var + module.eps)
+        return shape, inv_std, module.running_mean
+
     def capture(self, module, inputs):
         x = inputs[0]
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        xhat = (x - module.running_mean.view(shape)) / torch.sqrt(module.running_var.view(shape) + module.eps)
-        return (xhat,)
+        shape, inv_std, mean = self._scale_shift(module, x)
+        return ((x - mean.view(shape)) * inv_std.view(shape),)
+
+    def output(self, module, inputs, output):
+        # y = x·s + b with s = γ/√(σ²+ε), b = β − μ·s: the same values as the module's eval forward,
+        # but its backward is a multiply instead of native_batch_norm_backward (several times slower)
+        x = inputs[0]
+        shape, inv_std, mean = self._scale_shift(module, x)
+        scale = inv_std if module.weight is None else module.weight * inv_std
+        shift = -mean * scale if module.bias is None else module.bias - mean * scale
+        return x * scale.view(shape) + shift.view(shape)
 
     def factors(self, module, saved, grad, names):
         (xhat,) = saved
@@ -191,6 +200,7 @@ LAYER_RULES: dict[type, LayerRule] = {
     nn.Linear: LinearRule(),
     nn.Conv1d: ConvRule(),
     nn.Conv2d: ConvRule(),
+    nn.Conv3d: ConvRule(),
     nn.BatchNorm1d: BatchNormRule(),
     nn.BatchNorm2d: BatchNormRule(),
     nn.BatchNorm3d: BatchNormRule(),

@@ -18,6 +18,7 @@ computation goes to the reference engine instead.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +27,7 @@ from torch.func import vjp, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .._problem import Cotangents, KernelProblem, one_hot_cotangents
+from .._problem import Cotangents, KernelProblem, check_outputs, one_hot_cotangents
 from . import jacobian
 from .layers import LAYER_RULES, LayerRule
 
@@ -47,6 +48,8 @@ class Plan:
 
     layers: list[_Layer]
     fallback: dict[str, str] = field(default_factory=dict)  # full parameter name -> reason
+    q: int = 0
+    output_shape: tuple[int, ...] = ()
 
     @property
     def covered(self) -> list[str]:
@@ -104,7 +107,7 @@ def plan(problem: KernelProblem) -> Plan:
             candidates[mname] = _Layer(mname, module, rule, {p: f for p, f in local.items() if p not in uncovered})
     if not candidates:
         problem.validation_forward()
-        return Plan([], fallback)
+        return Plan([], fallback, problem.q, problem.output_shape)
 
     stack: list[str] = []
     calls: dict[str, int] = {}
@@ -162,15 +165,53 @@ def plan(problem: KernelProblem) -> Plan:
         x, v, _ = versions[name]
         layer.clone_input = x._version != v  # modified in place after the layer read it
         layers.append(layer)
-    return Plan(layers, fallback)
+    return Plan(layers, fallback, problem.q, problem.output_shape)
+
+
+# Plans are cached per model and problem signature (parameter identities, train/eval flags, input
+# layout, dtype): the discovery forward and its parameter-use monitor then run once per shape. A
+# cached plan is re-checked on every use: each planned layer must run exactly once with its planned
+# output shape, otherwise the plan is rebuilt.
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Plan]]" = weakref.WeakKeyDictionary()
+_MAX_PLANS_PER_MODEL = 16
+
+
+class _StalePlan(Exception):
+    """A cached plan no longer matches what the forward does."""
+
+
+def _cached_plan(problem: KernelProblem) -> tuple[Plan, bool]:
+    plans = _PLANS.setdefault(problem.model, {})
+    p = plans.get(problem.signature)
+    if p is not None:
+        problem.q, problem.output_shape = p.q, p.output_shape
+        return p, True
+    p = plan(problem)
+    if len(plans) >= _MAX_PLANS_PER_MODEL:
+        plans.pop(next(iter(plans)))
+    plans[problem.signature] = p
+    return p, False
+
+
+def _with_plan(problem: KernelProblem, compute):
+    """``compute(plan, cached)``, rebuilding the plan once if a cached one turns out stale."""
+    p, cached = _cached_plan(problem)
+    try:
+        return compute(p, cached)
+    except _StalePlan:
+        _PLANS[problem.model].pop(problem.signature, None)
+        return compute(_cached_plan(problem)[0], False)
 
 
 def _needs_reference(problem: KernelProblem, p: Plan) -> bool:
     return not p.layers or not problem.per_sample or (problem.stochastic and bool(p.fallback))
 
 
-def _layer_gradients(problem: KernelProblem, p: Plan, cotangents: Tensor, chunk_size: int | None):
-    """Saved tensors and output-gradients (k, n, *out) of every planned layer."""
+def _layer_gradients(problem: KernelProblem, p: Plan, cotangents: Cotangents, chunk_size: int | None, check: bool):
+    """Saved tensors, output-gradients (k, n, *out) of every planned layer, and the cotangents used.
+
+    ``check``: the plan came from the cache, so verify it against this forward and validate outputs.
+    """
     dtype = next(iter(problem.params.values())).dtype
     device = problem.inputs[0].device
     taps = tuple(torch.zeros((), dtype=dtype, device=device).expand(problem.n, *layer.out_shape) for layer in p.layers)
@@ -181,11 +222,13 @@ def _layer_gradients(problem: KernelProblem, p: Plan, cotangents: Tensor, chunk_
 
         def make_hook(i, layer):
             def hook(mod, args, kwargs, out):
+                if saved[i] is not None or not isinstance(out, Tensor) or tuple(out.shape[1:]) != layer.out_shape:
+                    raise _StalePlan
                 x = _layer_input(args, kwargs)
                 if layer.clone_input:
                     x = tuple(t.clone() for t in x)
                 saved[i] = layer.rule.capture(mod, x)
-                return out + taps[i]
+                return layer.rule.output(mod, x, out) + taps[i]
             return hook
 
         try:
@@ -195,39 +238,55 @@ def _layer_gradients(problem: KernelProblem, p: Plan, cotangents: Tensor, chunk_
         finally:
             for h in handles:
                 h.remove()
+        if any(s is None for s in saved):
+            raise _StalePlan
         return out, tuple(saved)
 
-    _, vjp_fn, saved = vjp(forward, taps, has_aux=True)
-    grads = vmap(vjp_fn, chunk_size=chunk_size)(cotangents.to(dtype))[0]
-    return saved, grads
+    out, vjp_fn, saved = vjp(forward, taps, has_aux=True)
+    if check:
+        check_outputs(out, problem.n)
+    cot = (cotangents(problem) if callable(cotangents) else cotangents).to(dtype)
+    if cot.shape[0] == 1:  # a single probe needs no vmap
+        grads = tuple(g.unsqueeze(0) for g in vjp_fn(cot[0])[0])
+    else:
+        grads = vmap(vjp_fn, chunk_size=chunk_size)(cot)[0]
+    return saved, grads, cot
 
 
-def _factors(problem, p, cotangents, chunk_size):
-    saved, grads = _layer_gradients(problem, p, cotangents, chunk_size)
+def _factors(problem, p, cotangents, chunk_size, check) -> tuple[list, Tensor]:
+    """Every planned parameter's factor, and the cotangents (evaluated once q is known)."""
+    saved, grads, cot = _layer_gradients(problem, p, cotangents, chunk_size, check)
+    factors = []
     for layer, s, g in zip(p.layers, saved, grads):
-        names = set(layer.names)
-        yield from layer.rule.factors(layer.module, s, g, names).values()
+        factors += layer.rule.factors(layer.module, s, g, set(layer.names)).values()
+    return factors, cot
 
 
 def row_sq_norms(problem: KernelProblem, cotangents: Cotangents, *, chunk_size: int | None = None) -> Tensor:
     """‖Σ_a c[k,i,a] ∇θ f_a(x_i)‖² per probe k and sample i, summed layer by layer: (k, n)."""
-    p = plan(problem)
-    if _needs_reference(problem, p):
-        return jacobian.row_sq_norms(problem, cotangents, chunk_size=chunk_size)
-    if callable(cotangents):
-        cotangents = cotangents(problem)
-    total = sum(f.row_sq_norms() for f in _factors(problem, p, cotangents, chunk_size))
-    if p.fallback:
-        total = total + jacobian.row_sq_norms(problem.restrict(p.fallback), cotangents, chunk_size=chunk_size)
-    return total
+
+    def compute(p: Plan, cached: bool) -> Tensor:
+        if _needs_reference(problem, p):
+            return jacobian.row_sq_norms(problem, cotangents, chunk_size=chunk_size)
+        factors, cot = _factors(problem, p, cotangents, chunk_size, cached)
+        total = sum(f.row_sq_norms() for f in factors)
+        if p.fallback:  # the same probes for the parameters the reference covers
+            total = total + jacobian.row_sq_norms(problem.restrict(p.fallback), cot, chunk_size=chunk_size)
+        return total
+
+    return _with_plan(problem, compute)
 
 
 def kernel(problem: KernelProblem, *, outputs: str = "full", chunk_size: int | None = None) -> Tensor:
     """K (rows ordered (sample, output)) or its output-summed form, as a sum of per-layer Grams."""
-    p = plan(problem)
-    if _needs_reference(problem, p):
-        return jacobian.kernel(problem, outputs=outputs, chunk_size=chunk_size)
-    total = sum(f.kernel(outputs) for f in _factors(problem, p, one_hot_cotangents(problem), chunk_size))
-    if p.fallback:
-        total = total + jacobian.kernel(problem.restrict(p.fallback), outputs=outputs, chunk_size=chunk_size)
-    return total
+
+    def compute(p: Plan, cached: bool) -> Tensor:
+        if _needs_reference(problem, p):
+            return jacobian.kernel(problem, outputs=outputs, chunk_size=chunk_size)
+        factors, _ = _factors(problem, p, one_hot_cotangents, chunk_size, cached)
+        total = sum(f.kernel(outputs) for f in factors)
+        if p.fallback:
+            total = total + jacobian.kernel(problem.restrict(p.fallback), outputs=outputs, chunk_size=chunk_size)
+        return total
+
+    return _with_plan(problem, compute)

@@ -1,0 +1,273 @@
+"""Speed and memory of MGS kernels, traces and penalties: mgs_torch against straightforward torch.func.
+
+Every configuration is measured side by side in one process: the same model, batch and optimizer,
+each method repeated and its median taken; ratios are to the plain training step (× plain) and to
+the straightforward torch.func implementation of the same quantity (× naive), the one the torch.func
+NTK tutorial suggests: ``vmap(jacrev)`` per-sample Jacobians, contracted. "plain step @ q·n" is a
+plain step on the batch repeated q times: the floor of any exact trace penalty, which needs q
+output-backward passes.
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` during one step minus the memory held
+before it; on the CPU, the rise of the process's resident-set high-water mark during one step
+(reset through /proc/self/clear_refs), which also counts allocator slack — read it as a ratio.
+
+    python benchmarks/bench_mgs.py                      # all models, n = 32 and 128, writes JSON
+    python benchmarks/bench_mgs.py --models lenet5 --batch 32 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from models import MODELS  # noqa: E402
+
+from mgs_torch import mgs_kernel, mgs_penalty, mgs_trace  # noqa: E402
+
+ALPHA = 1e-3
+
+
+# ------------------------------------------------------------------ the straightforward torch.func versions
+
+
+def naive_jacobian(model: nn.Module, x: torch.Tensor, create_graph: bool) -> dict[str, torch.Tensor]:
+    """Per-sample Jacobians {name: (n, q, *shape)} from vmap(jacrev(f)), BatchNorm on running stats."""
+    params = {k: (v if create_graph else v.detach()) for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    modes = [(m, m.training) for m in model.modules()]
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+    def f(p, xi):
+        return functional_call(model, (p, buffers), (xi.unsqueeze(0),)).squeeze(0)
+
+    try:
+        return vmap(jacrev(f), in_dims=(None, 0))(params, x)
+    finally:
+        for m, flag in modes:
+            m.training = flag
+
+
+def naive_trace(model, x, create_graph=False):
+    return sum((j**2).sum() for j in naive_jacobian(model, x, create_graph).values())
+
+
+def naive_kernel(model, x, create_graph=False):
+    jac = naive_jacobian(model, x, create_graph)
+    J = torch.cat([j.flatten(2) for j in jac.values()], 2)
+    J = J.reshape(-1, J.shape[-1])
+    return J @ J.T
+
+
+def naive_logdet(model, x, jitter=1e-6):
+    """log det(K + εI) from the naive kernel, differentiable."""
+    K = naive_kernel(model, x, True)
+    return torch.linalg.slogdet(K + jitter * torch.eye(K.shape[0], dtype=K.dtype, device=K.device))[1]
+
+
+def naive_hutchinson(model, x, out):
+    """‖Jᵀv‖² for one Rademacher v (one backward with create_graph)."""
+    v = torch.randint(0, 2, out.shape, dtype=out.dtype) * 2 - 1
+    grads = torch.autograd.grad(out, list(model.parameters()), v, create_graph=True)
+    return sum((g**2).sum() for g in grads)
+
+
+# ------------------------------------------------------------------ measurement
+
+
+def _status_mb(field: str) -> float:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Extra memory at the peak of one call of ``fn``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    before = _status_mb("VmRSS")
+    fn()
+    return _status_mb("VmHWM") - before
+
+
+def median_ms(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, q: int, include_slow: bool) -> dict[str, tuple[str, Callable]]:
+    """name -> (what it is compared with, callable)."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6)  # tiny steps: the weights stay where they are
+    xq, yq = x.repeat(q, *([1] * (x.dim() - 1))), y.repeat(q)
+
+    def step(penalty_fn=None, inputs=x, targets=y):
+        def run():
+            opt.zero_grad(set_to_none=True)
+            out = model(inputs)
+            loss = F.cross_entropy(out, targets)
+            if penalty_fn is not None:
+                loss = loss + ALPHA * penalty_fn(out)
+            loss.backward()
+            opt.step()
+        return run
+
+    m = {
+        "plain step": ("plain step", step()),
+        "plain step @ q·n": ("plain step", step(inputs=xq, targets=yq)),
+        "trace penalty step, naive": ("trace penalty step, naive", step(lambda out: naive_trace(model, x, True))),
+        "trace penalty step, mgs_torch": ("trace penalty step, naive", step(lambda out: mgs_penalty(model, x, reduction="sum"))),
+        "Hutchinson (1 probe) step, naive": ("trace penalty step, naive", step(lambda out: naive_hutchinson(model, x, out))),
+        "Hutchinson (1 probe) step, mgs_torch": (
+            "trace penalty step, naive", step(lambda out: mgs_penalty(model, x, estimator="hutchinson", reduction="sum"))
+        ),
+        "logdet penalty step, mgs_torch": ("logdet penalty step, naive", step(lambda out: mgs_penalty(model, x, kind="logdet", reduction="sum", jitter=1e-6))),
+        "K (no graph), naive": ("K (no graph), naive", lambda: naive_kernel(model, x)),
+        "K (no graph), mgs_torch": ("K (no graph), naive", lambda: mgs_kernel(model, x)),
+        "tr K (no graph), naive": ("tr K (no graph), naive", lambda: naive_trace(model, x)),
+        "tr K (no graph), mgs_torch": ("tr K (no graph), naive", lambda: mgs_trace(model, x)),
+    }
+    if include_slow:
+        m["logdet penalty step, naive"] = ("logdet penalty step, naive", step(lambda out: naive_logdet(model, x)))
+    return m
+
+
+def run_config(name: str, n: int, repeats: int, device: torch.device, include_slow: bool, measure: str = "both") -> list[dict]:
+    torch.manual_seed(0)
+    model = MODELS[name]().to(device)
+    x = torch.randn(n, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (n,), device=device)
+    q = 10
+    results = []
+    table = methods(model, x, y, q, include_slow)
+    for method in table:
+        _, fn = table[method]
+        reps = max(1, repeats // 3) if "naive" in method and ("logdet" in method or "penalty" in method) else repeats
+        t = median_ms(fn, reps, device, warmup=1 if "naive" in method else 2) if measure != "memory" else float("nan")
+        if measure == "memory":
+            fn()  # warm-up: lazily created state is not part of a step's peak
+        mem = peak_memory_mb(fn, device) if measure != "time" else None
+        results.append({"model": name, "params": sum(p.numel() for p in model.parameters()), "n": n, "q": q,
+                        "method": method, "compared_with": table[method][0], "median_ms": t, "peak_mb": mem, "repeats": reps})
+        print(f"  {name:7s} n={n:<4d} {method:40s} {t:9.2f} ms  peak {mem if mem is None else round(mem, 1)} MB", flush=True, file=sys.stderr)
+    return results
+
+
+def add_ratios(results: list[dict]) -> None:
+    """× plain step, speed-up over the naive version of the same quantity, × plain peak memory."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in results:
+        groups.setdefault((r["model"], r["n"]), {})[r["method"]] = r
+    for by in groups.values():
+        plain = by["plain step"]
+        for r in by.values():
+            r["x_plain"] = r["median_ms"] / plain["median_ms"]
+            ref = by.get(r["compared_with"])
+            r["x_naive"] = ref["median_ms"] / r["median_ms"] if ref and ref is not r else None  # speed-up over naive
+            r["x_plain_peak"] = r["peak_mb"] / plain["peak_mb"] if r["peak_mb"] and plain["peak_mb"] else None
+
+
+def markdown(results: list[dict]) -> str:
+    lines = [
+        "| model | n | method | median ms | × plain step | speed-up over naive | peak MB | × plain peak |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    fmt = lambda v, d=2: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
+    for r in results:
+        lines.append(
+            f"| {r['model']} ({r['params']:,} p) | {r['n']} | {r['method']} | {fmt(r['median_ms'])} | {fmt(r['x_plain'], 1)} | "
+            f"{fmt(r['x_naive'], 1)} | {fmt(r['peak_mb'], 0)} | {fmt(r['x_plain_peak'], 1)} |"
+        )
+    return "\n".join(lines)
+
+
+def cpu_peaks_in_subprocess(args) -> dict[tuple, float]:
+    """CPU peak memory, measured in a child process where glibc serves every allocation of 64 KiB or
+    more by mmap, so freed tensors leave the resident set (that allocator is too slow to time with)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "memory.json"
+        cmd = [sys.executable, __file__, "--measure", "memory", "--json", str(out), "--models", *args.models,
+               "--batch", *map(str, args.batch), "--device", "cpu"] + (["--skip-slow"] if args.skip_slow else [])
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+        subprocess.run(cmd, env=env, check=True)
+        rows = json.loads(out.read_text())["results"]
+    return {(r["model"], r["n"], r["method"]): r["peak_mb"] for r in rows}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--batch", nargs="+", type=int, default=[32, 128])
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--skip-slow", action="store_true", help="skip the naive log-det step (the slowest method)")
+    ap.add_argument("--measure", choices=["both", "time", "memory"], default="both",
+                    help="on the CPU, 'both' times here and measures memory in a child process")
+    ap.add_argument("--json", default=None, help="where to write the raw numbers (default benchmarks/results-<device>.json)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    measure_here = "time" if device.type == "cpu" and args.measure == "both" else args.measure
+    machine = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+        "dtype": "float32", "alpha": ALPHA,
+    }
+    print(f"# {machine['device']}, torch {machine['torch']}")
+    results = []
+    for name in args.models:
+        for n in args.batch:
+            results += run_config(name, n, args.repeats, device, not args.skip_slow, measure_here)
+    if measure_here == "time" and args.measure == "both":
+        peaks = cpu_peaks_in_subprocess(args)
+        for r in results:
+            r["peak_mb"] = peaks.get((r["model"], r["n"], r["method"]))
+    add_ratios(results)
+    print()
+    print(markdown(results))
+    out = Path(args.json or Path(__file__).parent / f"results-{device.type}.json")
+    out.write_text(json.dumps({"machine": machine, "results": results}, indent=1))
+    print(f"\nraw numbers: {out}")
+
+
+if __name__ == "__main__":
+    main()

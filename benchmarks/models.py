@@ -1,0 +1,65 @@
+"""The benchmark models of issue #4: LeNet-5, a 6×300 fully connected net, a small residual CNN with BatchNorm."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 on 1×28×28 inputs: 61,706 parameters."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 5, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(400, 120), nn.Linear(120, 84), nn.Linear(84, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2).flatten(1)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+def fcn(inputs: int = 784, hidden: int = 300, depth: int = 6, num_classes: int = 10) -> nn.Module:
+    """The paper's fully connected net: ``depth`` hidden ReLU layers of ``hidden`` units (690,010 parameters)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = inputs
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    return nn.Sequential(*layers, nn.Linear(width, num_classes))
+
+
+class _Block(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class SmallResNet(nn.Module):
+    """Stem, two residual blocks (16 and 32 channels, one stride-2 stage), BatchNorm, global pooling."""
+
+    def __init__(self, channels: int = 16, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(1, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.block1 = _Block(channels)
+        self.down = nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1, bias=False)
+        self.bn_down = nn.BatchNorm2d(2 * channels)
+        self.block2 = _Block(2 * channels)
+        self.fc = nn.Linear(2 * channels, num_classes)
+
+    def forward(self, x):
+        x = self.block1(F.relu(self.bn(self.stem(x))))
+        x = self.block2(F.relu(self.bn_down(self.down(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+MODELS = {"lenet5": LeNet5, "fcn": fcn, "resnet": SmallResNet}
