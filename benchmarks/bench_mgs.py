@@ -7,8 +7,8 @@ NTK tutorial suggests: ``vmap(jacrev)`` per-sample Jacobians, contracted. "plain
 plain step on the batch repeated q times: the floor of any exact trace penalty, which needs q
 output-backward passes.
 
-Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` during one step minus the memory held
-before it; on the CPU, the rise of the process's resident-set high-water mark during one step
+Peak memory (from a state holding no ``.grad`` buffers, so a step's own gradients count): on CUDA,
+``torch.cuda.max_memory_allocated`` during one step minus the memory held before it; on the CPU, the rise of the process's resident-set high-water mark during one step
 (reset through /proc/self/clear_refs), which also counts allocator slack — read it as a ratio.
 
     python benchmarks/bench_mgs.py                      # all models, n = 32 and 128, writes JSON
@@ -98,8 +98,9 @@ def _status_mb(field: str) -> float:
     return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
 
 
-def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
-    """Extra memory at the peak of one call of ``fn``."""
+def peak_memory_mb(fn: Callable[[], object], device: torch.device, prepare: Callable[[], object]) -> float | None:
+    """Extra memory at the peak of one call of ``fn``, from the state ``prepare`` leaves (no .grad held)."""
+    prepare()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -131,8 +132,8 @@ def median_ms(fn: Callable[[], object], repeats: int, device: torch.device, warm
     return 1000 * statistics.median(times)
 
 
-def methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, q: int, include_slow: bool) -> dict[str, tuple[str, Callable]]:
-    """name -> (what it is compared with, callable)."""
+def methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, q: int, include_slow: bool):
+    """(name -> (what it is compared with, callable), a callable freeing the gradient buffers)."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)  # tiny steps: the weights stay where they are
     xq, yq = x.repeat(q, *([1] * (x.dim() - 1))), y.repeat(q)
 
@@ -152,6 +153,12 @@ def methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, q: int, include_
         "plain step @ q·n": ("plain step", step(inputs=xq, targets=yq)),
         "trace penalty step, naive": ("trace penalty step, naive", step(lambda out: naive_trace(model, x, True))),
         "trace penalty step, mgs_torch": ("trace penalty step, naive", step(lambda out: mgs_penalty(model, x, reduction="sum"))),
+        "trace penalty step, mgs_torch, chunk_size=1": (
+            "trace penalty step, naive", step(lambda out: mgs_penalty(model, x, reduction="sum", chunk_size=1))
+        ),
+        "trace penalty step, mgs_torch, chunk_size=5": (
+            "trace penalty step, naive", step(lambda out: mgs_penalty(model, x, reduction="sum", chunk_size=5))
+        ),
         "Hutchinson (1 probe) step, naive": ("trace penalty step, naive", step(lambda out: naive_hutchinson(model, x, out))),
         "Hutchinson (1 probe) step, mgs_torch": (
             "trace penalty step, naive", step(lambda out: mgs_penalty(model, x, estimator="hutchinson", reduction="sum"))
@@ -164,7 +171,7 @@ def methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, q: int, include_
     }
     if include_slow:
         m["logdet penalty step, naive"] = ("logdet penalty step, naive", step(lambda out: naive_logdet(model, x)))
-    return m
+    return m, lambda: opt.zero_grad(set_to_none=True)
 
 
 def run_config(name: str, n: int, repeats: int, device: torch.device, include_slow: bool, measure: str = "both") -> list[dict]:
@@ -174,14 +181,14 @@ def run_config(name: str, n: int, repeats: int, device: torch.device, include_sl
     y = torch.randint(0, 10, (n,), device=device)
     q = 10
     results = []
-    table = methods(model, x, y, q, include_slow)
+    table, free_grads = methods(model, x, y, q, include_slow)
     for method in table:
         _, fn = table[method]
         reps = max(1, repeats // 3) if "naive" in method and ("logdet" in method or "penalty" in method) else repeats
         t = median_ms(fn, reps, device, warmup=1 if "naive" in method else 2) if measure != "memory" else float("nan")
         if measure == "memory":
             fn()  # warm-up: lazily created state is not part of a step's peak
-        mem = peak_memory_mb(fn, device) if measure != "time" else None
+        mem = peak_memory_mb(fn, device, free_grads) if measure != "time" else None
         results.append({"model": name, "params": sum(p.numel() for p in model.parameters()), "n": n, "q": q,
                         "method": method, "compared_with": table[method][0], "median_ms": t, "peak_mb": mem, "repeats": reps})
         print(f"  {name:7s} n={n:<4d} {method:40s} {t:9.2f} ms  peak {mem if mem is None else round(mem, 1)} MB", flush=True, file=sys.stderr)
@@ -200,6 +207,29 @@ def add_ratios(results: list[dict]) -> None:
             ref = by.get(r["compared_with"])
             r["x_naive"] = ref["median_ms"] / r["median_ms"] if ref and ref is not r else None  # speed-up over naive
             r["x_plain_peak"] = r["peak_mb"] / plain["peak_mb"] if r["peak_mb"] and plain["peak_mb"] else None
+
+
+def hutchinson_quality(name: str, n: int, device: torch.device, draws: int = 200) -> list[dict]:
+    """Relative standard deviation of one-probe trace estimates: whole-batch ‖Jᵀv‖² (naive) against
+    mgs_torch's per-sample probes, Σ_i ‖Σ_a v_ia ∇θ f_a(x_i)‖² (no cross-sample terms)."""
+    torch.manual_seed(0)
+    model = MODELS[name]().to(device)
+    x = torch.randn(n, 1, 28, 28, device=device)
+    exact = mgs_trace(model, x).item()
+    gen = torch.Generator().manual_seed(0)
+    ours = torch.tensor([mgs_trace(model, x, estimator="hutchinson", generator=gen).item() for _ in range(draws)])
+    naive = []
+    for _ in range(draws):
+        out = model(x)
+        v = (torch.randint(0, 2, out.shape, generator=gen) * 2 - 1).to(out)
+        grads = torch.autograd.grad(out, list(model.parameters()), v)
+        naive.append(sum((g**2).sum() for g in grads).item())
+    naive = torch.tensor(naive)
+    return [
+        {"model": name, "n": n, "estimator": label, "exact_trace": exact, "mean": float(v.mean()),
+         "relative_std": float(v.std() / exact), "draws": draws}
+        for label, v in (("whole-batch probe ‖Jᵀv‖² (naive)", naive), ("per-sample probes (mgs_torch)", ours))
+    ]
 
 
 def markdown(results: list[dict]) -> str:
@@ -226,7 +256,7 @@ def cpu_peaks_in_subprocess(args) -> dict[tuple, float]:
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-        subprocess.run(cmd, env=env, check=True)
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
         rows = json.loads(out.read_text())["results"]
     return {(r["model"], r["n"], r["method"]): r["peak_mb"] for r in rows}
 
@@ -262,10 +292,18 @@ def main(argv=None) -> None:
         for r in results:
             r["peak_mb"] = peaks.get((r["model"], r["n"], r["method"]))
     add_ratios(results)
+    quality = []
+    if measure_here != "memory":
+        for name in args.models:
+            quality += hutchinson_quality(name, min(args.batch), device)
     print()
     print(markdown(results))
+    if quality:
+        print("\n| model | n | one-probe estimator | relative std of tr K estimate |\n|---|---|---|---:|")
+        for r in quality:
+            print(f"| {r['model']} | {r['n']} | {r['estimator']} | {r['relative_std']:.3f} |")
     out = Path(args.json or Path(__file__).parent / f"results-{device.type}.json")
-    out.write_text(json.dumps({"machine": machine, "results": results}, indent=1))
+    out.write_text(json.dumps({"machine": machine, "results": results, "hutchinson": quality}, indent=1))
     print(f"\nraw numbers: {out}")
 
 

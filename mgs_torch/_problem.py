@@ -243,12 +243,13 @@ def build_problem(
     dtype: torch.dtype | None = None,
     create_graph: bool = False,
     batch_norm: str = "eval",
+    values: dict[str, Tensor] | None = None,
 ) -> KernelProblem:
     """Validate arguments and assemble a :class:`KernelProblem`; call inside :func:`preserved_state`.
 
     With ``create_graph=False`` every tensor is detached (no autograd graph is built); otherwise the
     selected and frozen parameters stay connected to the model's parameters, so the kernel can be
-    back-propagated to all of them.
+    back-propagated to all of them. ``values`` substitutes tensors for parameters by name.
     """
     if batch_norm not in BATCH_NORM_POLICIES:
         raise ValueError(f"batch_norm must be one of {BATCH_NORM_POLICIES}, got {batch_norm!r}")
@@ -267,8 +268,9 @@ def build_problem(
         t = _cast(t, dtype)
         return t if create_graph else t.detach()
 
-    chosen = {k: prep(p) for k, p in selected.items()}
-    frozen: dict[str, Tensor] = {k: prep(p) for k, p in model.named_parameters() if k not in selected}
+    values = values or {}
+    chosen = {k: prep(values.get(k, p)) for k, p in selected.items()}
+    frozen: dict[str, Tensor] = {k: prep(values.get(k, p)) for k, p in model.named_parameters() if k not in selected}
     # buffers are cloned: modules that update buffers in forward (BatchNorm running stats) write to copies
     frozen.update({k: _cast(b.detach().clone(), dtype) for k, b in model.named_buffers()})
 

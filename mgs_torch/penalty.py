@@ -6,8 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from ._linalg import logdet_psd
-from ._problem import OUTPUT_MODES, Inputs, ParamFilter, build_problem, preserved_state
-from .kernel import _check_choice, _check_chunk, engine_for, trace_from_rows
+from ._problem import OUTPUT_MODES, Inputs, KernelProblem, ParamFilter, build_problem, one_hot_cotangents, preserved_state
+from .kernel import _check_choice, _check_chunk, engine_for, rademacher_probes, trace_from_rows
 
 __all__ = ["mgs_penalty", "default_generator", "KINDS", "ESTIMATORS", "REDUCTIONS"]
 
@@ -39,6 +39,80 @@ def _check_estimator(kind: str, estimator: str, num_probes: int) -> None:
         raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
 
 
+def _rng_states(model: nn.Module) -> list[tuple[str, int, Tensor]]:
+    states = [("cpu", 0, torch.get_rng_state())]
+    for index in sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"}):
+        states.append(("cuda", index, torch.cuda.get_rng_state(index)))
+    return states
+
+
+def _restore_rng_states(states) -> None:
+    for kind, index, state in states:
+        torch.set_rng_state(state) if kind == "cpu" else torch.cuda.set_rng_state(state, index)
+
+
+class _RecomputedChunks(torch.autograd.Function):
+    """Σ_c value_c(θ) whose backward rebuilds one chunk's graph at a time (activation checkpointing).
+
+    ``value_of(start, values)`` returns the chunk starting at ``start`` as a function of the parameter
+    tensors ``values`` (name -> tensor); the forward's total is passed in already computed.
+    """
+
+    @staticmethod
+    def forward(ctx, total, value_of, starts, names, *params):
+        ctx.value_of, ctx.starts, ctx.names = value_of, starts, names
+        ctx.save_for_backward(*params)
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        params = ctx.saved_tensors
+        grads = [torch.zeros_like(p) for p in params]
+        for start in ctx.starts:
+            with torch.enable_grad():
+                leaves = [p.detach().requires_grad_() for p in params]
+                value = ctx.value_of(start, dict(zip(ctx.names, leaves)))
+                for acc, g in zip(grads, torch.autograd.grad(value, leaves, allow_unused=True)):
+                    if g is not None:
+                        acc += g
+        return (None, None, None, None, *(grad_total * g for g in grads))
+
+
+def _trace_in_chunks(
+    model: nn.Module, inputs: Inputs, engine, *, estimator: str, num_probes: int, generator, chunk_size: int,
+    batch_norm: str, build: dict,
+) -> tuple[Tensor, KernelProblem]:
+    """tr K (or its Hutchinson estimate, not yet divided by the probes) with memory bounded by
+    ``chunk_size`` cotangents: the forward computes the value chunk by chunk without a graph; the
+    backward recomputes each chunk's graph under the same random state (Dropout masks match)."""
+    rng = _rng_states(model)
+    cache: dict[str, object] = {}
+
+    def cotangents(start: int):
+        def make(problem: KernelProblem) -> Tensor:
+            if "all" not in cache:
+                cache["all"] = one_hot_cotangents(problem) if estimator == "exact" else rademacher_probes(
+                    num_probes, problem.n, problem.q, generator, problem.inputs[0].device)
+            return cache["all"][start : start + chunk_size]
+        return make
+
+    def value_of(start: int, values: dict[str, Tensor] | None) -> Tensor:
+        with preserved_state(model, batch_norm):
+            _restore_rng_states(rng)
+            problem = build_problem(model, inputs, create_graph=values is not None, batch_norm=batch_norm, values=values, **build)
+            cache["problem"] = problem
+            return engine.row_sq_norms(problem, cotangents(start)).sum()
+
+    total = value_of(0, None)
+    k = cache["all"].shape[0]
+    starts = list(range(0, k, chunk_size))
+    total = total + sum((value_of(s, None) for s in starts[1:]), torch.zeros_like(total))
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    names = [name for name, _ in named]
+    value = _RecomputedChunks.apply(total, value_of, starts, names, *(p for _, p in named))
+    return value, cache["problem"]
+
+
 def mgs_penalty(
     model: nn.Module,
     inputs: Inputs,
@@ -68,6 +142,10 @@ def mgs_penalty(
     ``outputs="sum"``): the value is a per-row average, so the same α works across batch sizes and
     output counts. ``reduction="sum"`` returns g(K) itself (the paper's penalty; its α is α_mean/N).
 
+    ``chunk_size`` bounds memory: for the trace, the graph of only ``chunk_size`` outputs (or probes)
+    is alive at a time and is recomputed during ``backward`` (activation checkpointing: one extra
+    forward and backward per chunk); for the log-determinant it bounds the kernel computation only.
+
     The other arguments are those of :func:`mgs_torch.mgs_kernel`. The model's parameters, ``.grad``,
     train/eval flags, buffers and the global RNG are left untouched. Cost (structured engine, exact
     trace): one forward + one backward at batch q·n, and about twice that again for the double
@@ -78,12 +156,20 @@ def mgs_penalty(
     _check_choice("outputs", outputs, OUTPUT_MODES)
     _check_chunk(chunk_size)
     engine = engine_for(strategy)
+    generator = generator if generator is not None else default_generator()
+    if kind == "trace" and chunk_size is not None:
+        value, problem = _trace_in_chunks(
+            model, inputs, engine, estimator=estimator, num_probes=num_probes, generator=generator,
+            chunk_size=chunk_size, batch_norm=batch_norm, build={"params": params, "dtype": dtype},
+        )
+        if estimator == "hutchinson":
+            value = value / num_probes
+        return value / (problem.n * problem.q if outputs == "full" else problem.n) if reduction == "mean" else value
     with preserved_state(model, batch_norm):
         problem = build_problem(model, inputs, params=params, dtype=dtype, create_graph=True, batch_norm=batch_norm)
         if kind == "trace":
             value = trace_from_rows(
-                problem, engine, estimator=estimator, num_probes=num_probes,
-                generator=generator if generator is not None else default_generator(), chunk_size=chunk_size,
+                problem, engine, estimator=estimator, num_probes=num_probes, generator=generator, chunk_size=chunk_size,
             )
         else:
             K = engine.kernel(problem, outputs=outputs, chunk_size=chunk_size)

@@ -101,15 +101,20 @@ class OuterFactor:
     def kernel(self, outputs: str) -> Tensor:
         if not self.ghost_is_cheaper(outputs):
             return _gram_rows(self.materialize(), outputs)
-        k, n = self.dims()[:2]
+        k, n, G, T = self.dims()[:4]
         _, g = self.ghost_operands()
         A = self.gram_across()  # (n, n, G, T, T)
+        if T == 1:  # K_l = (g gᵀ) ⊙ (a aᵀ ⊗ 1): two Grams per group and a product
+            A = A[..., 0, 0].permute(2, 0, 1)  # (G, n, n)
+            g0 = g[:, :, :, 0].permute(2, 1, 0, 3)  # (G, n, k, O)
+            if outputs == "full":
+                flat = g0.reshape(G, n * k, -1)
+                B = (flat @ flat.transpose(1, 2)).view(G, n, k, n, k)
+                return (B * A.view(G, n, 1, n, 1)).sum(0).reshape(n * k, n * k)
+            flat = g0.reshape(G, n, -1)
+            return (A * (flat @ flat.transpose(1, 2))).sum(0)
         if outputs == "full":
-            if g.shape[3] == 1:
-                g0 = g[:, :, :, 0]
-                K = torch.einsum("kigo,ljgo,ijg->ikjl", g0, g0, A[..., 0, 0])
-            else:
-                K = torch.einsum("kigto,ljgso,ijgts->ikjl", g, g, A)
+            K = torch.einsum("kigto,ljgso,ijgts->ikjl", g, g, A)
             return K.reshape(n * k, n * k)
         B = torch.einsum("kigto,kjgso->ijgts", g, g)
         return (A * B).sum((2, 3, 4))
