@@ -85,6 +85,7 @@ def row_sq_norms(problem: KernelProblem, cotangents: Cotangents, *, chunk_size: 
     _validate(problem)
     if callable(cotangents):
         cotangents = cotangents(problem)
+    cotangents = cotangents.to(next(iter(problem.params.values())).dtype)
     n, q = problem.n, problem.q
     k = cotangents.shape[0]
     if problem.per_sample:
