@@ -40,6 +40,8 @@ class KernelProblem:
             vmap-over-samples route is exact); False when the batch interacts (train-mode BatchNorm
             under ``batch_norm="batch"``), which leaves only the whole-batch Jacobian.
         stochastic: True when a known random layer (Dropout) is active in the current mode.
+        strict_randomness: raise, rather than retry as stochastic, when vmap meets a random op
+            (set on the structured engine's fallback, whose masks must match its own forward's).
     """
 
     model: nn.Module
@@ -54,6 +56,7 @@ class KernelProblem:
     modules_of_params: dict[str, str] = field(default_factory=dict)
     buffer_names: frozenset[str] = frozenset()
     signature: tuple = ()
+    strict_randomness: bool = False
 
     def forward(
         self, params: dict[str, Tensor] | None = None, inputs: tuple[Tensor, ...] | None = None, fresh_buffers: bool = False
@@ -92,10 +95,6 @@ class KernelProblem:
             self.per_sample, self.stochastic, self.modules_of_params, self.buffer_names,
             self.signature + (tuple(sorted(names)),),
         )
-
-    @property
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.params.values())
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,6 +204,19 @@ def check_outputs(out: object, n: int) -> Tensor:
 
 def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def rng_states(model: nn.Module) -> list[tuple[str, int, Tensor]]:
+    """The random states a forward of ``model`` draws from: the CPU's and its CUDA devices'."""
+    states = [("cpu", 0, torch.get_rng_state())]
+    for index in sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"}):
+        states.append(("cuda", index, torch.cuda.get_rng_state(index)))
+    return states
+
+
+def restore_rng_states(states: list[tuple[str, int, Tensor]]) -> None:
+    for kind, index, state in states:
+        torch.set_rng_state(state) if kind == "cpu" else torch.cuda.set_rng_state(state, index)
 
 
 @contextlib.contextmanager

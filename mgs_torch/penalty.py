@@ -6,7 +6,10 @@ import torch
 from torch import Tensor, nn
 
 from ._linalg import logdet_psd
-from ._problem import OUTPUT_MODES, Inputs, KernelProblem, ParamFilter, build_problem, one_hot_cotangents, preserved_state
+from ._problem import (
+    OUTPUT_MODES, Inputs, KernelProblem, ParamFilter, build_problem, one_hot_cotangents, preserved_state,
+    restore_rng_states, rng_states,
+)
 from .kernel import _check_choice, _check_chunk, engine_for, rademacher_probes, trace_from_rows
 
 __all__ = ["mgs_penalty", "default_generator", "KINDS", "ESTIMATORS", "REDUCTIONS"]
@@ -37,18 +40,6 @@ def _check_estimator(kind: str, estimator: str, num_probes: int) -> None:
         raise ValueError("estimator='hutchinson' estimates the trace only; use kind='trace' or estimator='exact'")
     if not isinstance(num_probes, int) or isinstance(num_probes, bool) or num_probes < 1:
         raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
-
-
-def _rng_states(model: nn.Module) -> list[tuple[str, int, Tensor]]:
-    states = [("cpu", 0, torch.get_rng_state())]
-    for index in sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"}):
-        states.append(("cuda", index, torch.cuda.get_rng_state(index)))
-    return states
-
-
-def _restore_rng_states(states) -> None:
-    for kind, index, state in states:
-        torch.set_rng_state(state) if kind == "cpu" else torch.cuda.set_rng_state(state, index)
 
 
 class _RecomputedChunks(torch.autograd.Function):
@@ -85,7 +76,7 @@ def _trace_in_chunks(
     """tr K (or its Hutchinson estimate, not yet divided by the probes) with memory bounded by
     ``chunk_size`` cotangents: the forward computes the value chunk by chunk without a graph; the
     backward recomputes each chunk's graph under the same random state (Dropout masks match)."""
-    rng = _rng_states(model)
+    rng = rng_states(model)
     cache: dict[str, object] = {}
 
     def cotangents(start: int):
@@ -98,7 +89,7 @@ def _trace_in_chunks(
 
     def value_of(start: int, values: dict[str, Tensor] | None) -> Tensor:
         with preserved_state(model, batch_norm):
-            _restore_rng_states(rng)
+            restore_rng_states(rng)
             problem = build_problem(model, inputs, create_graph=values is not None, batch_norm=batch_norm, values=values, **build)
             cache["problem"] = problem
             return engine.row_sq_norms(problem, cotangents(start)).sum()

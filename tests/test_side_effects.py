@@ -144,3 +144,29 @@ def test_dropout_with_uncovered_layers_uses_one_consistent_set_of_masks():
     K = mgs_kernel(model, x, strategy="structured")
     torch.manual_seed(2)
     assert torch.equal(K, mgs_kernel(model, x, strategy="jacobian"))
+
+
+def test_functional_dropout_in_a_custom_layer_is_handled_consistently():
+    """F.dropout inside an unknown layer: no Dropout module announces it, vmap's error mode finds it."""
+
+    class NoisyScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8))
+
+        def forward(self, x):
+            return F.dropout(x * self.w, 0.5, self.training)
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), NoisyScale(), nn.Linear(8, 2)).double().train()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    rng = torch.get_rng_state()
+    for strategy in STRATEGIES:
+        torch.manual_seed(2)
+        K = mgs_kernel(model, x, strategy=strategy)
+        torch.manual_seed(2)
+        assert torch.equal(K, mgs_kernel(model, x, strategy="jacobian"))  # one consistent set of masks
+        torch.set_rng_state(rng)
+        assert torch.isfinite(mgs_trace(model, x, strategy=strategy))
+        assert torch.equal(torch.get_rng_state(), rng)
+    model.eval()
+    assert_close(mgs_kernel(model, x), reference_kernel(model, x))

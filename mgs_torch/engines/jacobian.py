@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.func import jacrev, vjp, vmap
 
-from .._problem import Cotangents, KernelProblem
+from .._problem import Cotangents, KernelProblem, restore_rng_states, rng_states
 
 
 def _validate(problem: KernelProblem) -> None:
@@ -36,8 +36,32 @@ def _single_sample_fn(problem: KernelProblem):
 
 
 def _randomness(problem: KernelProblem) -> str:
-    # active Dropout draws an independent mask per sample; anything else random is an error
+    # active Dropout draws an independent mask per sample; other random ops are caught by
+    # vmap's "error" mode and retried as stochastic (see ``_retry_if_random``)
     return "different" if problem.stochastic else "error"
+
+
+def is_randomness_error(error: RuntimeError) -> bool:
+    """vmap refused a random op (e.g. ``F.dropout`` in a custom layer) in its "error" mode."""
+    return "randomness" in str(error) and "vmap" in str(error)
+
+
+def _retry_if_random(compute):
+    """Run ``compute(problem, ...)``; if the model turns out random, mark it stochastic and rerun."""
+
+    def run(problem: KernelProblem, *args, **kwargs):
+        rng = rng_states(problem.model)
+        try:
+            return compute(problem, *args, **kwargs)
+        except RuntimeError as error:
+            if problem.stochastic or problem.strict_randomness or not is_randomness_error(error):
+                raise
+            problem.stochastic = True
+            restore_rng_states(rng)
+            return compute(problem, *args, **kwargs)
+
+    run.__doc__, run.__name__ = compute.__doc__, compute.__name__
+    return run
 
 
 def _contract(jac: dict[str, Tensor], n: int, q: int, outputs: str) -> Tensor:
@@ -54,6 +78,7 @@ def _contract(jac: dict[str, Tensor], n: int, q: int, outputs: str) -> Tensor:
     return K
 
 
+@_retry_if_random
 def jacobian_rows(problem: KernelProblem, *, chunk_size: int | None = None) -> dict[str, Tensor]:
     """J as ``{name: (n·q, *param_shape)}``, rows ordered (sample, output)."""
     _validate(problem)
@@ -76,6 +101,7 @@ def kernel(problem: KernelProblem, *, outputs: str = "full", chunk_size: int | N
     return _contract(jac, problem.n, problem.q, outputs)
 
 
+@_retry_if_random
 def row_sq_norms(problem: KernelProblem, cotangents: Cotangents, *, chunk_size: int | None = None) -> Tensor:
     """‖Σ_a c[k,i,a] ∇θ f_a(x_i)‖² for every probe k and sample i: a (k, n) tensor.
 

@@ -27,7 +27,7 @@ from torch.func import vjp, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .._problem import Cotangents, KernelProblem, check_outputs, one_hot_cotangents
+from .._problem import Cotangents, KernelProblem, check_outputs, one_hot_cotangents, restore_rng_states, rng_states
 from . import jacobian
 from .layers import LAYER_RULES, LayerRule
 
@@ -194,13 +194,29 @@ def _cached_plan(problem: KernelProblem) -> tuple[Plan, bool]:
 
 
 def _with_plan(problem: KernelProblem, compute):
-    """``compute(plan, cached)``, rebuilding the plan once if a cached one turns out stale."""
+    """``compute(plan, cached)``, rebuilding the plan once if a cached one turns out stale, and
+    starting again on the reference alone if the fallback meets random ops that no Dropout module
+    announced (its masks could not match the structured forward's)."""
     p, cached = _cached_plan(problem)
+    rng = rng_states(problem.model)
     try:
         return compute(p, cached)
     except _StalePlan:
         _PLANS[problem.model].pop(problem.signature, None)
+        restore_rng_states(rng)
         return compute(_cached_plan(problem)[0], False)
+    except RuntimeError as error:
+        if problem.stochastic or not jacobian.is_randomness_error(error):
+            raise
+        problem.stochastic = True
+        restore_rng_states(rng)
+        return compute(p, cached)
+
+
+def _fallback_problem(problem: KernelProblem, p: Plan) -> KernelProblem:
+    sub = problem.restrict(p.fallback)
+    sub.strict_randomness = True  # random ops there must send the whole computation to the reference
+    return sub
 
 
 def _needs_reference(problem: KernelProblem, p: Plan) -> bool:
@@ -271,7 +287,7 @@ def row_sq_norms(problem: KernelProblem, cotangents: Cotangents, *, chunk_size: 
         factors, cot = _factors(problem, p, cotangents, chunk_size, cached)
         total = sum(f.row_sq_norms() for f in factors)
         if p.fallback:  # the same probes for the parameters the reference covers
-            total = total + jacobian.row_sq_norms(problem.restrict(p.fallback), cot, chunk_size=chunk_size)
+            total = total + jacobian.row_sq_norms(_fallback_problem(problem, p), cot, chunk_size=chunk_size)
         return total
 
     return _with_plan(problem, compute)
@@ -286,7 +302,7 @@ def kernel(problem: KernelProblem, *, outputs: str = "full", chunk_size: int | N
         factors, _ = _factors(problem, p, one_hot_cotangents, chunk_size, cached)
         total = sum(f.kernel(outputs) for f in factors)
         if p.fallback:
-            total = total + jacobian.kernel(problem.restrict(p.fallback), outputs=outputs, chunk_size=chunk_size)
+            total = total + jacobian.kernel(_fallback_problem(problem, p), outputs=outputs, chunk_size=chunk_size)
         return total
 
     return _with_plan(problem, compute)
