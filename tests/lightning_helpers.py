@@ -18,6 +18,7 @@ from pytorch_lightning.loggers import Logger  # noqa: E402
 from pytorch_lightning.utilities.rank_zero import rank_zero_only  # noqa: E402
 
 from mgs_torch import _linalg  # noqa: E402
+from mgs_torch.lightning import MGSRegularizedMixin  # noqa: E402
 
 D, Q = 4, 3  # input features, classes
 
@@ -70,6 +71,15 @@ class PlainNet(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class RegNet(MGSRegularizedMixin, PlainNet):
+    """PlainNet with the MGS penalty; mgs_* keyword arguments go to the mixin."""
+
+    def __init__(self, dropout: float = 0.0, batch_norm: bool = False, lr: float = 0.1, double: bool = False,
+                 seed: int = 0, **mgs: Any):
+        super().__init__(dropout=dropout, batch_norm=batch_norm, lr=lr, double=double, seed=seed, **mgs)
+        self.save_hyperparameters()
 
 
 class MemoryLogger(Logger):

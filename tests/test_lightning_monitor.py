@@ -24,7 +24,8 @@ from lightning_helpers import (
     reference_logdet,
     weights,
 )
-from mgs_torch.lightning import MGSConfigurationError, MGSMonitor
+import mgs_torch
+from mgs_torch.lightning import MGSConfigurationError, MGSMonitor, MGSRegularizedMixin
 from mgs_torch.lightning.callback import METRIC_NAMES
 
 
@@ -44,6 +45,13 @@ class Snapshot(pl.Callback):
 
 # ----------------------------------------------------------------------------------------------
 # the public surface
+
+
+def test_exported_names():
+    assert mgs_torch.MGSMonitor is MGSMonitor
+    assert mgs_torch.MGSRegularizedMixin is MGSRegularizedMixin
+    assert {"MGSMonitor", "MGSRegularizedMixin"} <= set(mgs_torch.__all__)
+    assert set(mgs_torch.lightning.__all__) == {"MGSMonitor", "MGSRegularizedMixin", "MGSConfigurationError"}
 
 
 @pytest.mark.parametrize(
@@ -77,6 +85,7 @@ def test_invalid_arguments_are_rejected_at_construction(kwargs, match):
     "kwargs, match",
     [
         ({"dtype": torch.int64}, "dtype must be a floating torch.dtype"),
+        ({"dtype": "float65"}, "dtype must be a floating torch.dtype"),
         ({"inputs_fn": "x"}, "inputs_fn must be a callable"),
         ({"targets_fn": 3}, "targets_fn must be a callable"),
         ({"module": nn.Linear(2, 2)}, "module must be the attribute name"),

@@ -10,5 +10,6 @@ The core package never imports Lightning; importing this subpackage without it r
 
 from ._utils import MGSConfigurationError
 from .callback import MGSMonitor
+from .mixin import MGSRegularizedMixin
 
-__all__ = ["MGSMonitor", "MGSConfigurationError"]
+__all__ = ["MGSMonitor", "MGSRegularizedMixin", "MGSConfigurationError"]

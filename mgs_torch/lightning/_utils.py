@@ -59,9 +59,14 @@ def check_float(name: str, value: Any, *, minimum: float | None = None) -> None:
         raise MGSConfigurationError(f"{name} must be a finite number{bound}, got {value!r}")
 
 
-def check_dtype(name: str, value: Any) -> None:
+def as_dtype(name: str, value: Any) -> torch.dtype | None:
+    """``None``, a floating ``torch.dtype``, or its name (``"float64"``, ``"torch.float64"``: how hparams store it)."""
+    if isinstance(value, str):
+        candidate = getattr(torch, value.removeprefix("torch."), None)
+        value = candidate if isinstance(candidate, torch.dtype) else value
     if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
-        raise TypeError(f"{name} must be a floating torch.dtype (e.g. torch.float64) or None, got {value!r}")
+        raise TypeError(f"{name} must be a floating torch.dtype (e.g. torch.float64), its name, or None; got {value!r}")
+    return value
 
 
 def default_inputs(batch: Any) -> Inputs:

@@ -24,7 +24,7 @@ from ._utils import (
     MGSConfigurationError,
     cap_samples,
     check_choice,
-    check_dtype,
+    as_dtype,
     check_float,
     check_int,
     compute_dtype,
@@ -143,7 +143,7 @@ class MGSMonitor(pl.Callback):
         params: ParamFilter = None,
         strategy: str = "auto",
         chunk_size: int | None = None,
-        dtype: torch.dtype | None = torch.float64,
+        dtype: torch.dtype | str | None = torch.float64,
         jitter: float = 0.0,
         log_spectrum: bool = False,
         log_kernel_image: bool = False,
@@ -170,7 +170,7 @@ class MGSMonitor(pl.Callback):
         check_choice("outputs", outputs, OUTPUT_MODES)
         check_choice("strategy", strategy, STRATEGIES)
         check_int("chunk_size", chunk_size, minimum=1, allow_none=True)
-        check_dtype("dtype", dtype)
+        dtype = as_dtype("dtype", dtype)
         check_float("jitter", jitter, minimum=0.0)
         for name, fn in (("inputs_fn", inputs_fn), ("targets_fn", targets_fn)):
             if fn is not None and not callable(fn):
