@@ -25,6 +25,10 @@ def quiet_step(model, batch, batch_idx=0):
         return model.training_step(batch, batch_idx)
 
 
+def val(t) -> float:
+    return float(t.detach())
+
+
 def batch_of(n=5, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 4, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
@@ -142,7 +146,7 @@ def test_training_step_returns_data_loss_plus_alpha_penalty(kind):
     data_loss = F.cross_entropy(model(x), y)
     K = reference_kernel(model.net, x)  # brute force, independent of the engines
     g = (float(K.trace()) if kind == "trace" else reference_logdet(K)) / K.shape[0]
-    assert float(loss.detach()) == pytest.approx(float(data_loss.detach()) + alpha * g, rel=1e-10)
+    assert val(loss) == pytest.approx(val(data_loss) + alpha * g, rel=1e-10)
     # and it is differentiable like the core's penalty
     grads = torch.autograd.grad(loss, list(model.parameters()))
     expected = data_loss + alpha * mgs_penalty(model, x, kind=kind)
@@ -161,7 +165,7 @@ def test_dict_outputs_keep_their_other_entries():
     out = quiet_step(model, (x, y))
     g = float(reference_kernel(model.net, x).trace()) / 15
     assert out["extra"] == 7
-    assert float(out["loss"]) == pytest.approx(float(F.cross_entropy(model(x), y)) + 0.5 * g, rel=1e-10)
+    assert val(out["loss"]) == pytest.approx(val(F.cross_entropy(model(x), y)) + 0.5 * g, rel=1e-10)
 
 
 def test_a_skipped_step_is_left_alone(monkeypatch):
@@ -186,7 +190,7 @@ def test_an_overriding_training_step_calling_super_adds_the_penalty_once(monkeyp
     x, y = batch_of()
     loss = quiet_step(model, (x, y))
     assert len(spy.calls) == 1
-    assert float(loss) == pytest.approx(float(F.cross_entropy(model(x), y)) + 0.5 * float(spy.calls[0]["value"]), rel=1e-12)
+    assert val(loss) == pytest.approx(val(F.cross_entropy(model(x), y)) + 0.5 * float(spy.calls[0]["value"]), rel=1e-12)
 
 
 def test_training_step_defined_in_a_base_class_is_regularised(monkeypatch):
@@ -220,7 +224,7 @@ def test_overridable_inputs_module_and_cap(monkeypatch):
     loss = quiet_step(model, {"x": x, "y": y})
     assert spy.calls[0]["n"] == 2
     g = float(reference_kernel(model.net, x[:2]).trace()) / 6
-    assert float(loss) == pytest.approx(float(F.cross_entropy(model(x), y)) + g, rel=1e-10)
+    assert val(loss) == pytest.approx(val(F.cross_entropy(model(x), y)) + g, rel=1e-10)
 
 
 def test_training_step_with_only_a_batch_argument(tmp_path):
@@ -291,7 +295,7 @@ def test_logged_values_are_the_data_loss_and_the_unweighted_penalty(tmp_path):
     (s0, penalty0), _ = logger.values("train/mgs_penalty")
     assert s0 == 0
     assert penalty0 == pytest.approx(float(reference_kernel(start, x0).trace()) / 24, rel=1e-10)
-    assert logger.values("train/data_loss")[0][1] == pytest.approx(float(F.cross_entropy(start(x0), y0)), rel=1e-10)
+    assert logger.values("train/data_loss")[0][1] == pytest.approx(val(F.cross_entropy(start(x0), y0)), rel=1e-10)
     assert logger.values("train/data_loss") == logger.values("train/loss")  # the user's own loss, without the penalty
     assert [v for _, v in logger.values("train/mgs_alpha")] == [0.5, 0.5]
 
@@ -335,7 +339,7 @@ def test_bf16_mixed_computes_the_kernel_in_float32(tmp_path, monkeypatch):
     assert [c["dtype"] for c in spy.calls] == [torch.float32, torch.float32]
     assert all(c["value"].dtype == torch.float32 for c in spy.calls)
     # a bfloat16 kernel would be off by ~1e-2 relative
-    assert t.logger.values("train/mgs_penalty")[0][1] == pytest.approx(float(expected), rel=1e-6)
+    assert t.logger.values("train/mgs_penalty")[0][1] == pytest.approx(val(expected), rel=1e-6)
     assert all(math.isfinite(v) for _, v in t.logger.values("train/mgs_penalty"))
 
 
@@ -344,7 +348,7 @@ def test_bf16_true_parameters_are_upcast(monkeypatch):
     model = RegNet(mgs_alpha=0.1).to(torch.bfloat16)
     x, y = batch_of(dtype=torch.bfloat16)
     loss = quiet_step(model, (x, y))
-    assert spy.calls[0]["dtype"] == torch.float32 and math.isfinite(float(loss))
+    assert spy.calls[0]["dtype"] == torch.float32 and math.isfinite(val(loss))
 
 
 def test_warmup_steps(tmp_path, monkeypatch):
