@@ -293,6 +293,46 @@ def test_a_seeded_run_ends_with_the_same_weights_with_and_without_the_callback(t
     assert torch.equal(rng_with, rng_without)
 
 
+class NoisyData(torch.utils.data.Dataset):
+    """Random augmentation from all three global generators (torch, Python, NumPy)."""
+
+    def __init__(self):
+        self.data = make_data(32)
+
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, i):
+        import random
+
+        import numpy as np
+
+        x, y = self.data[i]
+        scale = 1.0 + 0.1 * random.random() + 0.1 * float(np.random.rand())
+        return x * scale + 0.01 * torch.randn(4), y
+
+
+def test_drawing_the_probe_from_augmented_data_leaves_every_rng_alone(tmp_path):
+    import random
+
+    import numpy as np
+
+    def run(callbacks, sub):
+        pl.seed_everything(3, verbose=False)
+        model = PlainNet(dropout=0.3, seed=3)
+        fit(model, tmp_path / sub, torch.utils.data.DataLoader(NoisyData(), batch_size=8, shuffle=True),
+            callbacks=callbacks, max_epochs=1)
+        return weights(model), torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+
+    monitor = MGSMonitor(probe="train", max_samples=8, log_every_n_steps=2)
+    with_cb, without_cb = run([monitor], "with"), run([], "without")
+    assert monitor.probe_inputs[0].shape == (8, 4) and len(monitor.history) == 2
+    assert_same_weights(with_cb[0], without_cb[0])
+    assert torch.equal(with_cb[1], without_cb[1])
+    assert with_cb[2] == without_cb[2]
+    assert (with_cb[3] == without_cb[3]).all()
+
+
 # ----------------------------------------------------------------------------------------------
 # what cannot be computed is reported, training goes on
 
