@@ -72,6 +72,7 @@ def test_exported_names():
         ({"jitter": -1.0}, "jitter must be a finite number >= 0.0"),
         ({"jitter": float("nan")}, "jitter must be a finite number"),
         ({"seed": -3}, "seed must be an int >= 0"),
+        ({"spectrum_threads": 0}, "spectrum_threads must be an int >= 1 or None"),
     ],
 )
 def test_invalid_arguments_are_rejected_at_construction(kwargs, match):
@@ -255,6 +256,26 @@ def test_once_per_optimizer_step_under_gradient_accumulation(tmp_path):
     assert len(monitor.history) == 4
 
 
+@pytest.mark.parametrize("threads, expected", [(1, 1), (None, 2)])
+def test_the_spectrum_runs_with_bounded_threads_and_restores_them(tmp_path, monkeypatch, threads, expected):
+    import mgs_torch.lightning.callback as callback_module
+
+    seen = []
+
+    def spy(K, **kwargs):
+        seen.append(torch.get_num_threads())
+        return mgs_torch.mgs_metrics(K, **kwargs)
+
+    monkeypatch.setattr(callback_module, "mgs_metrics", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fit(PlainNet(), tmp_path, loader(16, 8), callbacks=[MGSMonitor(spectrum_threads=threads)])
+        assert seen == [expected, expected] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_logs_to_every_logger(tmp_path):
     first, second = MemoryLogger(), MemoryLogger()
     fit(PlainNet(), tmp_path, loader(16, 8), callbacks=[MGSMonitor(metrics=("trace",))], logger=[first, second])
@@ -271,7 +292,7 @@ def test_logs_to_every_logger(tmp_path):
     [
         dict(probe="current", log_on_epoch_end=True),
         dict(probe="train", model_mode="eval", max_samples=6, log_kernel_image=True, log_spectrum=True),
-        dict(probe="val", metrics="all", dtype=None),
+        dict(probe="val", metrics="all", dtype=None, spectrum_threads=None),
     ],
     ids=["current", "train-eval", "val-all"],
 )
