@@ -65,11 +65,15 @@ class MGSMonitor(pl.Callback):
         mgs/rank             numerical rank of K
 
     Any field of :class:`mgs_torch.MGSMetrics` can be asked for with ``metrics=`` (``"all"`` for
-    every one; ``"alignment"`` needs targets in the batch). Epoch-end values get the suffix
-    ``_epoch`` (``mgs/trace_epoch``). Steps are those Lightning uses for its own logging, so the
-    curves line up with the training loss: the kernel logged at step s is the one of the weights the
-    s-th optimiser step starts from (computed in ``on_train_batch_start``, once per optimiser step
-    under gradient accumulation), and at step s when ``(s + 1) % log_every_n_steps == 0``.
+    every one; ``"alignment"`` needs targets in the batch).
+
+    Steps are those Lightning logs its own training metrics at, so the curves line up with the
+    loss: at step s (optimiser steps taken so far, from 0) the kernel of the weights that step
+    starts from is computed in ``on_train_batch_start`` (once per optimiser step under gradient
+    accumulation) and logged when ``(s + 1) % log_every_n_steps == 0``. Epoch-end values are the
+    kernel of the weights the epoch ends with, on the probe batch (``probe="current"``: the
+    epoch's last training batch), under the keys with suffix ``_epoch`` (``mgs/trace_epoch``), at
+    the step Lightning logs epoch metrics at.
 
     Args:
         log_every_n_steps: step interval; ``None`` (default) takes the Trainer's
@@ -123,15 +127,18 @@ class MGSMonitor(pl.Callback):
           warning is issued once per kind of error, and NaN is logged for that step. A singular K
           is not an error: ``logdet = -inf`` is logged.
         * The values are also kept in :attr:`history` (a list of dicts with ``step``, ``epoch``,
-          ``stage`` ("step"/"epoch") and the metrics) and :attr:`last_metrics`.
+          ``stage`` ("step"/"epoch"), the metrics and ``seconds`` spent) and :attr:`last_metrics`;
+          :meth:`compute` gives the metrics of the current weights on demand.
 
     Cost per logged step (structured engine): one forward and one backward at batch q·n, the Gram
     products (≈ N²·p) and an N×N eigen-decomposition (N³/3 flops, float64 on the CPU).
 
     Raises:
-        MGSConfigurationError: an invalid argument (at construction), no logger, or
-            ``probe="val"`` without validation data (when fitting starts).
-        TypeError: ``inputs_fn``/``targets_fn`` not callable, ``dtype`` not a floating dtype.
+        MGSConfigurationError: an invalid argument (at construction); no logger, a ``module``
+            name the LightningModule lacks, or ``probe="train"``/``"val"`` without such data
+            (when fitting starts).
+        TypeError: ``inputs_fn``/``targets_fn`` not callable, ``dtype`` not a floating dtype,
+            ``module``/``prefix`` not strings.
     """
 
     def __init__(

@@ -114,6 +114,10 @@ class MGSRegularizedMixin:
     override either. The model is used in its current (training) mode: Dropout stays active;
     BatchNorm follows ``mgs_batch_norm``. Parameters, buffers and the global RNG are untouched.
 
+    **DDP.** Each rank computes the penalty on its local batch inside its own ``training_step``;
+    DDP averages the gradients as usual. The logged values are rank 0's (``self.log`` without
+    ``sync_dist``).
+
     **Precision.** Under ``*-mixed`` precision (e.g. ``bf16-mixed`` on the CPU) or with half /
     bfloat16 parameters, the kernel is computed in float32 without autocast (``mgs_dtype`` overrides).
 
