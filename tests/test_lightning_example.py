@@ -14,6 +14,7 @@ event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.ev
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lightning_quickstart.py"
 
 
+@pytest.mark.filterwarnings("ignore:.*treespec.*")
 def test_quickstart_runs_and_logs_to_lightning_logs(tmp_path, monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location("lightning_quickstart", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
