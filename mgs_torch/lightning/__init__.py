@@ -1,0 +1,15 @@
+"""PyTorch Lightning integration of mgs_torch (needs ``pip install 'mgs-torch[lightning]'``).
+
+* :class:`MGSMonitor` — a callback that logs the MGS metrics (``mgs/trace``, ``mgs/logdet``, …)
+  through the Trainer's loggers during training.
+* :class:`MGSRegularizedMixin` — ``class Net(MGSRegularizedMixin, LightningModule)`` adds the
+  MGS penalty α·g(K) to the loss returned by ``training_step``.
+
+The core package never imports Lightning; importing this subpackage without it raises ImportError.
+"""
+
+from ._utils import MGSConfigurationError
+from .callback import MGSMonitor
+from .mixin import MGSRegularizedMixin
+
+__all__ = ["MGSMonitor", "MGSRegularizedMixin", "MGSConfigurationError"]

@@ -1,0 +1,343 @@
+r"""MGSRegularizedMixin: train a LightningModule with the MGS penalty, no extra line in training_step.
+
+>>> class Net(MGSRegularizedMixin, pl.LightningModule):
+...     def __init__(self, **mgs):
+...         super().__init__(**mgs)          # mgs_alpha=..., mgs_kind=..., saved in hparams
+...         self.net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 2))
+...     def forward(self, x):
+...         return self.net(x)               # raw outputs (logits)
+...     def training_step(self, batch, batch_idx):
+...         x, y = batch
+...         return F.cross_entropy(self(x), y)   # + α·g(K) is added for you
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .._problem import BATCH_NORM_POLICIES, OUTPUT_MODES, Inputs, ParamFilter
+from ..engines import STRATEGIES
+from ..penalty import ESTIMATORS, KINDS, REDUCTIONS, mgs_penalty
+from ._utils import (
+    MGSConfigurationError,
+    cap_samples,
+    check_choice,
+    as_dtype,
+    check_float,
+    check_int,
+    compute_dtype,
+    default_inputs,
+    lightning_trainer,
+    pl,
+)
+
+__all__ = ["MGSRegularizedMixin", "LOG_KEYS"]
+
+#: the keys logged by the mixin (``mgs_log=True``)
+LOG_KEYS = {"penalty": "train/mgs_penalty", "data_loss": "train/data_loss", "alpha": "train/mgs_alpha"}
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (SplitMix64-style mixing; deterministic across processes)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = ((h ^ (int(v) & _MASK64)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h ^= h >> 31
+        h = (h * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 29
+    return h & ((1 << 63) - 1)
+
+
+def _wrap_training_step(step: Callable[..., Any]) -> Callable[..., Any]:
+    """``training_step`` returning (data loss + α·g(K)) in place of the data loss, in automatic optimisation."""
+
+    @functools.wraps(step)
+    def training_step(self: "MGSRegularizedMixin", *args: Any, **kwargs: Any) -> Any:
+        # an overriding training_step that calls super().training_step must not add the penalty twice
+        if getattr(self, "_mgs_depth", 0) > 0 or not self.automatic_optimization:
+            return step(self, *args, **kwargs)
+        self._mgs_depth = 1
+        try:
+            out = step(self, *args, **kwargs)
+        finally:
+            self._mgs_depth = 0
+        batch = args[0] if args else kwargs.get("batch")
+        return self._mgs_add_penalty(out, batch)
+
+    training_step.__signature__ = inspect.signature(step)  # type: ignore[attr-defined]
+    training_step._mgs_wrapped = True  # type: ignore[attr-defined]
+    return training_step
+
+
+class MGSRegularizedMixin:
+    r"""Adds the MGS penalty α·g(K) to the loss of a LightningModule's ``training_step``.
+
+    Use it first among the bases: ``class Net(MGSRegularizedMixin, pl.LightningModule)``, and pass
+    the ``mgs_*`` keyword arguments through ``super().__init__(...)``. They are saved in
+    ``self.hparams`` (merged with the model's own :meth:`save_hyperparameters`, whose values win for
+    the arguments it captures). ``mgs_dtype`` is saved by name; an ``mgs_params`` filter that is not
+    a list of names (a callable, modules) is saved as ``None`` — pass it again to ``load_from_checkpoint``.
+
+    **What is added.** On the inputs X (n samples, q raw outputs each) of the training batch,
+    K = J Jᵀ with J = ∂f_θ(X)/∂θ, and the loss returned to Lightning is
+
+    .. math:: \mathcal{L} = \mathcal{L}_\text{data} + \alpha_t\, g(K),\qquad
+              g = \operatorname{tr} K / N \ \text{or}\ \log\det K / N \quad (N = nq,\ \text{reduction="mean"}),
+
+    differentiated by double backward (see :func:`mgs_torch.mgs_penalty`). ``α_t`` is
+    ``mgs_alpha`` once the warm-up is over and 0 before (then nothing is computed).
+
+    **Automatic optimisation.** ``training_step`` may return a tensor or a dict with ``"loss"``;
+    the penalty is added to that loss with no extra line (``None`` — a skipped step — is left
+    alone). Lightning then divides the total by ``accumulate_grad_batches``, so the penalty is
+    scaled exactly like the data loss under gradient accumulation; gradient clipping sees the
+    total gradient. Logged every step: ``train/data_loss`` (the loss your step returned),
+    ``train/mgs_penalty`` (g, unweighted, only when computed) and ``train/mgs_alpha`` (α_t).
+
+    **Manual optimisation** (``self.automatic_optimization = False``): nothing is added; call
+    :meth:`mgs_regularization` in ``training_step`` yourself::
+
+        loss = data_loss + self.mgs_regularization(batch)   # α_t·g(K), zero during warm-up
+        self.manual_backward(loss)
+
+    **Inputs and model.** The kernel is taken on ``mgs_inputs(batch)`` (default: the first element
+    of a tuple/list batch, the batch itself if it is a tensor, ``batch["x"]`` for dicts) through
+    ``mgs_module()`` (default: ``self``, whose ``forward`` must return the raw outputs);
+    override either. The model is used in its current (training) mode: Dropout stays active;
+    BatchNorm follows ``mgs_batch_norm``. Parameters, buffers and the global RNG are untouched.
+
+    **DDP.** Each rank computes the penalty on its local batch inside its own ``training_step``;
+    DDP averages the gradients as usual. The logged values are rank 0's (``self.log`` without
+    ``sync_dist``).
+
+    **Precision.** Under ``*-mixed`` precision (e.g. ``bf16-mixed`` on the CPU) or with half /
+    bfloat16 parameters, the kernel is computed in float32 without autocast (``mgs_dtype`` overrides).
+
+    **Hutchinson probes** (``mgs_estimator="hutchinson"``) are drawn from a generator owned by the
+    module, never from the global RNG, re-seeded for each batch from (``mgs_seed``, global rank,
+    number of batches trained, call number within the batch): a seeded run is reproducible, a run
+    resumed from a checkpoint draws the probes the uninterrupted run would have, and DDP ranks draw
+    independent probes.
+
+    Args:
+        mgs_kind: ``"trace"`` or ``"logdet"`` (g above).
+        mgs_alpha: α, the penalty's weight (any finite float; 0 disables the penalty).
+        mgs_estimator: ``"exact"`` or ``"hutchinson"`` (trace only; unbiased, cheaper by ≈ q/num_probes).
+        mgs_num_probes: Rademacher probes per sample for Hutchinson.
+        mgs_reduction: ``"mean"`` (g/N, default: α transfers across batch sizes) or ``"sum"`` (g).
+        mgs_warmup_steps: no penalty while ``trainer.global_step < mgs_warmup_steps`` (optimiser steps).
+        mgs_warmup_epochs: no penalty while ``trainer.current_epoch < mgs_warmup_epochs``.
+        mgs_max_samples: use only the first ``mgs_max_samples`` samples of each batch for the kernel.
+        mgs_batch_norm, mgs_outputs, mgs_params, mgs_strategy, mgs_chunk_size, mgs_jitter: as
+            ``batch_norm``, ``outputs``, ``params``, ``strategy``, ``chunk_size``, ``jitter`` of
+            :func:`mgs_torch.mgs_penalty`.
+        mgs_dtype: compute dtype (a ``torch.dtype`` or its name, e.g. ``"float64"``); default: see Precision.
+        mgs_seed: seed of the Hutchinson probes.
+        mgs_log: log the three values above.
+
+    Raises:
+        MGSConfigurationError: (a ``ValueError`` and a ``MisconfigurationException``) for an invalid value.
+        TypeError: wrong types, the mixin listed after LightningModule, or used without one.
+
+    Cost per step: about one extra training step at batch q·n for the exact trace (num_probes·n
+    for Hutchinson); the log-determinant adds the kernel (N²·p) and a Cholesky factorisation (N³/3).
+    """
+
+    #: the last unweighted penalty g(K) computed (detached), or None
+    mgs_last_penalty: Tensor | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if pl.LightningModule in mro and mro.index(MGSRegularizedMixin) > mro.index(pl.LightningModule):
+            raise TypeError(
+                f"{cls.__name__}: list MGSRegularizedMixin before LightningModule, "
+                f"e.g. class {cls.__name__}(MGSRegularizedMixin, LightningModule)"
+            )
+        step = getattr(cls, "training_step", None)
+        if step is None or getattr(step, "_mgs_wrapped", False) or step is getattr(pl.LightningModule, "training_step", None):
+            return
+        cls.training_step = _wrap_training_step(step)  # type: ignore[attr-defined]
+
+    def __init__(
+        self,
+        *args: Any,
+        mgs_kind: str = "trace",
+        mgs_alpha: float = 1e-3,
+        mgs_estimator: str = "exact",
+        mgs_num_probes: int = 1,
+        mgs_reduction: str = "mean",
+        mgs_warmup_steps: int = 0,
+        mgs_warmup_epochs: int = 0,
+        mgs_max_samples: int | None = None,
+        mgs_batch_norm: str = "eval",
+        mgs_outputs: str = "full",
+        mgs_params: ParamFilter = None,
+        mgs_strategy: str = "auto",
+        mgs_chunk_size: int | None = None,
+        mgs_jitter: float = 0.0,
+        mgs_dtype: torch.dtype | str | None = None,
+        mgs_seed: int = 0,
+        mgs_log: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self, pl.LightningModule):
+            raise TypeError(
+                f"MGSRegularizedMixin is for LightningModules: class {type(self).__name__}(MGSRegularizedMixin, LightningModule)"
+            )
+        check_choice("mgs_kind", mgs_kind, KINDS)
+        check_float("mgs_alpha", mgs_alpha)
+        check_choice("mgs_estimator", mgs_estimator, ESTIMATORS)
+        if mgs_estimator == "hutchinson" and mgs_kind != "trace":
+            raise MGSConfigurationError("mgs_estimator='hutchinson' estimates the trace only; use mgs_kind='trace' or mgs_estimator='exact'")
+        check_int("mgs_num_probes", mgs_num_probes, minimum=1)
+        check_choice("mgs_reduction", mgs_reduction, REDUCTIONS)
+        check_int("mgs_warmup_steps", mgs_warmup_steps, minimum=0)
+        check_int("mgs_warmup_epochs", mgs_warmup_epochs, minimum=0)
+        check_int("mgs_max_samples", mgs_max_samples, minimum=1, allow_none=True)
+        check_choice("mgs_batch_norm", mgs_batch_norm, BATCH_NORM_POLICIES)
+        check_choice("mgs_outputs", mgs_outputs, OUTPUT_MODES)
+        check_choice("mgs_strategy", mgs_strategy, STRATEGIES)
+        check_int("mgs_chunk_size", mgs_chunk_size, minimum=1, allow_none=True)
+        check_float("mgs_jitter", mgs_jitter, minimum=0.0)
+        mgs_dtype = as_dtype("mgs_dtype", mgs_dtype)
+        check_int("mgs_seed", mgs_seed, minimum=0)
+
+        self.mgs_kind = mgs_kind
+        self.mgs_alpha = float(mgs_alpha)
+        self.mgs_estimator = mgs_estimator
+        self.mgs_num_probes = mgs_num_probes
+        self.mgs_reduction = mgs_reduction
+        self.mgs_warmup_steps = mgs_warmup_steps
+        self.mgs_warmup_epochs = mgs_warmup_epochs
+        self.mgs_max_samples = mgs_max_samples
+        self.mgs_batch_norm = mgs_batch_norm
+        self.mgs_outputs = mgs_outputs
+        self.mgs_params = mgs_params
+        self.mgs_strategy = mgs_strategy
+        self.mgs_chunk_size = mgs_chunk_size
+        self.mgs_jitter = float(mgs_jitter)
+        self.mgs_dtype = mgs_dtype
+        self.mgs_seed = mgs_seed
+        self.mgs_log = bool(mgs_log)
+        self._mgs_depth = 0
+        self._mgs_generator = torch.Generator()
+        self._mgs_seed_key: tuple[int, int] | None = None
+        self._mgs_calls = 0
+        self.save_hyperparameters(self.mgs_hparams())
+
+    # ------------------------------------------------------------------------------------------
+    # overridable
+
+    def mgs_inputs(self, batch: Any) -> Inputs:
+        """The model inputs of a training batch (override for other batch layouts)."""
+        return default_inputs(batch)
+
+    def mgs_module(self) -> nn.Module:
+        """The module whose outputs are the logits of the kernel (default: the LightningModule itself)."""
+        return self  # type: ignore[return-value]
+
+    def mgs_current_alpha(self) -> float:
+        """α_t: ``mgs_alpha`` after the warm-up, 0 before it (override for another schedule)."""
+        trainer = lightning_trainer(self)  # type: ignore[arg-type]
+        if trainer is not None and (
+            trainer.global_step < self.mgs_warmup_steps or trainer.current_epoch < self.mgs_warmup_epochs
+        ):
+            return 0.0
+        return self.mgs_alpha
+
+    # ------------------------------------------------------------------------------------------
+    # public
+
+    def mgs_hparams(self) -> dict[str, Any]:
+        """The MGS settings as saved in ``hparams`` (``mgs_params`` only when it is names; dtype as a string)."""
+        params = self.mgs_params
+        if params is not None and not (isinstance(params, str) or (isinstance(params, (list, tuple)) and all(isinstance(p, str) for p in params))):
+            params = None  # modules, tensors and callables are not hyperparameters
+        return {
+            "mgs_kind": self.mgs_kind, "mgs_alpha": self.mgs_alpha, "mgs_estimator": self.mgs_estimator,
+            "mgs_num_probes": self.mgs_num_probes, "mgs_reduction": self.mgs_reduction,
+            "mgs_warmup_steps": self.mgs_warmup_steps, "mgs_warmup_epochs": self.mgs_warmup_epochs,
+            "mgs_max_samples": self.mgs_max_samples, "mgs_batch_norm": self.mgs_batch_norm,
+            "mgs_outputs": self.mgs_outputs, "mgs_params": list(params) if isinstance(params, (list, tuple)) else params,
+            "mgs_strategy": self.mgs_strategy, "mgs_chunk_size": self.mgs_chunk_size, "mgs_jitter": self.mgs_jitter,
+            "mgs_dtype": None if self.mgs_dtype is None else str(self.mgs_dtype).replace("torch.", ""),
+            "mgs_seed": self.mgs_seed, "mgs_log": self.mgs_log,
+        }
+
+    def mgs_compute_penalty(self, batch: Any) -> Tensor:
+        """g(K) on the batch's inputs, differentiable (no α, no schedule, no logging)."""
+        module = self.mgs_module()
+        inputs = cap_samples(self.mgs_inputs(batch), self.mgs_max_samples)
+        trainer = lightning_trainer(self)  # type: ignore[arg-type]
+        return mgs_penalty(
+            module, inputs, kind=self.mgs_kind, estimator=self.mgs_estimator, num_probes=self.mgs_num_probes,
+            generator=self._mgs_probe_generator(), reduction=self.mgs_reduction, outputs=self.mgs_outputs,
+            params=self.mgs_params, strategy=self.mgs_strategy, chunk_size=self.mgs_chunk_size,
+            dtype=compute_dtype(module, trainer, self.mgs_dtype), batch_norm=self.mgs_batch_norm, jitter=self.mgs_jitter,
+        )
+
+    def mgs_regularization(self, batch: Any) -> Tensor:
+        """α_t·g(K) for the batch, to add to the loss (a zero tensor, not computed, while α_t = 0).
+
+        Logs ``train/mgs_penalty`` (g) and ``train/mgs_alpha`` (α_t) when a Trainer is attached.
+        Call it from ``training_step`` in manual optimisation; automatic optimisation calls it for you.
+        """
+        alpha = float(self.mgs_current_alpha())
+        trainer = lightning_trainer(self)  # type: ignore[arg-type]
+        logging = self.mgs_log and trainer is not None
+        if logging:
+            self.log(LOG_KEYS["alpha"], alpha, on_step=True, on_epoch=False)  # type: ignore[attr-defined]
+        if alpha == 0.0:
+            device = next(iter(self.parameters()), torch.empty(0)).device  # type: ignore[attr-defined]
+            return torch.zeros((), device=device)
+        value = self.mgs_compute_penalty(batch)
+        self.mgs_last_penalty = value.detach()
+        if logging:
+            self.log(LOG_KEYS["penalty"], value.detach(), on_step=True, on_epoch=False)  # type: ignore[attr-defined]
+        return alpha * value
+
+    # ------------------------------------------------------------------------------------------
+    # internals
+
+    def _mgs_add_penalty(self, out: Any, batch: Any) -> Any:
+        if isinstance(out, Tensor):
+            loss = out
+        elif isinstance(out, Mapping) and isinstance(out.get("loss"), Tensor):
+            loss = out["loss"]
+        else:  # None (skip this batch) or something Lightning itself will reject
+            return out
+        if self.mgs_log and lightning_trainer(self) is not None:  # type: ignore[arg-type]
+            self.log(LOG_KEYS["data_loss"], loss.detach(), on_step=True, on_epoch=False)  # type: ignore[attr-defined]
+        total = loss + self.mgs_regularization(batch)
+        if isinstance(out, Tensor):
+            return total
+        return {**out, "loss": total}
+
+    def _mgs_probe_generator(self) -> torch.Generator:
+        """The module's generator, re-seeded from (seed, rank, batches trained, call within the batch)."""
+        trainer = lightning_trainer(self)  # type: ignore[arg-type]
+        rank, batches = 0, -1
+        if trainer is not None:
+            rank = int(getattr(trainer, "global_rank", 0))
+            try:
+                batches = int(trainer.fit_loop.epoch_loop.batch_progress.total.ready)
+            except AttributeError:  # pragma: no cover - other Lightning versions
+                batches = int(trainer.global_step)
+        key = (rank, batches)
+        if trainer is not None and key == self._mgs_seed_key:
+            self._mgs_calls += 1
+        elif trainer is not None:
+            self._mgs_seed_key, self._mgs_calls = key, 0
+        else:  # outside a Trainer: a running count
+            self._mgs_seed_key, self._mgs_calls = None, self._mgs_calls + 1
+        return self._mgs_generator.manual_seed(_mix_seed(self.mgs_seed, rank, batches, self._mgs_calls))

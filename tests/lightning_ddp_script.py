@@ -1,0 +1,70 @@
+"""Run by tests/test_lightning_ddp.py as ``python lightning_ddp_script.py OUT_DIR``.
+
+Lightning's ``strategy="ddp"`` re-launches this script once per extra rank (gloo on the CPU), which
+is why it is a standalone script and not a test. Every rank writes ``OUT_DIR/rank{r}.pt`` with its
+final weights, the batches it trained on, its first penalty, and what MGSMonitor computed on it;
+rank 0's CSVLogger writes the logged metrics under ``OUT_DIR/csv/version_0``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lightning_helpers import RegNet, loader, pl  # noqa: E402
+
+from mgs_torch.lightning import MGSMonitor  # noqa: E402
+
+
+class Record(pl.Callback):
+    """Per rank: the initial weights, every local batch, and the penalty of the first one."""
+
+    def __init__(self):
+        self.batches: list[list[torch.Tensor]] = []
+        self.start: dict | None = None
+        self.first_penalty: torch.Tensor | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.start is None:
+            self.start = copy.deepcopy(pl_module.net.state_dict())
+        self.batches.append([t.clone() for t in batch])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.first_penalty is None:
+            self.first_penalty = pl_module.mgs_last_penalty.clone()
+
+
+def main(out: str) -> None:
+    warnings.filterwarnings("ignore")
+    pl.seed_everything(0, verbose=False)
+    model = RegNet(mgs_alpha=0.5, seed=0)
+    monitor = MGSMonitor(probe="train", max_samples=8, log_every_n_steps=1)
+    record = Record()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1,
+        logger=pl.loggers.CSVLogger(out, name="csv", version=0), callbacks=[monitor, record],
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
+    )
+    trainer.fit(model, loader(32, 4))
+    torch.save(
+        {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "weights": {k: v.detach().clone() for k, v in model.net.state_dict().items()},
+            "start": record.start,
+            "batches": record.batches,
+            "first_penalty": record.first_penalty,
+            "history": monitor.history,
+            "probe": monitor.probe_inputs,
+        },
+        os.path.join(out, f"rank{trainer.global_rank}.pt"),
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,29 @@
+"""examples/lightning_quickstart.py runs and writes the MGS curves under lightning_logs/."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pytorch_lightning")
+pytest.importorskip("sklearn")
+event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lightning_quickstart.py"
+
+
+@pytest.mark.filterwarnings("ignore:.*treespec.*")
+def test_quickstart_runs_and_logs_to_lightning_logs(tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("lightning_quickstart", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.chdir(tmp_path)
+    module.main(epochs=1)
+    assert "tensorboard --logdir lightning_logs" in capsys.readouterr().out
+    run = tmp_path / "lightning_logs" / "mgs_quickstart" / "version_0"
+    ea = event_accumulator.EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
+    assert {"mgs/trace", "mgs/logdet", "mgs/trace_epoch", "train/mgs_alpha", "train/data_loss"} <= set(ea.Tags()["scalars"])
+    assert [e.step for e in ea.Scalars("mgs/trace")] == [9, 19]  # 22 steps, logged every 10
+    assert [e.value for e in ea.Scalars("train/mgs_alpha")] == [0.0, 0.0]  # still in the 20-step warm-up
