@@ -10,6 +10,8 @@ similar the model's per-sample gradients are; as a penalty α·g(K) they regular
 >>> loss = task_loss + alpha * mgs_penalty(model, x, kind="trace")
 """
 
+import importlib.util
+
 from .engines import LayerRule, register_layer_rule
 from .kernel import mgs_kernel, mgs_trace
 from .metrics import MGSMetrics, kernel_target_alignment, mgs_metrics
@@ -29,9 +31,17 @@ __all__ = [
     "__version__",
 ]
 
-try:  # the Lightning integration is optional: pip install "mgs-torch[lightning]"
-    from .lightning import MGSMonitor, MGSRegularizedMixin  # noqa: F401
-except ImportError:  # pragma: no cover - depends on the environment
-    pass
-else:
-    __all__ += ["MGSMonitor", "MGSRegularizedMixin"]
+# The Lightning integration is optional (pip install "mgs-torch[lightning]") and imported lazily:
+# ``import mgs_torch`` stays fast, and a bug inside mgs_torch.lightning is never mistaken for a
+# missing Lightning.
+_LIGHTNING_NAMES = ("MGSMonitor", "MGSRegularizedMixin")
+if any(importlib.util.find_spec(name) is not None for name in ("pytorch_lightning", "lightning")):
+    __all__ += list(_LIGHTNING_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _LIGHTNING_NAMES:
+        from . import lightning
+
+        return getattr(lightning, name)
+    raise AttributeError(f"module 'mgs_torch' has no attribute {name!r}")

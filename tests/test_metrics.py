@@ -126,3 +126,10 @@ def test_mismatched_targets_are_rejected():
         kernel_target_alignment(random_psd(6), torch.randn(4, 5))
     with pytest.raises(ValueError, match="labels must lie"):
         kernel_target_alignment(random_psd(6), torch.tensor([0, 1, 5]))
+
+
+def test_metrics_leave_the_thread_setting_as_it_was():
+    before = torch.get_num_threads()
+    a, b = mgs_metrics(random_psd(30)), mgs_metrics(random_psd(30), threads=None)
+    assert torch.get_num_threads() == before
+    assert a.logdet == pytest.approx(b.logdet) and a.rank == b.rank

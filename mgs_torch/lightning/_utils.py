@@ -147,20 +147,6 @@ def preserved_global_rng() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def cpu_threads(n: int | None) -> Iterator[None]:
-    """At most ``n`` intra-op CPU threads for the duration (``None``: unchanged); restored after."""
-    old = torch.get_num_threads()
-    if n is None or n >= old:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-@contextlib.contextmanager
 def module_mode(module: nn.Module, mode: str) -> Iterator[None]:
     """``mode="eval"``: every submodule in eval mode for the duration; ``"train"``: as it is. Flags restored."""
     flags = [(m, m.training) for m in module.modules()]

@@ -28,7 +28,6 @@ from ._utils import (
     check_float,
     check_int,
     compute_dtype,
-    cpu_threads,
     default_inputs,
     default_targets,
     module_mode,
@@ -423,8 +422,7 @@ class MGSMonitor(pl.Callback):
         with torch.enable_grad(), module_mode(module, self.model_mode):
             K = mgs_kernel(module, inputs, dtype=dtype, **self.kernel_kwargs)
         want_targets = "alignment" in self.metrics and targets is not None
-        with cpu_threads(self.spectrum_threads):
-            metrics = mgs_metrics(K, targets=targets if want_targets else None, jitter=self.jitter)
+        metrics = mgs_metrics(K, targets=targets if want_targets else None, jitter=self.jitter, threads=self.spectrum_threads)
         self._last_kernel = K.detach()
         return metrics
 
