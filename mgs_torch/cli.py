@@ -37,6 +37,8 @@ def _common_training(p: argparse.ArgumentParser, epochs: int) -> None:
     g.add_argument("--eval-points", type=int, default=25, help="evenly spaced evaluations incl. epoch 0 (default 25)")
     g.add_argument("--probe-size", type=int, default=32, help="training inputs in the fixed MGS probe batch (default 32)")
     g.add_argument("--hidden", type=int, nargs="+", default=None, help="FCN hidden widths (default the paper's 300 ×6)")
+    g.add_argument("--init", default="auto", choices=("auto", "he", "xavier", "torch"),
+                   help="weight init, zero biases (default auto: He/Kaiming-normal for lenet5, Glorot-uniform for fcn)")
     g.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads (default 1: these models are tiny, and extra threads only contend for busy cores)")
     g.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
@@ -106,7 +108,7 @@ def _base_config(args: argparse.Namespace, **kw: Any):
 
     return RunConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay,
                      eval_points=args.eval_points, probe_size=args.probe_size,
-                     hidden=tuple(args.hidden) if args.hidden else None, **kw)
+                     hidden=tuple(args.hidden) if args.hidden else None, init=args.init, **kw)
 
 
 def _configs(base, methods: Sequence[str], values: dict[str, float | None], noises, sizes, seeds) -> list:

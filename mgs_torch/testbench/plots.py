@@ -12,6 +12,7 @@ matplotlib is imported lazily (``pip install "mgs-torch[examples]"``) with the A
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -87,7 +88,8 @@ def plot_curves(results: list[dict[str, Any]], path: str | Path, title: str = ""
             for r_i, (k, _) in enumerate(rows):
                 ax = axes[r_i][c]
                 ep, vals, singular = _stack(runs, k)
-                with np.errstate(all="ignore"):
+                with np.errstate(all="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (singular K, diverged runs)
                     mean = np.nanmean(vals, 0) if np.isfinite(vals).any() else np.full(len(ep), np.nan)
                     std = np.nanstd(vals, 0)
                 if k == "mgs_logdet":

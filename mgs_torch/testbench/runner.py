@@ -40,7 +40,7 @@ from mgs_torch import mgs_kernel, mgs_metrics
 from . import require
 from .data import DATASETS, Dataset, load_dataset
 from .methods import METHODS, default_grid, make_method
-from .models import MODELS, build_model
+from .models import INITS, MODELS, build_model
 
 __all__ = ["RunConfig", "train_run", "run_grid", "run_path", "load_results", "tune", "summarise_history", "FINAL_WINDOW"]
 
@@ -66,6 +66,7 @@ class RunConfig:
     eval_points: int = 25
     probe_size: int = 32
     hidden: tuple[int, ...] | None = None
+    init: str = "auto"
     data_options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
@@ -74,6 +75,8 @@ class RunConfig:
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of {MODELS}")
         make_method(self.method, self.value)  # validates the method name and value
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; choose one of {INITS}")
         if self.epochs < 1 or self.batch_size < 1 or self.eval_points < 2 or self.probe_size < 1:
             raise ValueError("epochs, batch_size and probe_size must be ≥ 1 and eval_points ≥ 2")
         if not (self.lr > 0 and 0 < self.lr_decay <= 1):
@@ -213,7 +216,7 @@ def train_run(
         data = load_dataset(config.dataset, train_size=config.train_size, noise=config.noise, seed=config.seed, **dict(config.data_options))
     classification = data.is_classification
     torch.manual_seed(config.seed)
-    model = build_model(config.model, data.input_shape, data.num_outputs, dropout=method.dropout(), hidden=config.hidden)
+    model = build_model(config.model, data.input_shape, data.num_outputs, dropout=method.dropout(), hidden=config.hidden, init=config.init)
     opt = method.optimizer(model.parameters(), config.lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=config.lr_decay)
     loss_fn = nn.functional.cross_entropy if classification else nn.functional.mse_loss
