@@ -101,7 +101,7 @@ _PENALTIES = ("gradnorm_params", "gradnorm_inputs", "mgs_trace", "mgs_logdet")
 # name -> (hyper-parameter name, default value, tuning grid, label)
 METHODS: dict[str, tuple[str | None, float | None, tuple[float, ...], str]] = {
     "unreg": (None, None, (), "unregularised"),
-    "weight_decay": ("weight_decay", 1e-3, (3e-4, 1e-3, 3e-3, 1e-2), "weight decay"),
+    "weight_decay": ("weight_decay", 1e-3, (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1), "weight decay"),
     "dropout": ("p", 0.3, (0.1, 0.3, 0.5, 0.7), "dropout"),
     "gradnorm_params": ("alpha", 0.01, (1e-3, 1e-2, 1e-1, 1.0), "‖∇θL‖² penalty"),
     "gradnorm_inputs": ("alpha", 0.01, (1e-3, 1e-2, 1e-1, 1.0), "‖∇xL‖² penalty"),
