@@ -107,7 +107,7 @@ METHODS: dict[str, tuple[str | None, float | None, tuple[float, ...], str]] = {
     "gradnorm_inputs": ("alpha", 0.01, (1e-3, 1e-2, 1e-1, 1.0), "‖∇xL‖² penalty"),
     "mgs_trace": ("alpha", 3e-3, (3e-4, 1e-3, 3e-3, 1e-2), "MGS tr K"),
     "mgs_logdet": ("alpha", 3e-3, (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), "MGS log det K"),
-    "adam": ("lr", 1e-3, (3e-5, 1e-4, 3e-4, 1e-3, 3e-3), "Adam"),
+    "adam": ("lr", 1e-3, (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3), "Adam"),
 }
 PAPER_METHODS = ("unreg", "weight_decay", "dropout", "gradnorm_params", "gradnorm_inputs", "mgs_trace", "mgs_logdet")
 
