@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--methods", nargs="+", default=["all"], help=f"methods (default all): {', '.join(METHODS)}")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--set", type=_kv, action="append", default=[], metavar="METHOD=VALUE", help="override a method's hyper-parameter")
-    _common_training(demo, epochs=80)
+    demo.add_argument("--tuned", default=None, metavar="JSON",
+                      help="take the hyper-parameters from a tuning record (tuned_circles_fcn.json) instead of the built-in ones")
+    _common_training(demo, epochs=150)
     demo.set_defaults(hidden=None)
 
     tb = sub.add_parser("testbench", help="grid noise × size × method × seed; per-run JSON/CSV, figures, tables")
@@ -136,6 +138,12 @@ def _figures(results: list[dict], fig_dir: Path, stem: str, title: str) -> list[
     return written
 
 
+# The demo's hyper-parameters: each method's value chosen by examples/run_all.sh's "circles" tuning
+# (circles, FCN, 30 % noise, 200 points, 150 epochs, seed 0, by final validation accuracy), recorded
+# in examples/testbench/tuned_circles_fcn.json. --tuned FILE reads such a record instead.
+DEMO_VALUES: dict[str, float] = {}
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .testbench.methods import method_names
     from .testbench.runner import run_grid
@@ -143,7 +151,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = Path(args.out)
     methods = method_names(args.methods)
-    values = _values(args.set)
+    values: dict[str, float | None] = dict(DEMO_VALUES)
+    if args.tuned:
+        values.update(json.loads(Path(args.tuned).read_text())["chosen"])
+    values.update(_values(args.set))
     base = _base_config(args, dataset="circles", model="fcn")
     configs = _configs(base, methods, values, [args.noise], [args.train_size], [args.seed])
     results = run_grid(configs, out, tensorboard=not args.no_tensorboard, progress=not args.quiet, desc="demo")
