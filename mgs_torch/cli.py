@@ -141,7 +141,10 @@ def _figures(results: list[dict], fig_dir: Path, stem: str, title: str) -> list[
 # The demo's hyper-parameters: each method's value chosen by examples/run_all.sh's "circles" tuning
 # (circles, FCN, 30 % noise, 200 points, 150 epochs, seed 0, by final validation accuracy), recorded
 # in examples/testbench/tuned_circles_fcn.json. --tuned FILE reads such a record instead.
-DEMO_VALUES: dict[str, float] = {}
+DEMO_VALUES: dict[str, float] = {
+    "weight_decay": 0.01, "dropout": 0.1, "gradnorm_params": 0.001, "gradnorm_inputs": 0.001,
+    "mgs_trace": 3e-4, "mgs_logdet": 3e-3, "adam": 1e-4,
+}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

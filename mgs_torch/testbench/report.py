@@ -92,7 +92,8 @@ def results_table(results: Sequence[dict[str, Any]]) -> str:
             if mean is None:
                 cells.append(f"diverged ({div}/{k})")
                 continue
-            cell = f"{_fmt(mean, higher)} ± {_fmt(std, higher)} ({_fmt(best, higher)})"
+            spread = f" ± {_fmt(std, higher)}" if k - div > 1 else ""  # no std from a single seed
+            cell = f"{_fmt(mean, higher)}{spread} ({_fmt(best, higher)})"
             if best_final[n] is not None and mean == best_final[n]:
                 cell = f"**{cell}**"
             if div:
@@ -101,10 +102,11 @@ def results_table(results: Sequence[dict[str, Any]]) -> str:
         lines.append(f"| {_method_label(runs_all)} | " + " | ".join(cells) + " |")
     seeds = sorted({r["config"]["seed"] for r in results})
     lines.append("")
-    lines.append(
-        f"Cells: final ± std over {len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({best_word} during training); "
-        f"{'test accuracy in %' if higher else 'test MSE (targets in units of their std)'}; bold = best final per column."
-    )
+    unit = "test accuracy in %" if higher else "test MSE (targets in units of their std)"
+    if len(seeds) > 1:
+        lines.append(f"Cells: final ± std over {len(seeds)} seeds ({best_word} during training); {unit}; bold = best final per column.")
+    else:
+        lines.append(f"Cells: final ({best_word} during training), one seed; {unit}; bold = best final per column.")
     return "\n".join(lines) + "\n"
 
 
