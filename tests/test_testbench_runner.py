@@ -136,7 +136,7 @@ def test_plots_and_report_tables(tmp_path):
     cell = lines[2].split(" | ")[1].strip("*")
     assert cell == f"{100 * r0['summary']['final']:.1f} ({100 * r0['summary']['best']:.1f})"  # one seed: no ± std
     assert "one seed" in lines[-1]
-    two_seeds = run_grid([TINY.with_(method="unreg", train_size=40, seed=s) for s in (0, 1)], tmp_path, progress=False)
+    two_seeds = run_grid([TINY.with_(method="unreg", train_size=40, seed=s) for s in (0, 1)], tmp_path / "two", progress=False)
     finals = [100 * r["summary"]["final"] for r in two_seeds]
     import numpy as np
 
