@@ -132,7 +132,7 @@ def plot_heatmaps(results: list[dict[str, Any]], path: str | Path, title: str = 
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     ncol = min(4, len(methods))
     nrow = math.ceil(len(methods) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(2.9 * ncol, 2.6 * nrow + 0.5), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.7 * ncol + 1.0, 2.5 * nrow + 0.6), squeeze=False, constrained_layout=True)
     cmap = "viridis" if higher else "viridis_r"
     im = None
     for ax, m in zip(axes.ravel(), methods):
@@ -146,7 +146,8 @@ def plot_heatmaps(results: list[dict[str, Any]], path: str | Path, title: str = 
         ax.set_yticks(range(len(noises)), [f"{100 * n:g}%" if higher else f"{n:g}" for n in noises], fontsize=7)
         ax.set_title(METHODS.get(m, (None, None, None, m))[3], fontsize=9)
         ax.set_xlabel("training size", fontsize=7)
-        ax.set_ylabel("label noise" if higher else "target noise", fontsize=7)
+        if ax in axes[:, 0]:
+            ax.set_ylabel("label noise" if higher else "target noise", fontsize=7)
     for ax in axes.ravel()[len(methods):]:
         ax.axis("off")
     if im is not None:
