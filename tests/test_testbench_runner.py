@@ -142,5 +142,8 @@ def test_plots_and_report_tables(tmp_path):
 
     assert f"{np.mean(finals):.1f} ± {np.std(finals):.1f}" in report.results_table(two_seeds)
     assert "rank of MGS tr K" in report.claims_table(n40)
+    mem = report.memorised_table(n40).splitlines()
+    r4 = next(r for r in n40 if r["config"]["method"] == "mgs_trace" and r["config"]["noise"] == 0.4)
+    assert mem[0] == "| method | 40% noise |" and mem[3] == f"| MGS tr K | {100 * r4['history'][-1]['memorised']:.0f} |"
     text = report.render_template("A\n{{table dataset=circles train_size=40}}\nB {{runtime model=fcn}}", tmp_path)
     assert text.startswith("A\n| method | 0% noise | 40% noise |") and "| **all** | 8 |" in text

@@ -4,8 +4,9 @@
   levels, cells ``final ± std (max)`` (accuracy in %, over seeds) or ``final ± std (min)`` (MSE).
 * :func:`claims_table` — per noise level, the paper's two claims checked mechanically: does MGS tr K
   have the best final metric, and is its final ≈ its max (gap = max − final, mean over seeds)?
-* :func:`render_template` — fills ``{{table key=value ...}}``, ``{{claims ...}}``, ``{{tuned ...}}`` and
-  ``{{runtime ...}}`` markers in a markdown template with the tables for the matching runs.
+* :func:`memorised_table` — how much of the label noise each method's final model has memorised.
+* :func:`render_template` — fills ``{{table key=value ...}}``, ``{{claims ...}}``, ``{{memorised ...}}``,
+  ``{{tuned ...}}`` and ``{{runtime ...}}`` markers in a markdown template with the tables for the matching runs.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from .methods import METHODS
 from .runner import load_results
 
-__all__ = ["results_table", "claims_table", "tuned_table", "runtime_table", "render_template", "full_report"]
+__all__ = ["results_table", "claims_table", "memorised_table", "tuned_table", "runtime_table", "render_template", "full_report"]
 
 
 def _fmt(v: float, higher: bool) -> str:
@@ -135,6 +136,27 @@ def claims_table(results: Sequence[dict[str, Any]], method: str = "mgs_trace") -
     return "\n".join(lines) + "\n"
 
 
+def memorised_table(results: Sequence[dict[str, Any]]) -> str:
+    """Fraction of the flipped training labels that the final model predicts as their wrong label (%, mean over seeds).
+
+    100 % = the label noise is memorised; a few % = the model predicts other (mostly the true) classes.
+    """
+    if not results:
+        return "_no runs found_\n"
+    by, noises, _ = _group(results)
+    noises = [n for n in noises if n > 0]
+    lines = ["| method | " + " | ".join(f"{100 * n:g}% noise" for n in noises) + " |", "|" + "---|" * (len(noises) + 1)]
+    for m in _order(by):
+        cells = []
+        for n in noises:
+            vals = [r["history"][-1].get("memorised") for r in by[m].get(n, []) if not r["diverged"]]
+            vals = [v for v in vals if v is not None]
+            cells.append(f"{100 * np.mean(vals):.0f}" if vals else "–")
+        lines.append(f"| {METHODS[m][3]} | " + " | ".join(cells) + " |")
+    lines += ["", "Memorised = % of the flipped training labels that the final model predicts as given (the wrong class)."]
+    return "\n".join(lines) + "\n"
+
+
 def tuned_table(out_dir: str | Path, dataset: str, model: str) -> str:
     """The tuning record ``tuned_<dataset>_<model>.json``: grid scores and the chosen values."""
     path = Path(out_dir) / f"tuned_{dataset}_{model}.json"
@@ -167,7 +189,7 @@ def runtime_table(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_MARKER = re.compile(r"\{\{\s*(table|claims|tuned|runtime)((?:\s+\w+=[^\s}]+)*)\s*\}\}")
+_MARKER = re.compile(r"\{\{\s*(table|claims|tuned|runtime|memorised)((?:\s+\w+=[^\s}]+)*)\s*\}\}")
 
 
 def _coerce(v: str) -> Any:
@@ -197,7 +219,7 @@ def render_template(template: str, out_dir: str | Path) -> str:
         if key not in cache:
             cache[key] = load_results(out_dir, **where)
         res = cache[key]
-        fn = {"table": results_table, "claims": claims_table, "runtime": runtime_table}[kind]
+        fn = {"table": results_table, "claims": claims_table, "runtime": runtime_table, "memorised": memorised_table}[kind]
         return fn(res).rstrip("\n")
 
     return _MARKER.sub(sub, template)
