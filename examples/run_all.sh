@@ -44,7 +44,7 @@ if [[ $part == all || $part == circles ]]; then
     --tune --tune-noise 0.3 --tune-size 200 --out $OUT --figures $FIG --quiet
 fi
 if [[ $part == all || $part == demo ]]; then
-  mgs demo --out examples/demo --figures $FIG/demo --quiet
+  mgs demo --out examples/demo --quiet   # same runs as the circles grid above; its PNGs stay in examples/demo/
 fi
 
 if [[ $part == all || $part == report ]]; then
