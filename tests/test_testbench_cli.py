@@ -55,6 +55,12 @@ def test_demo_writes_boundaries_curves_and_tensorboard(tmp_path, capsys):
     assert (out / "figures" / "circles_fcn_n40_curves.png").stat().st_size > 1000
     assert len(list((out / "tensorboard").rglob("events.out.tfevents.*"))) == 3
     assert "demo finished" in text and "MGS log det K" in text
+    record = tmp_path / "tuned.json"
+    record.write_text(json.dumps({"chosen": {"mgs_trace": 0.02}}))
+    assert main(["demo", "--out", str(tmp_path / "d2"), "--methods", "mgs_trace", "--train-size", "40", "--hidden", "8",
+                 "--tuned", str(record), "--no-plots", "--no-tensorboard", *TINY]) == 0
+    (run,) = (tmp_path / "d2" / "runs").rglob("*.json")
+    assert json.loads(run.read_text())["config"]["value"] == 0.02
 
 
 def test_report_command_and_template(tmp_path, capsys):

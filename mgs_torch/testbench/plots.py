@@ -101,7 +101,7 @@ def plot_curves(results: list[dict[str, Any]], path: str | Path, title: str = ""
                 if len(runs) > 1:
                     ax.fill_between(ep, mean - std, mean + std, color=color, alpha=0.15, lw=0)
                 handles.setdefault(method, line)
-        axes[0][c].set_title(f"noise {noise:g}" if results[0]["summary"]["higher_is_better"] is False else f"label noise {100 * noise:g}%", fontsize=10)
+        axes[0][c].set_title(f"label noise {100 * noise:g}%" if results[0]["summary"]["higher_is_better"] else f"target noise σ = {noise:g}", fontsize=10)
         axes[1][c].set_yscale("log")
         axes[2][c].set_xlabel("epoch")
     for r_i, (_, lab) in enumerate(rows):
