@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -242,7 +241,3 @@ def full_report(out_dir: str | Path) -> str:
         parts.append("## Run time\n")
         parts.append(runtime_table(results))
     return "\n".join(parts) if parts else "_no runs found_\n"
-
-
-def _isnan(v) -> bool:  # pragma: no cover - helper kept for symmetry
-    return v is None or (isinstance(v, float) and math.isnan(v))
