@@ -1,0 +1,268 @@
+"""The ``mgs-torch`` console script: ``demo``, ``testbench`` and ``report``.
+
+``mgs-torch demo``       two noisy circles with 30 % flipped labels, every method, MGS metrics to
+                         TensorBoard, decision-boundary and metric plots as PNG (< 3 min on 2 CPU cores).
+``mgs-torch testbench``  a grid noise × training size × method × seed (resumable), figures, tables.
+``mgs-torch report``     markdown tables from the run JSONs of an output folder (optionally filling a template).
+
+Run ``mgs-torch <command> --help`` for the options. Needs ``pip install "mgs-torch[examples]"``
+(and tensorboard for ``--tensorboard``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _kv(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    return k.strip(), v.strip()
+
+
+def _common_training(p: argparse.ArgumentParser, epochs: int) -> None:
+    g = p.add_argument_group("training (the paper's protocol by default)")
+    g.add_argument("--epochs", type=int, default=epochs, help=f"epochs per run, no early stopping (default {epochs})")
+    g.add_argument("--batch-size", type=int, default=32, help="mini-batch size (default 32)")
+    g.add_argument("--lr", type=float, default=0.1, help="initial SGD learning rate (default 0.1)")
+    g.add_argument("--lr-decay", type=float, default=0.99, help="learning rate × this after every epoch (default 0.99)")
+    g.add_argument("--eval-points", type=int, default=25, help="evenly spaced evaluations incl. epoch 0 (default 25)")
+    g.add_argument("--probe-size", type=int, default=32, help="training inputs in the fixed MGS probe batch (default 32)")
+    g.add_argument("--hidden", type=int, nargs="+", default=None, help="FCN hidden widths (default the paper's 300 ×6)")
+    g.add_argument("--init", default="auto", choices=("auto", "he", "xavier", "torch"),
+                   help="weight init, zero biases (default auto: He/Kaiming-normal for lenet5, Glorot-uniform for fcn)")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads (default 1: these models are tiny, and extra threads only contend for busy cores)")
+    g.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
+    g.add_argument("--no-plots", action="store_true", help="do not draw figures")
+    g.add_argument("--figures", default=None, help="folder for the PNGs (default <out>/figures)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .testbench.data import DATASETS
+    from .testbench.methods import METHODS
+    from .testbench.models import MODELS
+
+    parser = argparse.ArgumentParser(prog="mgs-torch", description="Model Gradient Similarity (MGS) experiments for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="two-circles demo: all methods, TensorBoard logs, PNG figures (< 3 min on 2 cores)")
+    demo.add_argument("--out", default="mgs_demo", help="output folder (default ./mgs_demo)")
+    demo.add_argument("--noise", type=float, default=0.3, help="fraction of training labels flipped (default 0.3)")
+    demo.add_argument("--train-size", type=int, default=200, help="training points (default 200)")
+    demo.add_argument("--methods", nargs="+", default=["all"], help=f"methods (default all): {', '.join(METHODS)}")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--set", type=_kv, action="append", default=[], metavar="METHOD=VALUE", help="override a method's hyper-parameter")
+    demo.add_argument("--tuned", default=None, metavar="JSON",
+                      help="take the hyper-parameters from a tuning record (tuned_circles_fcn.json) instead of the built-in ones")
+    _common_training(demo, epochs=150)
+    demo.set_defaults(hidden=None)
+
+    tb = sub.add_parser("testbench", help="grid noise × size × method × seed; per-run JSON/CSV, figures, tables")
+    tb.add_argument("--dataset", default="digits", choices=DATASETS, help="data set (default digits)")
+    tb.add_argument("--data-option", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                    help="data-set option, e.g. blur_length=3 or root=/data/mnist (IDX files)")
+    tb.add_argument("--model", nargs="+", default=["lenet5"], choices=MODELS, help="model(s) (default lenet5)")
+    tb.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.3, 0.6, 0.8],
+                    help="label-noise fractions, or target-noise scales for regression (default 0 0.3 0.6 0.8)")
+    tb.add_argument("--sizes", type=int, nargs="+", default=[500], help="training-set sizes (default 500)")
+    tb.add_argument("--methods", nargs="+", default=["paper"], help=f"methods, 'paper' (the seven of Table 1) or 'all' (+Adam): {', '.join(METHODS)}")
+    tb.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
+    tb.add_argument("--out", default="testbench_out", help="output folder (default ./testbench_out)")
+    tb.add_argument("--tune", action="store_true", help="tune each method's hyper-parameter once on --tune-noise / --tune-size first")
+    tb.add_argument("--tune-noise", type=float, default=None, help="noise of the tuning scenario (default: the middle of --noise)")
+    tb.add_argument("--tune-size", type=int, default=None, help="training size of the tuning scenario (default: the middle of --sizes)")
+    tb.add_argument("--tune-seeds", type=int, nargs="+", default=[0], help="seeds for tuning (default 0)")
+    tb.add_argument("--grid", type=_kv, action="append", default=[], metavar="METHOD=V1,V2,...", help="tuning grid for a method")
+    tb.add_argument("--set", type=_kv, action="append", default=[], metavar="METHOD=VALUE", help="fix a method's hyper-parameter (overrides tuning)")
+    tb.add_argument("--report", action="store_true", help="print the markdown tables of this grid at the end")
+    tb.add_argument("--dry-run", action="store_true", help="list the runs (and how many are finished) and exit")
+    _common_training(tb, epochs=100)
+
+    rep = sub.add_parser("report", help="markdown tables from the run JSONs under --out")
+    rep.add_argument("--out", default="testbench_out", help="folder holding runs/ (default ./testbench_out)")
+    rep.add_argument("--template", default=None, help="markdown template with {{table ...}} / {{claims ...}} / {{tuned ...}} / {{runtime ...}} markers")
+    rep.add_argument("--output", default=None, help="write here instead of stdout")
+    return parser
+
+
+def _values(pairs: Sequence[tuple[str, str]]) -> dict[str, float]:
+    from .testbench.methods import make_method
+
+    out = {}
+    for k, v in pairs:
+        out[k] = float(v)
+        make_method(k, out[k])  # validates
+    return out
+
+
+def _base_config(args: argparse.Namespace, **kw: Any):
+    from .testbench.runner import RunConfig
+
+    return RunConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay,
+                     eval_points=args.eval_points, probe_size=args.probe_size,
+                     hidden=tuple(args.hidden) if args.hidden else None, init=args.init, **kw)
+
+
+def _configs(base, methods: Sequence[str], values: dict[str, float | None], noises, sizes, seeds) -> list:
+    return [base.with_(method=m, value=values.get(m), noise=float(nz), train_size=int(sz), seed=int(s))
+            for nz in noises for sz in sizes for m in methods for s in seeds]
+
+
+def _figures(results: list[dict], fig_dir: Path, stem: str, title: str) -> list[Path]:
+    from .testbench import plots
+
+    written = []
+    sizes = sorted({r["config"]["train_size"] for r in results})
+    for sz in sizes:
+        runs = [r for r in results if r["config"]["train_size"] == sz]
+        written.append(plots.plot_curves(runs, fig_dir / f"{stem}_n{sz}_curves.png", f"{title}, {sz} training samples"))
+    if len(sizes) > 1:
+        written.append(plots.plot_heatmaps(results, fig_dir / f"{stem}_heatmap.png", title))
+    if any("boundary" in r for r in results):
+        seed = min(r["config"]["seed"] for r in results)
+        for nz in sorted({r["config"]["noise"] for r in results}):
+            for sz in sizes:
+                runs = [r for r in results if r["config"]["noise"] == nz and r["config"]["train_size"] == sz and r["config"]["seed"] == seed]
+                written.append(plots.plot_boundaries(runs, fig_dir / f"{stem}_noise{nz:g}_n{sz}_boundaries.png",
+                                                     f"{title}: {100 * nz:g}% flipped labels, {sz} points, seed {seed}"))
+    return written
+
+
+# The demo's hyper-parameters: each method's value chosen by examples/run_all.sh's "circles" tuning
+# (circles, FCN, 30 % noise, 200 points, 150 epochs, seed 0, by final validation accuracy), recorded
+# in examples/testbench/tuned_circles_fcn.json. --tuned FILE reads such a record instead.
+DEMO_VALUES: dict[str, float] = {
+    "weight_decay": 0.01, "dropout": 0.1, "gradnorm_params": 0.001, "gradnorm_inputs": 0.001,
+    "mgs_trace": 3e-4, "mgs_logdet": 3e-3, "adam": 1e-4,
+}
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .testbench.methods import method_names
+    from .testbench.runner import run_grid
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    methods = method_names(args.methods)
+    values: dict[str, float | None] = dict(DEMO_VALUES)
+    if args.tuned:
+        values.update(json.loads(Path(args.tuned).read_text())["chosen"])
+    values.update(_values(args.set))
+    base = _base_config(args, dataset="circles", model="fcn")
+    configs = _configs(base, methods, values, [args.noise], [args.train_size], [args.seed])
+    results = run_grid(configs, out, tensorboard=not args.no_tensorboard, progress=not args.quiet, desc="demo")
+    written = [] if args.no_plots else _figures(results, Path(args.figures or out / "figures"), "circles_fcn", "Two circles, FCN")
+    from .testbench.report import results_table
+
+    print(results_table(results))
+    for p in written:
+        print(f"figure: {p}")
+    if not args.no_tensorboard:
+        print(f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
+    print(f"demo finished in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _middle(values: Sequence[float]) -> float:
+    """The middle value (the upper one of the two middles for an even count: 0 0.3 0.6 0.8 → 0.6)."""
+    vals = sorted(values)
+    return vals[len(vals) // 2]
+
+
+def cmd_testbench(args: argparse.Namespace) -> int:
+    from .testbench.methods import METHODS, method_names
+    from .testbench.runner import run_grid, run_path, tune
+
+    out = Path(args.out)
+    methods = method_names(args.methods)
+    fixed = _values(args.set)
+    data_options = tuple(sorted((k, _coerce(v)) for k, v in args.data_option))
+    all_results = []
+    for model in args.model:
+        base = _base_config(args, dataset=args.dataset, model=model, data_options=data_options)
+        values: dict[str, float | None] = {}
+        tuned_path = out / f"tuned_{args.dataset}_{model}.json"
+        if args.tune and not args.dry_run:
+            grids = {k: [float(x) for x in v.split(",")] for k, v in args.grid}
+            tnoise = args.tune_noise if args.tune_noise is not None else _middle(args.noise)
+            tsize = args.tune_size if args.tune_size is not None else _middle(args.sizes)
+            rec = tune(base.with_(noise=tnoise, train_size=tsize), [m for m in methods if m not in fixed], out,
+                       grids=grids, seeds=args.tune_seeds, progress=not args.quiet)
+            values.update(rec["chosen"])
+            print(f"[{model}] tuned on noise {tnoise:g}, size {tsize}: {rec['chosen']}  ({tuned_path})")
+        elif tuned_path.exists():
+            values.update(json.loads(tuned_path.read_text())["chosen"])
+            print(f"[{model}] using tuned values from {tuned_path}: {values}")
+        values.update(fixed)
+        missing = [m for m in methods if METHODS[m][0] is not None and m not in values]
+        if missing:
+            print(f"[{model}] registry defaults (not tuned) for: {', '.join(f'{m}={METHODS[m][1]:g}' for m in missing)}")
+        configs = _configs(base, methods, values, args.noise, args.sizes, args.seeds)
+        if args.dry_run:
+            done = sum(run_path(out, c).exists() for c in configs)
+            print(f"[{model}] {len(configs)} runs, {done} finished")
+            continue
+        results = run_grid(configs, out, tensorboard=not args.no_tensorboard, progress=not args.quiet, desc=f"{args.dataset}/{model}")
+        all_results += results
+        if not args.no_plots:
+            for p in _figures(results, Path(args.figures or out / "figures"), f"{args.dataset}_{model}", f"{args.dataset}, {model}"):
+                print(f"figure: {p}")
+        if args.report:
+            from .testbench.report import claims_table, results_table
+
+            for sz in args.sizes:
+                runs = [r for r in results if r["config"]["train_size"] == sz]
+                print(f"\n### {args.dataset} / {model} / {sz} training samples\n")
+                print(results_table(runs))
+                if "mgs_trace" in methods:
+                    print(claims_table(runs))
+    return 0
+
+
+def _coerce(v: str) -> Any:
+    for f in (int, float):
+        try:
+            return f(v)
+        except ValueError:
+            pass
+    return v
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .testbench.report import full_report, render_template
+
+    text = render_template(Path(args.template).read_text(), args.out) if args.template else full_report(args.out)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}")
+    else:
+        print(text)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mgs-torch`` console script."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return {"demo": cmd_demo, "testbench": cmd_testbench, "report": cmd_report}[args.command](args)
+    except (ValueError, ImportError, FileNotFoundError) as exc:
+        print(f"mgs-torch {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # python -m mgs_torch.cli
+    sys.exit(main())

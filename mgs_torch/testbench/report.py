@@ -1,0 +1,243 @@
+"""Markdown tables generated from run JSONs (never typed by hand).
+
+* :func:`results_table` — the paper's Table 1 / Table 2 shape: rows = methods, columns = noise
+  levels, cells ``final ± std (max)`` (accuracy in %, over seeds) or ``final ± std (min)`` (MSE).
+* :func:`claims_table` — per noise level, the paper's two claims checked mechanically: does MGS tr K
+  have the best final metric, and is its final ≈ its max (gap = max − final, mean over seeds)?
+* :func:`memorised_table` — how much of the label noise each method's final model has memorised.
+* :func:`render_template` — fills ``{{table key=value ...}}``, ``{{claims ...}}``, ``{{memorised ...}}``,
+  ``{{tuned ...}}`` and ``{{runtime ...}}`` markers in a markdown template with the tables for the matching runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .methods import METHODS
+from .runner import load_results
+
+__all__ = ["results_table", "claims_table", "memorised_table", "tuned_table", "runtime_table", "render_template", "full_report"]
+
+
+def _fmt(v: float, higher: bool) -> str:
+    return f"{100 * v:.1f}" if higher else f"{v:.3f}"
+
+
+def _group(results: Sequence[dict[str, Any]]) -> tuple[dict[str, dict[float, list[dict]]], list[float], bool]:
+    by: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        by[r["config"]["method"]][r["config"]["noise"]].append(r)
+    noises = sorted({r["config"]["noise"] for r in results})
+    higher = bool(results[0]["summary"]["higher_is_better"]) if results else True
+    return by, noises, higher
+
+
+def _method_label(runs: list[dict]) -> str:
+    m = runs[0]["method"]
+    values = sorted({r["method"]["value"] for r in runs if r["method"]["value"] is not None})
+    if not values:
+        return m["label"]
+    return f"{m['label']} ({m['hyper']}={', '.join(f'{v:g}' for v in values)})"
+
+
+def _order(methods) -> list[str]:
+    return sorted(methods, key=lambda m: list(METHODS).index(m) if m in METHODS else 99)
+
+
+def _stats(runs: list[dict], higher: bool) -> tuple[float | None, float | None, float | None, int, int]:
+    finals = [r["summary"]["final"] for r in runs]
+    bests = [r["summary"]["best"] for r in runs if r["summary"]["best"] is not None]
+    ok = [f for f in finals if f is not None]
+    diverged = len(finals) - len(ok)
+    mean = float(np.mean(ok)) if ok else None
+    std = float(np.std(ok)) if ok else None
+    best = float(np.mean(bests)) if bests else None
+    return mean, std, best, len(runs), diverged
+
+
+def results_table(results: Sequence[dict[str, Any]]) -> str:
+    """Rows = methods, columns = noise levels, cells ``final ± std (max)`` over seeds (Table 1 / 2 shape).
+
+    final = mean of the last 5 evaluations of the test metric; max (min for MSE) = best evaluation
+    during training, averaged over seeds; std over seeds of final. Accuracy in %. A cell notes how
+    many seeds diverged (their final is excluded).
+    """
+    if not results:
+        return "_no runs found_\n"
+    by, noises, higher = _group(results)
+    best_word = "max" if higher else "min"
+    head = "| method | " + " | ".join((f"{100 * n:g}% noise" if higher else f"noise σ={n:g}") for n in noises) + " |"
+    lines = [head, "|" + "---|" * (len(noises) + 1)]
+    best_final = {n: None for n in noises}
+    for n in noises:
+        finals = [_stats(by[m][n], higher)[0] for m in by if by[m].get(n)]
+        finals = [f for f in finals if f is not None]
+        if finals:
+            best_final[n] = max(finals) if higher else min(finals)
+    for m in _order(by):
+        cells = []
+        runs_all = [r for n in noises for r in by[m].get(n, [])]
+        for n in noises:
+            runs = by[m].get(n, [])
+            if not runs:
+                cells.append("–")
+                continue
+            mean, std, best, k, div = _stats(runs, higher)
+            if mean is None:
+                cells.append(f"diverged ({div}/{k})")
+                continue
+            spread = f" ± {_fmt(std, higher)}" if k - div > 1 else ""  # no std from a single seed
+            cell = f"{_fmt(mean, higher)}{spread} ({_fmt(best, higher)})"
+            if best_final[n] is not None and mean == best_final[n]:
+                cell = f"**{cell}**"
+            if div:
+                cell += f" [{div}/{k} diverged]"
+            cells.append(cell)
+        lines.append(f"| {_method_label(runs_all)} | " + " | ".join(cells) + " |")
+    seeds = sorted({r["config"]["seed"] for r in results})
+    lines.append("")
+    unit = "test accuracy in %" if higher else "test MSE (targets in units of their std)"
+    if len(seeds) > 1:
+        lines.append(f"Cells: final ± std over {len(seeds)} seeds ({best_word} during training); {unit}; bold = best final per column.")
+    else:
+        lines.append(f"Cells: final ({best_word} during training), one seed; {unit}; bold = best final per column.")
+    return "\n".join(lines) + "\n"
+
+
+def claims_table(results: Sequence[dict[str, Any]], method: str = "mgs_trace") -> str:
+    """Per noise level: best method by final metric, ``method``'s rank, and every method's max − final gap."""
+    if not results:
+        return "_no runs found_\n"
+    by, noises, higher = _group(results)
+    methods = _order(by)
+    lines = ["| noise | best final | " + f"rank of {METHODS[method][3]} | " + " | ".join(f"gap {METHODS[m][3]}" for m in methods) + " |",
+             "|" + "---|" * (3 + len(methods))]
+    for n in noises:
+        finals = {m: _stats(by[m][n], higher)[0] for m in methods if by[m].get(n)}
+        ranked = sorted([m for m in finals if finals[m] is not None], key=lambda m: finals[m], reverse=higher)
+        rank = f"{ranked.index(method) + 1} of {len(ranked)}" if method in ranked else "–"
+        gaps = []
+        for m in methods:
+            runs = by[m].get(n, [])
+            g = [abs(r["summary"]["best"] - r["summary"]["final"]) for r in runs if r["summary"]["final"] is not None]
+            gaps.append(_fmt(float(np.mean(g)), higher) if g else "–")
+        best = METHODS[ranked[0]][3] if ranked else "–"
+        lines.append(f"| {100 * n:g}% | {best} | {rank} | " + " | ".join(gaps) + " |" if higher else
+                     f"| σ={n:g} | {best} | {rank} | " + " | ".join(gaps) + " |")
+    lines += ["", f"gap = |{'max' if higher else 'min'} − final| of the test {'accuracy (points of %)' if higher else 'MSE'}, mean over seeds: "
+              "small = the method does not overfit late in training."]
+    return "\n".join(lines) + "\n"
+
+
+def memorised_table(results: Sequence[dict[str, Any]]) -> str:
+    """Fraction of the flipped training labels that the final model predicts as their wrong label (%, mean over seeds).
+
+    100 % = the label noise is memorised; a few % = the model predicts other (mostly the true) classes.
+    """
+    if not results:
+        return "_no runs found_\n"
+    by, noises, _ = _group(results)
+    noises = [n for n in noises if n > 0]
+    lines = ["| method | " + " | ".join(f"{100 * n:g}% noise" for n in noises) + " |", "|" + "---|" * (len(noises) + 1)]
+    for m in _order(by):
+        cells = []
+        for n in noises:
+            vals = [r["history"][-1].get("memorised") for r in by[m].get(n, []) if not r["diverged"]]
+            vals = [v for v in vals if v is not None]
+            cells.append(f"{100 * np.mean(vals):.0f}" if vals else "–")
+        lines.append(f"| {METHODS[m][3]} | " + " | ".join(cells) + " |")
+    lines += ["", "Memorised = % of the flipped training labels that the final model predicts as given (the wrong class)."]
+    return "\n".join(lines) + "\n"
+
+
+def tuned_table(out_dir: str | Path, dataset: str, model: str) -> str:
+    """The tuning record ``tuned_<dataset>_<model>.json``: grid scores and the chosen values."""
+    path = Path(out_dir) / f"tuned_{dataset}_{model}.json"
+    if not path.exists():
+        return f"_no tuning record {path.name}_\n"
+    rec = json.loads(path.read_text())
+    sc = rec["scenario"]
+    higher = "accuracy" in rec["criterion"]
+    lines = [f"Scenario: {sc['dataset']} / {sc['model']}, noise {sc['noise']:g}, {sc['train_size']} training samples, "
+             f"{sc['epochs']} epochs, seeds {rec['seeds']}; criterion: {rec['criterion']}.", "",
+             "| method | grid (final validation " + ("accuracy %" if higher else "MSE") + ") | chosen |", "|---|---|---|"]
+    for m in _order(rec["scores"]):
+        vals = ", ".join(f"{v}: {'div.' if s is None else _fmt(s, higher)}" for v, s in rec["scores"][m].items())
+        lines.append(f"| {METHODS[m][3]} | {vals} | {rec['chosen'].get(m, '–')} |")
+    return "\n".join(lines) + "\n"
+
+
+def runtime_table(results: Sequence[dict[str, Any]]) -> str:
+    """Wall-clock seconds per run by method (mean) and in total."""
+    if not results:
+        return "_no runs found_\n"
+    by: dict[str, list[float]] = defaultdict(list)
+    for r in results:
+        by[r["config"]["method"]].append(r["seconds"])
+    lines = ["| method | runs | mean s/run | total s |", "|---|---|---|---|"]
+    for m in _order(by):
+        lines.append(f"| {METHODS[m][3]} | {len(by[m])} | {np.mean(by[m]):.1f} | {np.sum(by[m]):.0f} |")
+    total = sum(sum(v) for v in by.values())
+    lines.append(f"| **all** | {sum(len(v) for v in by.values())} | | **{total:.0f}** ({total / 3600:.2f} h) |")
+    return "\n".join(lines) + "\n"
+
+
+_MARKER = re.compile(r"\{\{\s*(table|claims|tuned|runtime|memorised)((?:\s+\w+=[^\s}]+)*)\s*\}\}")
+
+
+def _coerce(v: str) -> Any:
+    for f in (int, float):
+        try:
+            return f(v)
+        except ValueError:
+            pass
+    return v
+
+
+def render_template(template: str, out_dir: str | Path) -> str:
+    """Replace every ``{{kind key=value ...}}`` marker by the table of the matching runs.
+
+    ``kind``: ``table`` (:func:`results_table`), ``claims`` (:func:`claims_table`), ``tuned``
+    (:func:`tuned_table`, keys ``dataset`` and ``model``) or ``runtime`` (:func:`runtime_table`).
+    Keys filter the run configs (``dataset``, ``model``, ``train_size``, ``epochs``, ``method``...).
+    """
+    cache: dict[tuple, list] = {}
+
+    def sub(match: re.Match) -> str:
+        kind = match.group(1)
+        where = {k: _coerce(v) for k, v in (kv.split("=", 1) for kv in match.group(2).split())}
+        if kind == "tuned":
+            return tuned_table(out_dir, where["dataset"], where["model"]).rstrip("\n")
+        key = tuple(sorted(where.items()))
+        if key not in cache:
+            cache[key] = load_results(out_dir, **where)
+        res = cache[key]
+        fn = {"table": results_table, "claims": claims_table, "runtime": runtime_table, "memorised": memorised_table}[kind]
+        return fn(res).rstrip("\n")
+
+    return _MARKER.sub(sub, template)
+
+
+def full_report(out_dir: str | Path) -> str:
+    """Every (data set, model, training size) group under ``out_dir`` as a Table-1-shaped table plus claims."""
+    results = load_results(out_dir)
+    groups: dict[tuple, list] = defaultdict(list)
+    for r in results:
+        c = r["config"]
+        groups[(c["dataset"], c["model"], c["train_size"], c["epochs"])].append(r)
+    parts = []
+    for (ds, model, size, epochs), runs in sorted(groups.items()):
+        parts.append(f"## {ds} / {model} / {size} training samples / {epochs} epochs\n")
+        parts.append(results_table(runs))
+        if any(r["config"]["method"] == "mgs_trace" for r in runs):
+            parts.append(claims_table(runs))
+    if results:
+        parts.append("## Run time\n")
+        parts.append(runtime_table(results))
+    return "\n".join(parts) if parts else "_no runs found_\n"

@@ -1,0 +1,87 @@
+"""The mgs-torch console script on tiny grids: testbench (tuning, resume, figures, report), demo, report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mgs_torch.cli import build_parser, main
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    old = torch.get_num_threads()  # main() sets torch's thread count (default 1)
+    yield
+    torch.set_num_threads(old)
+
+
+TINY = ["--epochs", "2", "--eval-points", "2", "--probe-size", "4", "--quiet"]
+
+
+def test_testbench_tiny_grid_tunes_runs_resumes_and_plots(tmp_path, capsys):
+    out = tmp_path / "tb"
+    args = ["testbench", "--dataset", "digits", "--model", "fcn", "--hidden", "16", "16", "--noise", "0", "0.5",
+            "--sizes", "30", "40", "--methods", "unreg", "mgs_trace", "--seeds", "0", "1", "--out", str(out),
+            "--tune", "--grid", "mgs_trace=0.001,0.01", "--report", *TINY]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    runs = sorted((out / "runs").rglob("*.json"))
+    assert len(runs) == 2 * 2 * 2 * 2  # noise × size × method × seed
+    tuned = json.loads((out / "tuned_digits_fcn.json").read_text())
+    assert tuned["scenario"]["noise"] == 0.5 and tuned["scenario"]["train_size"] == 40 and set(tuned["scores"]["mgs_trace"]) == {"0.001", "0.01"}
+    chosen = tuned["chosen"]["mgs_trace"]
+    assert all(json.loads(p.read_text())["config"]["value"] == chosen for p in runs if "mgs_trace" in p.name)
+    figs = {p.name for p in (out / "figures").iterdir()}
+    assert {"digits_fcn_n30_curves.png", "digits_fcn_n40_curves.png", "digits_fcn_heatmap.png"} <= figs
+    assert "| method | 0% noise | 50% noise |" in text and "rank of MGS tr K" in text
+    assert any((out / "tensorboard").rglob("events.out.tfevents.*"))
+
+    stamps = {p: p.stat().st_mtime_ns for p in runs}
+    assert main(args[:-len(TINY)] + TINY + ["--dry-run"]) == 0
+    assert "16 runs, 16 finished" in capsys.readouterr().out
+    assert main(args) == 0  # resumed: nothing recomputed
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+@pytest.mark.filterwarnings("ignore:MGS kernel not positive definite:RuntimeWarning")  # tiny 8-8 net: K near-singular
+def test_demo_writes_boundaries_curves_and_tensorboard(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--methods", "unreg", "mgs_trace", "mgs_logdet", "--train-size", "40",
+                 "--hidden", "8", "8", *TINY]) == 0
+    text = capsys.readouterr().out
+    assert (out / "figures" / "circles_fcn_noise0.3_n40_boundaries.png").stat().st_size > 1000
+    assert (out / "figures" / "circles_fcn_n40_curves.png").stat().st_size > 1000
+    assert len(list((out / "tensorboard").rglob("events.out.tfevents.*"))) == 3
+    assert "demo finished" in text and "MGS log det K" in text
+    record = tmp_path / "tuned.json"
+    record.write_text(json.dumps({"chosen": {"mgs_trace": 0.02}}))
+    assert main(["demo", "--out", str(tmp_path / "d2"), "--methods", "mgs_trace", "--train-size", "40", "--hidden", "8",
+                 "--tuned", str(record), "--no-plots", "--no-tensorboard", *TINY]) == 0
+    (run,) = (tmp_path / "d2" / "runs").rglob("*.json")
+    assert json.loads(run.read_text())["config"]["value"] == 0.02
+
+
+def test_report_command_and_template(tmp_path, capsys):
+    out = tmp_path / "tb"
+    assert main(["testbench", "--dataset", "circles", "--model", "fcn", "--hidden", "8", "--noise", "0.2", "--sizes", "30",
+                 "--methods", "unreg", "weight_decay", "--seeds", "0", "--out", str(out), "--no-tensorboard", "--no-plots", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["report", "--out", str(out)]) == 0
+    assert "## circles / fcn / 30 training samples / 2 epochs" in capsys.readouterr().out
+    tpl = tmp_path / "t.md"
+    tpl.write_text("# R\n{{table dataset=circles model=fcn}}\n")
+    assert main(["report", "--out", str(out), "--template", str(tpl), "--output", str(tmp_path / "r.md")]) == 0
+    body = (tmp_path / "r.md").read_text()
+    assert body.startswith("# R\n| method | 20% noise |") and "weight decay (weight_decay=0.001)" in body
+
+
+def test_errors_name_the_allowed_values(capsys):
+    assert main(["testbench", "--methods", "ridge", "--out", "unused", "--dry-run"]) == 2
+    assert "mgs_trace" in capsys.readouterr().err
+    assert main(["testbench", "--set", "dropout=2", "--dry-run", "--out", "unused"]) == 2
+    assert "dropout probability" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["testbench", "--dataset", "cifar"])
+    assert "digits" in capsys.readouterr().err
