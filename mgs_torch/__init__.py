@@ -12,6 +12,7 @@ similar the model's per-sample gradients are; as a penalty α·g(K) they regular
 
 import importlib.util
 
+from ._problem import NonFiniteOutputError
 from .engines import LayerRule, register_layer_rule
 from .kernel import mgs_kernel, mgs_trace
 from .metrics import MGSMetrics, kernel_target_alignment, mgs_metrics
@@ -28,6 +29,7 @@ __all__ = [
     "kernel_target_alignment",
     "LayerRule",
     "register_layer_rule",
+    "NonFiniteOutputError",
     "__version__",
 ]
 

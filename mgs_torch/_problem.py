@@ -19,6 +19,10 @@ from torch.func import functional_call
 Inputs = Union[Tensor, Sequence[Tensor]]
 ParamFilter = Union[None, Callable[[str, nn.Parameter], bool], Iterable[Union[str, nn.Module, nn.Parameter]]]
 
+class NonFiniteOutputError(ValueError):
+    """The model produced NaN or inf on the batch, so the kernel is undefined (training diverged?)."""
+
+
 OUTPUT_MODES = ("full", "sum")
 BATCH_NORM_POLICIES = ("eval", "batch")
 
@@ -191,7 +195,7 @@ def check_outputs(out: object, n: int) -> Tensor:
         raise ValueError(f"the model output has shape {tuple(out.shape)}: zero outputs per sample")
     bad = (~torch.isfinite(out)).sum()
     if bad.item():
-        raise ValueError(
+        raise NonFiniteOutputError(
             f"the model produced {int(bad)} non-finite outputs (NaN or inf) on this batch; "
             f"the kernel is undefined. Check the inputs and the weights (diverged training?)"
         )

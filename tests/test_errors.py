@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from conftest import mlp
-from mgs_torch import mgs_kernel, mgs_penalty, mgs_trace
+from mgs_torch import NonFiniteOutputError, mgs_kernel, mgs_penalty, mgs_trace
 
 X = torch.randn(3, 4, dtype=torch.float64)
 
@@ -71,6 +71,26 @@ class Returns(nn.Module):
 def test_bad_outputs(strategy, fn, error, match):
     with pytest.raises(error, match=match):
         mgs_kernel(Returns(fn), X, strategy=strategy)
+
+
+@pytest.mark.parametrize("call", [mgs_kernel, mgs_trace, mgs_penalty])
+def test_non_finite_outputs_have_their_own_error_type(call):
+    with pytest.raises(NonFiniteOutputError, match="non-finite outputs") as info:
+        call(Returns(lambda y: y / 0.0), X)
+    assert isinstance(info.value, ValueError)  # still a ValueError for callers that catch those
+
+
+def test_warnings_point_at_the_callers_line():
+    import math
+
+    from mgs_torch import _linalg
+
+    _linalg._warned.discard("logdet-jitter")
+    model = nn.Sequential(nn.Linear(2, 1), nn.Tanh(), nn.Linear(1, 3)).double()  # singular K
+    with pytest.warns(RuntimeWarning, match="jitter") as record:
+        value = mgs_penalty(model, torch.randn(6, 2, dtype=torch.float64), kind="logdet")
+    assert math.isfinite(value.item())
+    assert record[0].filename == __file__
 
 
 @pytest.mark.parametrize(

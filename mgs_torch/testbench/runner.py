@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mgs_torch import mgs_kernel, mgs_metrics
+from mgs_torch import NonFiniteOutputError, mgs_kernel, mgs_metrics
 
 from . import require
 from .data import DATASETS, Dataset, load_dataset
@@ -129,7 +129,7 @@ def _mgs(model: nn.Module, probe: Tensor) -> dict[str, Any]:
     try:
         K = mgs_kernel(model, probe, dtype=torch.float64)
         m = mgs_metrics(K)
-    except ValueError as exc:  # non-finite outputs: the run has diverged
+    except NonFiniteOutputError as exc:  # the run has diverged
         return {"mgs_trace": None, "mgs_logdet": None, "mgs_rank": None, "mgs_size": None, "mgs_error": str(exc)}
     return {
         "mgs_trace": m.trace,
@@ -279,9 +279,7 @@ def train_run(
                 total = loss + method.alpha * pen if pen is not None else loss
                 if not torch.isfinite(total):
                     raise FloatingPointError
-            except (FloatingPointError, ValueError) as exc:  # ValueError: mgs_penalty saw non-finite outputs
-                if isinstance(exc, ValueError) and "non-finite" not in str(exc):
-                    raise
+            except (FloatingPointError, NonFiniteOutputError):  # the penalty saw NaN/inf outputs
                 diverged = epoch
                 break
             total.backward()
