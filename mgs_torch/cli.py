@@ -181,12 +181,13 @@ def _middle(values: Sequence[float]) -> float:
 
 def cmd_testbench(args: argparse.Namespace) -> int:
     from .testbench.methods import METHODS, method_names
+    from .testbench.report import coerce_value
     from .testbench.runner import run_grid, run_path, tune
 
     out = Path(args.out)
     methods = method_names(args.methods)
     fixed = _values(args.set)
-    data_options = tuple(sorted((k, _coerce(v)) for k, v in args.data_option))
+    data_options = tuple(sorted((k, coerce_value(v)) for k, v in args.data_option))
     all_results = []
     for model in args.model:
         base = _base_config(args, dataset=args.dataset, model=model, data_options=data_options)
@@ -227,15 +228,6 @@ def cmd_testbench(args: argparse.Namespace) -> int:
                 if "mgs_trace" in methods:
                     print(claims_table(runs))
     return 0
-
-
-def _coerce(v: str) -> Any:
-    for f in (int, float):
-        try:
-            return f(v)
-        except ValueError:
-            pass
-    return v
 
 
 def cmd_report(args: argparse.Namespace) -> int:

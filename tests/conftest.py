@@ -74,5 +74,14 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread (tiny training runs are faster so), restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def assert_close(actual, expected, rtol=1e-9, atol=1e-10):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)

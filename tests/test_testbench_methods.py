@@ -14,12 +14,7 @@ from mgs_torch.testbench.models import FCN, LeNet5, build_model
 from mgs_torch.testbench.runner import RunConfig, train_run
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(q=3, n=5, d=4):

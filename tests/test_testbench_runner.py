@@ -13,12 +13,7 @@ from mgs_torch.testbench import plots, report, runner
 from mgs_torch.testbench.runner import RunConfig, eval_epochs, load_results, run_grid, run_path, summarise_history, train_run, tune
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = RunConfig(dataset="circles", model="fcn", hidden=(8, 8), train_size=40, epochs=4, eval_points=3, probe_size=8)

@@ -18,6 +18,17 @@ MODELS = ("fcn", "lenet5")
 PAPER_FCN_HIDDEN = (300,) * 6  # the paper's FCN: 6 hidden layers of 300 units, ReLU
 
 
+def dense_stack(width: int, hidden: Sequence[int], num_outputs: int, dropout: float = 0.0) -> list[nn.Module]:
+    """Linear → ReLU (→ Dropout) per hidden width, then a linear output layer."""
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = h
+    return layers + [nn.Linear(width, num_outputs)]
+
+
 class FCN(nn.Module):
     """Flatten → [Linear → ReLU → Dropout(p)] per hidden width → Linear(num_outputs).
 
@@ -30,15 +41,7 @@ class FCN(nn.Module):
 
     def __init__(self, input_shape: Sequence[int], num_outputs: int, hidden: Sequence[int] = PAPER_FCN_HIDDEN, dropout: float = 0.0):
         super().__init__()
-        layers: list[nn.Module] = [nn.Flatten()]
-        width = math.prod(input_shape)
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            width = h
-        layers.append(nn.Linear(width, num_outputs))
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(nn.Flatten(), *dense_stack(math.prod(input_shape), hidden, num_outputs, dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -76,15 +79,7 @@ class LeNet5(nn.Module):
         self.features = nn.Sequential(*feats)
         with torch.no_grad():
             flat = self.features(torch.zeros(1, *shape)).numel()
-        head: list[nn.Module] = [nn.Flatten()]
-        width = flat
-        for h in fc:
-            head += [nn.Linear(width, h), nn.ReLU()]
-            if dropout > 0:
-                head.append(nn.Dropout(dropout))
-            width = h
-        head.append(nn.Linear(width, num_outputs))
-        self.classifier = nn.Sequential(*head)
+        self.classifier = nn.Sequential(nn.Flatten(), *dense_stack(flat, fc, num_outputs, dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

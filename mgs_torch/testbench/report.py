@@ -191,7 +191,8 @@ def runtime_table(results: Sequence[dict[str, Any]]) -> str:
 _MARKER = re.compile(r"\{\{\s*(table|claims|tuned|runtime|memorised)((?:\s+\w+=[^\s}]+)*)\s*\}\}")
 
 
-def _coerce(v: str) -> Any:
+def coerce_value(v: str) -> Any:
+    """A command-line or template value as int, else float, else the string itself."""
     for f in (int, float):
         try:
             return f(v)
@@ -211,7 +212,7 @@ def render_template(template: str, out_dir: str | Path) -> str:
 
     def sub(match: re.Match) -> str:
         kind = match.group(1)
-        where = {k: _coerce(v) for k, v in (kv.split("=", 1) for kv in match.group(2).split())}
+        where = {k: coerce_value(v) for k, v in (kv.split("=", 1) for kv in match.group(2).split())}
         if kind == "tuned":
             return tuned_table(out_dir, where["dataset"], where["model"]).rstrip("\n")
         key = tuple(sorted(where.items()))
