@@ -37,7 +37,7 @@ def _single_sample_fn(problem: KernelProblem):
 
 def _randomness(problem: KernelProblem) -> str:
     # active Dropout draws an independent mask per sample; other random ops are caught by
-    # vmap's "error" mode and retried as stochastic (see ``_retry_if_random``)
+    # vmap's "error" mode and retried as stochastic (see ``retry_if_random``)
     return "different" if problem.stochastic else "error"
 
 
@@ -46,7 +46,7 @@ def is_randomness_error(error: RuntimeError) -> bool:
     return "randomness" in str(error) and "vmap" in str(error)
 
 
-def _retry_if_random(compute):
+def retry_if_random(compute):
     """Run ``compute(problem, ...)``; if the model turns out random, mark it stochastic and rerun."""
 
     def run(problem: KernelProblem, *args, **kwargs):
@@ -78,7 +78,7 @@ def _contract(jac: dict[str, Tensor], n: int, q: int, outputs: str) -> Tensor:
     return K
 
 
-@_retry_if_random
+@retry_if_random
 def jacobian_rows(problem: KernelProblem, *, chunk_size: int | None = None) -> dict[str, Tensor]:
     """J as ``{name: (n·q, *param_shape)}``, rows ordered (sample, output)."""
     _validate(problem)
@@ -101,7 +101,7 @@ def kernel(problem: KernelProblem, *, outputs: str = "full", chunk_size: int | N
     return _contract(jac, problem.n, problem.q, outputs)
 
 
-@_retry_if_random
+@retry_if_random
 def row_sq_norms(problem: KernelProblem, cotangents: Cotangents, *, chunk_size: int | None = None) -> Tensor:
     """‖Σ_a c[k,i,a] ∇θ f_a(x_i)‖² for every probe k and sample i: a (k, n) tensor.
 

@@ -51,10 +51,6 @@ class Plan:
     q: int = 0
     output_shape: tuple[int, ...] = ()
 
-    @property
-    def covered(self) -> list[str]:
-        return [full for layer in self.layers for full in layer.names.values()]
-
 
 class _ParameterUseMonitor(TorchFunctionMode):
     """Flags watched parameters that take part in an op outside their own layer's forward."""
@@ -194,9 +190,7 @@ def _cached_plan(problem: KernelProblem) -> tuple[Plan, bool]:
 
 
 def _with_plan(problem: KernelProblem, compute):
-    """``compute(plan, cached)``, rebuilding the plan once if a cached one turns out stale, and
-    starting again on the reference alone if the fallback meets random ops that no Dropout module
-    announced (its masks could not match the structured forward's)."""
+    """``compute(plan, cached)``, rebuilding the plan once if a cached one turns out stale."""
     p, cached = _cached_plan(problem)
     rng = rng_states(problem.model)
     try:
@@ -205,12 +199,6 @@ def _with_plan(problem: KernelProblem, compute):
         _PLANS[problem.model].pop(problem.signature, None)
         restore_rng_states(rng)
         return compute(_cached_plan(problem)[0], False)
-    except RuntimeError as error:
-        if problem.stochastic or not jacobian.is_randomness_error(error):
-            raise
-        problem.stochastic = True
-        restore_rng_states(rng)
-        return compute(p, cached)
 
 
 def _fallback_problem(problem: KernelProblem, p: Plan) -> KernelProblem:
@@ -278,6 +266,10 @@ def _factors(problem, p, cotangents, chunk_size, check) -> tuple[list, Tensor]:
     return factors, cot
 
 
+# Random ops that no Dropout module announced make the fallback (a strict sub-problem) raise; the
+# shared retry then marks the problem stochastic and starts again, now on the reference alone, so
+# covered and fallback parameters never see different masks.
+@jacobian.retry_if_random
 def row_sq_norms(problem: KernelProblem, cotangents: Cotangents, *, chunk_size: int | None = None) -> Tensor:
     """‖Σ_a c[k,i,a] ∇θ f_a(x_i)‖² per probe k and sample i, summed layer by layer: (k, n)."""
 
@@ -293,6 +285,7 @@ def row_sq_norms(problem: KernelProblem, cotangents: Cotangents, *, chunk_size: 
     return _with_plan(problem, compute)
 
 
+@jacobian.retry_if_random
 def kernel(problem: KernelProblem, *, outputs: str = "full", chunk_size: int | None = None) -> Tensor:
     """K (rows ordered (sample, output)) or its output-summed form, as a sum of per-layer Grams."""
 
