@@ -6,6 +6,8 @@ parameters (p columns); K[(i,a),(j,b)] = ∇θ f_a(x_i) · ∇θ f_b(x_j), rows 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -92,6 +94,18 @@ def mgs_kernel(
         return engine.kernel(problem, outputs=outputs, chunk_size=chunk_size)
 
 
+def trace_cotangents(estimator: str, num_probes: int, generator: torch.Generator | None) -> Callable[[KernelProblem], Tensor]:
+    """The cotangents whose row norms sum to tr K: one-hot outputs (exact, k = q) or ``num_probes``
+    per-sample Rademacher probes (Hutchinson), built once the problem's q is known."""
+    if estimator == "exact":
+        return one_hot_cotangents
+
+    def probes(problem: KernelProblem) -> Tensor:
+        return rademacher_probes(num_probes, problem.n, problem.q, generator, problem.inputs[0].device)
+
+    return probes
+
+
 def trace_from_rows(
     problem: KernelProblem,
     engine,
@@ -107,13 +121,9 @@ def trace_from_rows(
     unbiased since E[v_ia v_ib] = δ_ab; averaged over ``num_probes`` probes. Costs one backward at
     batch num_probes·n instead of q·n.
     """
-    if estimator == "exact":
-        return engine.row_sq_norms(problem, one_hot_cotangents, chunk_size=chunk_size).sum()
-
-    def probes(problem: KernelProblem) -> Tensor:
-        return rademacher_probes(num_probes, problem.n, problem.q, generator, problem.inputs[0].device)
-
-    return engine.row_sq_norms(problem, probes, chunk_size=chunk_size).sum() / num_probes
+    cotangents = trace_cotangents(estimator, num_probes, generator)
+    total = engine.row_sq_norms(problem, cotangents, chunk_size=chunk_size).sum()
+    return total / num_probes if estimator == "hutchinson" else total
 
 
 def mgs_trace(

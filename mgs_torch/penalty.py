@@ -7,10 +7,10 @@ from torch import Tensor, nn
 
 from ._linalg import logdet_psd
 from ._problem import (
-    OUTPUT_MODES, Inputs, KernelProblem, ParamFilter, build_problem, one_hot_cotangents, preserved_state,
+    OUTPUT_MODES, Inputs, KernelProblem, ParamFilter, build_problem, preserved_state,
     restore_rng_states, rng_states,
 )
-from .kernel import _check_choice, _check_chunk, engine_for, rademacher_probes, trace_from_rows
+from .kernel import _check_choice, _check_chunk, engine_for, trace_cotangents, trace_from_rows
 
 __all__ = ["mgs_penalty", "default_generator", "KINDS", "ESTIMATORS", "REDUCTIONS"]
 
@@ -77,13 +77,13 @@ def _trace_in_chunks(
     ``chunk_size`` cotangents: the forward computes the value chunk by chunk without a graph; the
     backward recomputes each chunk's graph under the same random state (Dropout masks match)."""
     rng = rng_states(model)
+    all_cotangents = trace_cotangents(estimator, num_probes, generator)
     cache: dict[str, object] = {}
 
     def cotangents(start: int):
         def make(problem: KernelProblem) -> Tensor:
-            if "all" not in cache:
-                cache["all"] = one_hot_cotangents(problem) if estimator == "exact" else rademacher_probes(
-                    num_probes, problem.n, problem.q, generator, problem.inputs[0].device)
+            if "all" not in cache:  # drawn once: every chunk and its recomputation slice the same probes
+                cache["all"] = all_cotangents(problem)
             return cache["all"][start : start + chunk_size]
         return make
 
@@ -155,16 +155,15 @@ def mgs_penalty(
         )
         if estimator == "hutchinson":
             value = value / num_probes
-        return value / (problem.n * problem.q if outputs == "full" else problem.n) if reduction == "mean" else value
-    with preserved_state(model, batch_norm):
-        problem = build_problem(model, inputs, params=params, dtype=dtype, create_graph=True, batch_norm=batch_norm)
-        if kind == "trace":
-            value = trace_from_rows(
-                problem, engine, estimator=estimator, num_probes=num_probes, generator=generator, chunk_size=chunk_size,
-            )
-        else:
-            K = engine.kernel(problem, outputs=outputs, chunk_size=chunk_size)
-            value = logdet_psd(K, jitter)
+    else:
+        with preserved_state(model, batch_norm):
+            problem = build_problem(model, inputs, params=params, dtype=dtype, create_graph=True, batch_norm=batch_norm)
+            if kind == "trace":
+                value = trace_from_rows(
+                    problem, engine, estimator=estimator, num_probes=num_probes, generator=generator, chunk_size=chunk_size,
+                )
+            else:
+                value = logdet_psd(engine.kernel(problem, outputs=outputs, chunk_size=chunk_size), jitter)
     if reduction == "mean":
         value = value / (problem.n * problem.q if outputs == "full" else problem.n)
     return value
