@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .op_fixes import ExactOps
+
 Inputs = Union[Tensor, Sequence[Tensor]]
 ParamFilter = Union[None, Callable[[str, nn.Parameter], bool], Iterable[Union[str, nn.Module, nn.Parameter]]]
 
@@ -228,8 +230,9 @@ def preserved_state(model: nn.Module, batch_norm: str) -> Iterator[None]:
     """Run a kernel computation without side effects on ``model`` or the global RNG.
 
     Train/eval flags are restored, BatchNorm layers are in eval mode under ``batch_norm="eval"``,
-    autocast is off (the kernel is computed in the parameters' dtype or the requested one), and the
-    global random state (CPU and the model's CUDA device) is forked, so Dropout masks drawn here do
+    autocast is off (the kernel is computed in the parameters' dtype or the requested one), the ops
+    whose torch.func support is wrong are routed to exact equivalents (:class:`~mgs_torch.op_fixes.ExactOps`),
+    and the global random state (CPU and the model's CUDA device) is forked, so Dropout masks drawn here do
     not shift the training run's random stream.
     """
     if not isinstance(model, nn.Module):
@@ -245,6 +248,7 @@ def preserved_state(model: nn.Module, batch_norm: str) -> Iterator[None]:
             for dev in ("cpu", "cuda"):
                 if dev == "cpu" or devices:
                     stack.enter_context(torch.autocast(dev, enabled=False))
+            stack.enter_context(ExactOps())
             yield
     finally:
         for m, flag in flags:

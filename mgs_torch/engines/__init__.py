@@ -8,9 +8,12 @@ per-layer Gram products and falls back to the reference per parameter.
 """
 
 from . import jacobian, structured
-from .layers import LAYER_RULES, LayerRule, register_layer_rule
+from .layers import LAYER_RULES, LayerRule, layer_rule, register_layer_rule, unregister_layer_rule
 
 ENGINES = {"jacobian": jacobian, "structured": structured}
 STRATEGIES = ("auto", *ENGINES)
 
-__all__ = ["ENGINES", "STRATEGIES", "LAYER_RULES", "LayerRule", "register_layer_rule", "jacobian", "structured"]
+__all__ = [
+    "ENGINES", "STRATEGIES", "LAYER_RULES", "LayerRule", "register_layer_rule", "unregister_layer_rule", "layer_rule",
+    "jacobian", "structured",
+]

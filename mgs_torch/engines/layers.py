@@ -10,8 +10,9 @@ engine. Register your own with :func:`register_layer_rule`.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,10 @@ class LayerRule:
     """
 
     params: tuple[str, ...] = ("weight", "bias")
+    #: True when the rule treats every leading dimension of the layer's input as a position sharing
+    #: the parameters (Linear, LayerNorm, Embedding): a sample may then reach the layer as several
+    #: rows. False (the default): the rule needs each sample as exactly one row, shaped (n, *per_sample).
+    leading_dims_are_positions: bool = False
 
     def unsupported(self, module: nn.Module) -> str | None:
         return None
@@ -56,6 +61,8 @@ def _sum_positions(t: Tensor) -> Tensor:
 
 class LinearRule(LayerRule):
     """y = x Wᵀ + b on (n, *, I): grad W = Σ_t g_t a_tᵀ over the * positions, grad b = Σ_t g_t."""
+
+    leading_dims_are_positions = True
 
     def factors(self, module, saved, grad, names):
         (a,) = saved
@@ -141,6 +148,8 @@ class BatchNormRule(LayerRule):
 class LayerNormRule(LayerRule):
     """LayerNorm: y = γ ⊙ x̂ + β over the normalised trailing dims, summed over leading positions."""
 
+    leading_dims_are_positions = True
+
     def capture(self, module, inputs):
         return (F.layer_norm(inputs[0], module.normalized_shape, None, None, module.eps),)
 
@@ -176,6 +185,7 @@ class EmbeddingRule(LayerRule):
     """Embedding: row idx_t of W gets g_t, so ⟨G_i, G_j⟩ = Σ_{t,s} [idx_it = idx_js] g_it·g_js."""
 
     params = ("weight",)
+    leading_dims_are_positions = True
 
     def unsupported(self, module):
         if module.max_norm is not None:
@@ -196,7 +206,27 @@ class EmbeddingRule(LayerRule):
         return {"weight": IndexOuterFactor(idx, g, module.num_embeddings)}
 
 
-LAYER_RULES: dict[type, LayerRule] = {
+class RuleRegistry(dict):
+    """Module type -> :class:`LayerRule`, with a version that changes whenever an entry does, so
+    that cached structured plans are rebuilt at once after a registration or removal."""
+
+    version = 0
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        type(self).version += 1
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        type(self).version += 1
+
+    def pop(self, key, *default):
+        out = super().pop(key, *default)
+        type(self).version += 1
+        return out
+
+
+LAYER_RULES: RuleRegistry = RuleRegistry({
     nn.Linear: LinearRule(),
     nn.Conv1d: ConvRule(),
     nn.Conv2d: ConvRule(),
@@ -207,18 +237,59 @@ LAYER_RULES: dict[type, LayerRule] = {
     nn.LayerNorm: LayerNormRule(),
     nn.GroupNorm: GroupNormRule(),
     nn.Embedding: EmbeddingRule(),
-}
+})
 
 
-def register_layer_rule(module_type: type, rule: LayerRule) -> None:
-    """Teach the structured engine a layer type (matched exactly, not by subclass).
-
-    The rule must be exact for the way the type's ``forward`` uses its parameters; the engine checks
-    that they are used nowhere else, that the layer runs once per forward, and tests can compare it
-    with ``strategy="jacobian"``.
-    """
+def _check_type(module_type) -> None:
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+
+
+def register_layer_rule(module_type: type, rule: LayerRule | None = None):
+    """Teach the structured engine a layer type (matched exactly, not by subclass); takes effect at once.
+
+    The rule must be exact for the way the type's ``forward`` uses its parameters; the engine checks
+    that they are used nowhere else, that the layer runs once per sample, and ``mgs_torch.verify``
+    compares the result with the per-sample reference. Used as a decorator on a rule class,
+    ``@register_layer_rule(MyLayer)`` registers an instance of it. Remove with
+    :func:`unregister_layer_rule`, or register for a block only with :func:`layer_rule`.
+    """
+    _check_type(module_type)
+    if rule is None:
+        def decorate(rule_cls):
+            register_layer_rule(module_type, rule_cls())
+            return rule_cls
+        return decorate
     if not isinstance(rule, LayerRule):
         raise TypeError(f"rule must be a LayerRule instance, got {type(rule).__name__}")
     LAYER_RULES[module_type] = rule
+    return rule
+
+
+def unregister_layer_rule(module_type: type) -> LayerRule:
+    """Remove the rule for ``module_type`` (its parameters then go to the reference engine); returns it."""
+    _check_type(module_type)
+    if module_type not in LAYER_RULES:
+        raise KeyError(f"no layer rule is registered for {module_type.__name__}")
+    return LAYER_RULES.pop(module_type)
+
+
+@contextlib.contextmanager
+def layer_rule(module_type: type, rule: LayerRule | None) -> Iterator[None]:
+    """Use ``rule`` for ``module_type`` inside the block (``None``: no rule), restoring the registry after."""
+    _check_type(module_type)
+    missing = object()
+    old = LAYER_RULES.get(module_type, missing)
+    try:
+        if rule is None:
+            if old is not missing:
+                LAYER_RULES.pop(module_type)
+        else:
+            register_layer_rule(module_type, rule)
+        yield
+    finally:
+        if old is missing:
+            if module_type in LAYER_RULES:
+                LAYER_RULES.pop(module_type)
+        else:
+            LAYER_RULES[module_type] = old
