@@ -18,6 +18,7 @@ from .kernel import mgs_kernel, mgs_trace
 from .metrics import MGSMetrics, kernel_target_alignment, mgs_metrics
 from .op_fixes import UnsupportedLayerError
 from .penalty import mgs_penalty
+from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,8 @@ __all__ = [
     "layer_rule",
     "NonFiniteOutputError",
     "UnsupportedLayerError",
+    "verify",
+    "VerifyReport",
     "__version__",
 ]
 

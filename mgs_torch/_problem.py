@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence, Union
 
@@ -226,14 +227,14 @@ def restore_rng_states(states: list[tuple[str, int, Tensor]]) -> None:
 
 
 @contextlib.contextmanager
-def preserved_state(model: nn.Module, batch_norm: str) -> Iterator[None]:
+def preserved_state(model: nn.Module, batch_norm: str) -> Iterator[ExactOps]:
     """Run a kernel computation without side effects on ``model`` or the global RNG.
 
     Train/eval flags are restored, BatchNorm layers are in eval mode under ``batch_norm="eval"``,
     autocast is off (the kernel is computed in the parameters' dtype or the requested one), the ops
     whose torch.func support is wrong are routed to exact equivalents (:class:`~mgs_torch.op_fixes.ExactOps`),
     and the global random state (CPU and the model's CUDA device) is forked, so Dropout masks drawn here do
-    not shift the training run's random stream.
+    not shift the training run's random stream. Yields the active :class:`~mgs_torch.op_fixes.ExactOps`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -248,8 +249,10 @@ def preserved_state(model: nn.Module, batch_norm: str) -> Iterator[None]:
             for dev in ("cpu", "cuda"):
                 if dev == "cpu" or devices:
                     stack.enter_context(torch.autocast(dev, enabled=False))
-            stack.enter_context(ExactOps())
-            yield
+            stack.enter_context(warnings.catch_warnings())
+            # vmap's fallback for ops without a batching rule is correct, only slower: not the user's concern
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
+            yield stack.enter_context(ExactOps())
     finally:
         for m, flag in flags:
             m.training = flag

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ._problem import OUTPUT_MODES, Inputs, KernelProblem, ParamFilter, build_problem, one_hot_cotangents, preserved_state
 from .engines import ENGINES, STRATEGIES
+from .op_fixes import explained_failures
 
 __all__ = ["mgs_kernel", "mgs_trace", "rademacher_probes"]
 
@@ -89,7 +90,7 @@ def mgs_kernel(
     _check_choice("outputs", outputs, OUTPUT_MODES)
     _check_chunk(chunk_size)
     engine = engine_for(strategy)
-    with preserved_state(model, batch_norm):
+    with preserved_state(model, batch_norm), explained_failures(model, strategy):
         problem = build_problem(model, inputs, params=params, dtype=dtype, create_graph=create_graph, batch_norm=batch_norm)
         return engine.kernel(problem, outputs=outputs, chunk_size=chunk_size)
 
@@ -152,7 +153,7 @@ def mgs_trace(
     _check_estimator("trace", estimator, num_probes)
     _check_chunk(chunk_size)
     engine = engine_for(strategy)
-    with preserved_state(model, batch_norm):
+    with preserved_state(model, batch_norm), explained_failures(model, strategy):
         problem = build_problem(model, inputs, params=params, dtype=dtype, create_graph=create_graph, batch_norm=batch_norm)
         return trace_from_rows(
             problem, engine, estimator=estimator, num_probes=num_probes,

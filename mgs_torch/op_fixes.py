@@ -34,16 +34,35 @@ differentiate.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ExactOps", "UnsupportedLayerError", "REPLACED_OPS"]
+__all__ = ["ExactOps", "UnsupportedLayerError", "REPLACED_OPS", "explained_failures"]
 
 
 class UnsupportedLayerError(ValueError):
     """A layer or op whose Jacobian mgs_torch cannot compute exactly; the message says what to do."""
+
+
+@contextlib.contextmanager
+def explained_failures(model, strategy: str) -> Iterator[None]:
+    """Turn a raw torch.func / autograd failure inside an MGS computation into an error that says what to do."""
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as error:
+        raise UnsupportedLayerError(
+            f"mgs_torch could not differentiate {type(model).__name__} (strategy={strategy!r}): "
+            f"{type(error).__name__}: {str(error).strip().splitlines()[0]}\n"
+            f"The failing op is not among those mgs_torch routes around (mgs_torch.op_fixes.REPLACED_OPS). "
+            f"Run mgs_torch.verify(model, x) to see which layer fails, then replace that layer by an "
+            f"equivalent composition of standard ops, leave its parameters out with params=..., or "
+            f"register a LayerRule for it."
+        ) from error
 
 
 # ---------------------------------------------------------------------------------- normalisation
@@ -262,6 +281,20 @@ REPLACED_OPS: dict = {
 }
 
 
+_RECORDERS: list[set] = []
+
+
+@contextlib.contextmanager
+def recording_replacements() -> Iterator[set]:
+    """Collect the names of the ops any :class:`ExactOps` replaces inside the block."""
+    names: set = set()
+    _RECORDERS.append(names)
+    try:
+        yield names
+    finally:
+        _RECORDERS.remove(names)
+
+
 class ExactOps(TorchFunctionMode):
     """Route the ops of :data:`REPLACED_OPS` to their exact compositions while active.
 
@@ -279,7 +312,10 @@ class ExactOps(TorchFunctionMode):
         kwargs = kwargs or {}
         fix = REPLACED_OPS.get(func)
         if fix is not None:
-            self.replaced.add(getattr(func, "__name__", str(func)))
+            name = getattr(func, "__name__", str(func))
+            self.replaced.add(name)
+            for record in _RECORDERS:
+                record.add(name)
             if fix is multi_head_attention_forward:  # calls the original itself: mode stays off
                 return fix(*args, **kwargs)
             with self:

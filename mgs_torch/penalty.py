@@ -10,6 +10,7 @@ from ._problem import (
     OUTPUT_MODES, Inputs, KernelProblem, ParamFilter, build_problem, preserved_state,
     restore_rng_states, rng_states,
 )
+from .op_fixes import explained_failures
 from .kernel import _check_choice, _check_chunk, engine_for, trace_cotangents, trace_from_rows
 
 __all__ = ["mgs_penalty", "default_generator", "KINDS", "ESTIMATORS", "REDUCTIONS"]
@@ -88,7 +89,7 @@ def _trace_in_chunks(
         return make
 
     def value_of(start: int, values: dict[str, Tensor] | None) -> Tensor:
-        with preserved_state(model, batch_norm):
+        with preserved_state(model, batch_norm), explained_failures(model, "chunked"):
             restore_rng_states(rng)
             problem = build_problem(model, inputs, create_graph=values is not None, batch_norm=batch_norm, values=values, **build)
             cache["problem"] = problem
@@ -156,7 +157,7 @@ def mgs_penalty(
         if estimator == "hutchinson":
             value = value / num_probes
     else:
-        with preserved_state(model, batch_norm):
+        with preserved_state(model, batch_norm), explained_failures(model, strategy):
             problem = build_problem(model, inputs, params=params, dtype=dtype, create_graph=True, batch_norm=batch_norm)
             if kind == "trace":
                 value = trace_from_rows(
