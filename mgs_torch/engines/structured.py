@@ -2,8 +2,9 @@
 
 For a layer with input a and output z, ∇_W f_o(x_i) is built from a_i and g_io = ∂f_o(x_i)/∂z_i
 (Novak et al. 2022, "structured derivatives"; the "ghost norm" of per-sample-gradient libraries).
-One forward adds a zero "tap" to each covered layer's output; ``torch.func.vjp`` with respect to
-the taps, vmapped over the k cotangents, gives every g_l in one batched backward (k = q one-hot
+One forward, run per sample under ``vmap`` (so every layer sees one sample, whatever the model does
+with the batch dimension), adds a zero "tap" to each covered layer's output; ``torch.func.vjp`` with
+respect to the taps, vmapped over the k cotangents, gives every g_l in one batched backward (k = q one-hot
 cotangents for the exact kernel or trace, k = probes for Hutchinson). Layer rules
 (:mod:`~mgs_torch.engines.layers`) turn (a_l, g_l) into factors whose Gram products are summed.
 
@@ -11,7 +12,8 @@ Cost: one forward, one backward at batch k·n (to activations only), and per lay
 min(ghost, materialised) products (see :mod:`~mgs_torch.engines.factors`); double backward through
 all of it is ordinary autograd. Parameters no rule covers exactly — unknown layer types, layers run
 more than once per forward, parameters used outside their layer — are computed by the reference
-engine for those parameters only and added (K is additive over parameter blocks). When that
+engine for those parameters only and added (K is additive over parameter blocks); ``Plan.routes``
+says which route each parameter took and why. When that
 fallback would meet active Dropout (its masks could not match) or the samples interact, the whole
 computation goes to the reference engine instead.
 """
