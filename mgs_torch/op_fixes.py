@@ -11,8 +11,9 @@ op                                what goes wrong upstream
 ``F.instance_norm``               same (a bias whose true gradient is 0 gets 3.5e-4)
 ``F.batch_norm`` (batch stats)    same, under ``batch_norm="batch"``
 ``F.prelu``                       ``vmap(jacrev)`` fails with a shape error (its batching rule)
-``torch.lstm/gru/rnn_*``          the fused RNN ops fail inside ``vmap`` ("output with shape
-                                  [1, h] doesn't match the broadcast shape [n, 1, h]")
+``torch.lstm/gru/rnn_*``          the fused RNN ops and cells (``nn.LSTM``, ``nn.LSTMCell``, …) fail
+and their ``*_cell`` ops          inside ``vmap`` ("output with shape [1, h] doesn't match the
+                                  broadcast shape [n, 1, h]")
 ``F.scaled_dot_product_attention`` the fused CPU/CUDA kernels have no double backward
 ``F.hardsigmoid``                 no double backward (``hardsigmoid_backward``)
 ``F.rrelu``                       no ``vmap`` rule (``rrelu_with_noise``)
@@ -55,6 +56,12 @@ def explained_failures(model, strategy: str) -> Iterator[None]:
     try:
         yield
     except (RuntimeError, NotImplementedError) as error:
+        if "saved tensor hooks" in str(error):
+            raise UnsupportedLayerError(
+                f"{type(model).__name__} uses activation checkpointing (torch.utils.checkpoint) or other saved-tensor "
+                f"hooks, which torch.func cannot differentiate; switch it off while computing MGS (mgs_torch's own "
+                f"chunk_size= bounds the memory of the kernel and the penalty instead)"
+            ) from error
         raise UnsupportedLayerError(
             f"mgs_torch could not differentiate {type(model).__name__} (strategy={strategy!r}): "
             f"{type(error).__name__}: {str(error).strip().splitlines()[0]}\n"
@@ -260,6 +267,13 @@ def _make_rnn(kind: str):
     return rnn
 
 
+def _make_rnn_cell(kind: str):
+    def cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+        return _cell(kind, F.linear(input, w_ih, b_ih), tuple(hx) if kind == "lstm" else hx, w_hh, b_hh, None)
+
+    return cell
+
+
 _VF = torch._C._VariableFunctions
 
 REPLACED_OPS: dict = {
@@ -278,6 +292,10 @@ REPLACED_OPS: dict = {
     _VF.gru: _make_rnn("gru"),
     _VF.rnn_tanh: _make_rnn("rnn_tanh"),
     _VF.rnn_relu: _make_rnn("rnn_relu"),
+    _VF.lstm_cell: _make_rnn_cell("lstm"),
+    _VF.gru_cell: _make_rnn_cell("gru"),
+    _VF.rnn_tanh_cell: _make_rnn_cell("rnn_tanh"),
+    _VF.rnn_relu_cell: _make_rnn_cell("rnn_relu"),
 }
 
 

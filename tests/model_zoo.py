@@ -232,6 +232,97 @@ class ReusedWeight(nn.Module):
         return self.head(h)
 
 
+class CellNet(nn.Module):
+    """An RNN cell unrolled by hand (nn.LSTMCell / GRUCell / RNNCell)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.cell = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}[kind](3, 3)
+        self.head = nn.Linear(3, Q)
+
+    def forward(self, x):  # (n, T, 3)
+        h = torch.zeros(x.shape[0], 3, dtype=x.dtype)
+        c = torch.zeros_like(h)
+        for t in range(x.shape[1]):
+            if self.kind == "lstm":
+                h, c = self.cell(x[:, t], (h, c))
+            else:
+                h = self.cell(x[:, t], h)
+        return self.head(h)
+
+
+class SqueezeExcite(nn.Module):
+    """MobileNetV3-style block: Hardswish conv, squeeze-excitation gate with Hardsigmoid."""
+
+    def __init__(self, exact_gate: bool = False):
+        super().__init__()
+        self.exact_gate = exact_gate
+        self.conv, self.fc1, self.fc2 = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 2, 1), nn.Conv2d(2, 4, 1)
+        self.head = nn.Linear(4, Q)
+
+    def forward(self, x):
+        h = F.hardswish(self.conv(x))
+        s = self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(h, 1))))
+        s = torch.clamp((s + 3.0) / 6.0, 0.0, 1.0) if self.exact_gate else F.hardsigmoid(s)
+        return self.head((h * s).mean((2, 3)))
+
+
+def _exact_gate(model):
+    model = copy.deepcopy(model)
+    model.exact_gate = True
+    return model
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """ConvNeXt's channels-first LayerNorm: a subclass that permutes around the parent's forward."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise conv, channels-last LayerNorm and MLP, layer scale (a bare parameter), residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.norm, self.pw1, self.pw2 = nn.LayerNorm(4), nn.Linear(4, 8), nn.Linear(8, 4)
+        self.gamma = nn.Parameter(torch.full((4,), 0.5))
+        self.ln2d, self.head = LayerNorm2d(4), nn.Linear(4, Q)
+
+    def forward(self, x):
+        h = self.dw(x).permute(0, 2, 3, 1)
+        h = self.pw2(F.gelu(self.pw1(self.norm(h)))) * self.gamma
+        return self.head(self.ln2d(x + h.permute(0, 3, 1, 2)).mean((2, 3)))
+
+
+class CausalEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(4, 2, 6, dropout=0.0, batch_first=True)
+        self.enc, self.head = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(4, Q)
+
+    def forward(self, x):
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], dtype=x.dtype)
+        return self.head(self.enc(x, mask=mask, is_causal=True).mean(1))
+
+
+class PoolsAndResampling(nn.Module):
+    """Max pooling, pixel shuffle, local response norm and bilinear interpolation after a conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(2, 4, 3, padding=1), nn.Linear(4 * 2 * 2 + 1 + 4, Q)
+
+    def forward(self, x):
+        h = self.conv(x)
+        a = F.max_pool2d(h, 2)
+        b = F.pixel_shuffle(h, 2).mean((1, 2, 3)).unsqueeze(1)
+        c = F.interpolate(F.local_response_norm(a, 2), scale_factor=2, mode="bilinear").mean((2, 3))
+        return self.head(torch.cat([a.flatten(1), b, c], 1))
+
+
 def _hooked():
     model, x = _mlp(nn.Tanh())
     model[0].register_forward_hook(lambda m, a, out: out * 2.0 + out**2)
@@ -375,6 +466,8 @@ for _cell in ("rnn", "lstm", "gru"):
     for _bf in (True, False):
         for _tag in (False, True):
             case(f"{_cell}_{'bf' if _bf else 'tm'}_{'tagger' if _tag else 'clf'}", (lambda c, b, t: lambda: (RecurrentNet(c, b, t), (randn(N, 4, 3),)))(_cell, _bf, _tag))
+for _kind in ("lstm", "gru", "rnn"):
+    case(f"{_kind}_cell", (lambda k: lambda: (CellNet(k), (randn(N, 4, 3),)))(_kind))
 # attention
 case("mha_batch_first", lambda: (AttentionNet(True), _tokens()))
 case("mha_time_major", lambda: (AttentionNet(False), _tokens()))
@@ -382,6 +475,11 @@ case("encoder_layer_default", lambda: (EncoderNet(False).eval(), _tokens()))
 case("encoder_layer_batch_first", lambda: (EncoderNet(True).eval(), _tokens()))
 case("encoder_layer_norm_first", lambda: (EncoderNet(True, norm_first=True).eval(), _tokens()))
 case("decoder_layer", lambda: (EncoderNet(False, decoder=True).eval(), _tokens()))
+case("causal_encoder_stack", lambda: (CausalEncoder().eval(), _tokens()))
+# blocks of common architectures
+case("squeeze_excite", lambda: (SqueezeExcite().eval(), (randn(N, 2, 4, 4),)), grad_by_fd=True, reference_model=_exact_gate)
+case("convnext_block", lambda: (ConvNeXtBlock().eval(), (randn(N, 4, 3, 3),)))
+case("pools_and_resampling", lambda: (PoolsAndResampling().eval(), (randn(N, 2, 4, 4),)))
 # layouts
 case("folded_sequence", lambda: (FoldedSequence(), (randn(N, 4, 3),)))
 case("folded_sequence_n1", lambda: (FoldedSequence(), (randn(1, 4, 3),)))

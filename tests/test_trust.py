@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -12,7 +13,8 @@ from torch import nn
 from model_zoo import by_name, build
 from reference import kernel_loop
 from mgs_torch import (
-    LayerRule, UnsupportedLayerError, layer_rule, mgs_kernel, mgs_trace, register_layer_rule, unregister_layer_rule, verify,
+    LayerRule, UnsupportedLayerError, layer_rule, mgs_kernel, mgs_penalty, mgs_trace, register_layer_rule, unregister_layer_rule,
+    verify,
 )
 from mgs_torch.engines import LAYER_RULES
 from mgs_torch.engines.factors import DirectFactor
@@ -195,3 +197,34 @@ def test_embedding_max_norm_is_refused_before_the_weight_is_touched():
     with pytest.raises(UnsupportedLayerError, match="max_norm"):
         mgs_kernel(model, torch.tensor([[1, 2], [3, 4]]))
     assert torch.equal(emb.weight, before)
+
+
+# ----------------------------------------------------------------------------------- float32 and refusals
+
+
+@pytest.mark.parametrize("name", ["lstm_bf_tagger", "lstm_tm_clf", "gru_tm_clf", "rnn_bf_clf", "lstm_cell", "encoder_layer_default"])
+@pytest.mark.parametrize("strategy", ["jacobian", "structured"])
+def test_recurrent_and_attention_layers_in_float32(name, strategy):
+    model, x = build(by_name(name))
+    expected = kernel_loop(model, x)  # float64 reference
+    model32, x32 = copy.deepcopy(model).float(), tuple(t.float() for t in x)
+    K = mgs_kernel(model32, x32, strategy=strategy)
+    assert K.dtype == torch.float32 and close(K.double(), expected, 1e-5)
+    penalty = mgs_penalty(model32, x32, strategy=strategy)
+    grads = torch.autograd.grad(penalty, [p for p in model32.parameters()], allow_unused=True)
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
+
+
+def test_activation_checkpointing_is_refused_with_advice():
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(checkpoint(lambda h: torch.tanh(self.a(h)), x, use_reentrant=False))
+
+    with pytest.raises(UnsupportedLayerError, match="chunk_size"):
+        mgs_kernel(Checkpointed(), torch.randn(3, 4), strategy="jacobian")

@@ -63,7 +63,13 @@ def _vmap_jacrev(model: nn.Module, x: torch.Tensor):
     return vmap(jacrev(lambda p, xi: functional_call(model, p, (xi.unsqueeze(0),)).reshape(-1)), in_dims=(None, 0))(params, x)
 
 
-@pytest.mark.parametrize("name, op", [("prelu_single", "F.prelu"), ("lstm_bf_clf", "torch.lstm"), ("gru_tm_clf", "torch.gru"), ("act_rrelu", "F.rrelu")])
+@pytest.mark.parametrize(
+    "name, op",
+    [
+        ("prelu_single", "F.prelu"), ("lstm_bf_clf", "torch.lstm"), ("gru_tm_clf", "torch.gru"), ("rnn_bf_clf", "torch.rnn_tanh"),
+        ("lstm_cell", "torch.lstm_cell"), ("gru_cell", "torch.gru_cell"), ("act_rrelu", "F.rrelu"),
+    ],
+)
 def test_per_sample_jacobian_fails_under_vmap(name, op):
     model, (x,) = build(by_name(name))
     with pytest.raises(RuntimeError):
