@@ -268,16 +268,13 @@ def build_problem(
     batch_norm: str = "eval",
     values: dict[str, Tensor] | None = None,
 ) -> KernelProblem:
-    """Validate arguments and assemble a :class:`KernelProblem`; call inside :func:`preserved_state`.
+    """Validate the model and inputs and assemble a :class:`KernelProblem`; call inside :func:`preserved_state`
+    with options already checked by :class:`~mgs_torch.options.KernelOptions`.
 
     With ``create_graph=False`` every tensor is detached (no autograd graph is built); otherwise the
     selected and frozen parameters stay connected to the model's parameters, so the kernel can be
     back-propagated to all of them. ``values`` substitutes tensors for parameters by name.
     """
-    if batch_norm not in BATCH_NORM_POLICIES:
-        raise ValueError(f"batch_norm must be one of {BATCH_NORM_POLICIES}, got {batch_norm!r}")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch.dtype such as torch.float64, got {dtype!r}")
     selected = select_parameters(model, params)
     x = as_input_tuple(inputs)
     device = next(iter(selected.values())).device

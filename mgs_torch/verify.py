@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from ._problem import Inputs, as_input_tuple, build_problem, preserved_state
-from .engines import structured
-from .kernel import engine_for, mgs_kernel
+from .engines import engine_for, jacobian, structured
+from .kernel import mgs_kernel
+from .options import KernelOptions
 from .op_fixes import UnsupportedLayerError, recording_replacements
 from .penalty import mgs_penalty
 
@@ -101,13 +102,14 @@ def verify(
     report = VerifyReport(strategy, xs[0].shape[0], tolerance=tolerance)
     if model.training:
         report.notes.append("checked in eval mode (Dropout and other random layers make K random in train mode)")
-    engine_for(strategy)  # validates the name
+    KernelOptions(strategy=strategy, params=params)  # validated before anything runs
     try:
         with preserved_state(ref_model, "eval"):
             problem = build_problem(ref_model, xs, params=params)
-            if strategy == "jacobian":
+            if engine_for(strategy, problem) is jacobian:
                 problem.validation_forward()
-                report.routes = {k: "reference (strategy='jacobian')" for k in problem.params}
+                why = "strategy='jacobian'" if strategy == "jacobian" else "auto: layer rules cover under half the parameters"
+                report.routes = {k: f"reference ({why})" for k in problem.params}
             else:
                 report.routes = structured.cached_plan(problem)[0].routes()
             chosen = list(problem.params)
