@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mgs_torch import UnsupportedLayerError
+from mgs_torch import LayerRule, UnsupportedLayerError
+from mgs_torch.engines.factors import DirectFactor
 
 N, Q = 3, 2
 D = torch.float64
@@ -321,6 +322,27 @@ class PoolsAndResampling(nn.Module):
         b = F.pixel_shuffle(h, 2).mean((1, 2, 3)).unsqueeze(1)
         c = F.interpolate(F.local_response_norm(a, 2), scale_factor=2, mode="bilinear").mean((2, 3))
         return self.head(torch.cat([a.flatten(1), b, c], 1))
+
+
+class Scale(nn.Module):
+    """A custom layer x ⊙ w, for the rule-registry tests (no rule unless a test registers one)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class ScaleRule(LayerRule):
+    """The exact rule for :class:`Scale`: ∂(c·f)/∂w_d = g_d a_d per sample."""
+
+    params = ("weight",)
+
+    def factors(self, module, saved, grad, names):
+        (a,) = saved
+        return {"weight": DirectFactor(grad * a)}
 
 
 def _hooked():

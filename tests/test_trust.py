@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_zoo import by_name, build
+from model_zoo import Scale, ScaleRule, by_name, build
 from reference import kernel_loop
 from mgs_torch import (
     LayerRule, UnsupportedLayerError, layer_rule, mgs_kernel, mgs_penalty, mgs_trace, register_layer_rule, unregister_layer_rule,
@@ -88,23 +88,6 @@ def test_no_batching_rule_warnings_reach_the_user():
 
 
 # ----------------------------------------------------------------------------------- registry
-
-
-class Scale(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(d, dtype=torch.float64))
-
-    def forward(self, x):
-        return x * self.weight
-
-
-class ScaleRule(LayerRule):
-    params = ("weight",)
-
-    def factors(self, module, saved, grad, names):
-        (a,) = saved
-        return {"weight": DirectFactor(grad * a)}
 
 
 class WrongScaleRule(ScaleRule):

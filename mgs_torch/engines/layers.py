@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator
+from typing import Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,14 @@ from torch import Tensor, nn
 
 from .factors import ConvFactor, DirectFactor, IndexOuterFactor, OuterFactor
 
-Factor = Any
+class Factor(Protocol):
+    """One parameter's per-sample gradients in factored form (see :mod:`mgs_torch.engines.factors`)."""
+
+    def row_sq_norms(self) -> Tensor:
+        """‖G_ki‖² for every cotangent k and sample i: (k, n)."""
+
+    def kernel(self, outputs: str) -> Tensor:
+        """Σ over the parameter of G_ki·G_lj: (n·k)² rows ordered (sample, cotangent), or n² summed over k."""
 
 
 class LayerRule:
@@ -107,7 +114,28 @@ class ConvRule(LayerRule):
         return out
 
 
-class BatchNormRule(LayerRule):
+class AffineNormRule(LayerRule):
+    """Base of the normalisation rules: y = γ ⊙ x̂ + β with x̂ captured by ``capture``.
+
+    The per-sample gradients are ∂/∂γ = Σ_t g_t ⊙ x̂_t and ∂/∂β = Σ_t g_t over the positions t that
+    share an affine entry; subclasses say how a gradient is reduced to the parameter's shape.
+    """
+
+    def per_parameter(self, module, t: Tensor) -> Tensor:
+        """(k, n, *out) -> (k, n, P): sum over the positions that share each affine entry."""
+        return _sum_positions(t)  # channels on dim 2 (BatchNorm, GroupNorm)
+
+    def factors(self, module, saved, grad, names):
+        (xhat,) = saved
+        out = {}
+        if "weight" in names:
+            out["weight"] = DirectFactor(self.per_parameter(module, grad * xhat))
+        if "bias" in names:
+            out["bias"] = DirectFactor(self.per_parameter(module, grad))
+        return out
+
+
+class BatchNormRule(AffineNormRule):
     """BatchNorm with running statistics (eval mode): y = γ x̂ + β, x̂ = (x − μ)/√(σ² + ε) per channel."""
 
     def unsupported(self, module):
@@ -135,17 +163,8 @@ class BatchNormRule(LayerRule):
         shift = -mean * scale if module.bias is None else module.bias - mean * scale
         return x * scale.view(shape) + shift.view(shape)
 
-    def factors(self, module, saved, grad, names):
-        (xhat,) = saved
-        out = {}
-        if "weight" in names:
-            out["weight"] = DirectFactor(_sum_positions(grad * xhat))
-        if "bias" in names:
-            out["bias"] = DirectFactor(_sum_positions(grad))
-        return out
 
-
-class LayerNormRule(LayerRule):
+class LayerNormRule(AffineNormRule):
     """LayerNorm: y = γ ⊙ x̂ + β over the normalised trailing dims, summed over leading positions."""
 
     leading_dims_are_positions = True
@@ -153,32 +172,16 @@ class LayerNormRule(LayerRule):
     def capture(self, module, inputs):
         return (F.layer_norm(inputs[0], module.normalized_shape, None, None, module.eps),)
 
-    def factors(self, module, saved, grad, names):
-        (xhat,) = saved
-        k, n = grad.shape[:2]
-        P = math.prod(module.normalized_shape)
-        out = {}
-        if "weight" in names:
-            out["weight"] = DirectFactor((grad * xhat).reshape(k, n, -1, P).sum(2))
-        if "bias" in names:
-            out["bias"] = DirectFactor(grad.reshape(k, n, -1, P).sum(2))
-        return out
+    def per_parameter(self, module, t):
+        k, n = t.shape[:2]
+        return t.reshape(k, n, -1, math.prod(module.normalized_shape)).sum(2)
 
 
-class GroupNormRule(LayerRule):
+class GroupNormRule(AffineNormRule):
     """GroupNorm: y = γ_c x̂ + β_c, x̂ normalised per sample and group; summed over spatial positions."""
 
     def capture(self, module, inputs):
         return (F.group_norm(inputs[0], module.num_groups, None, None, module.eps),)
-
-    def factors(self, module, saved, grad, names):
-        (xhat,) = saved
-        out = {}
-        if "weight" in names:
-            out["weight"] = DirectFactor(_sum_positions(grad * xhat))
-        if "bias" in names:
-            out["bias"] = DirectFactor(_sum_positions(grad))
-        return out
 
 
 class EmbeddingRule(LayerRule):
