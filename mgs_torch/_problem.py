@@ -2,12 +2,15 @@
 
 A :class:`KernelProblem` fixes what "the Jacobian" means for one call: which parameters are
 differentiated (``params``), which tensors are held fixed (``frozen``: the other parameters and
-cloned buffers), the inputs, and the model's output size ``q`` per sample. Engines only read it.
+cloned buffers), the inputs, and the model's output size ``q`` per sample. It is complete when
+:func:`build_problem` returns it (a validation forward fixes ``q``) and frozen: engines only read it,
+and a policy change (a model found to be random) makes a new problem with ``dataclasses.replace``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -33,7 +36,7 @@ _BATCH_NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 _DROPOUT_TYPES = (nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
-@dataclass
+@dataclass(frozen=True)
 class KernelProblem:
     """One mini-batch kernel computation, as engines see it.
 
@@ -46,9 +49,10 @@ class KernelProblem:
         per_sample: True when each sample's outputs depend on that sample alone (the engines'
             vmap-over-samples route is exact); False when the batch interacts (train-mode BatchNorm
             under ``batch_norm="batch"``), which leaves only the whole-batch Jacobian.
-        stochastic: True when a known random layer (Dropout) is active in the current mode.
+        stochastic: True when a random layer is active in the current mode (Dropout, or a random op
+            that vmap met: the engines then retry with a stochastic copy of the problem).
         strict_randomness: raise, rather than retry as stochastic, when vmap meets a random op
-            (set on the structured engine's fallback, whose masks must match its own forward's).
+            (the structured engine's fallback, whose masks must match its own forward's).
     """
 
     model: nn.Module
@@ -83,24 +87,14 @@ class KernelProblem:
             state.update({k: state[k].clone() for k in self.buffer_names})
         return functional_call(self.model, state, self.inputs if inputs is None else inputs)
 
-    def validation_forward(self) -> Tensor:
-        """A forward without graph or random-state change that validates outputs and sets ``q``.
-
-        The RNG is forked, so Dropout masks of a following forward are those ``model(X)`` would draw.
-        """
-        devices = sorted({t.device.index or 0 for t in self.params.values() if t.device.type == "cuda"})
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            return finish_problem(self, self.raw_forward())
-
-    def restrict(self, names: Iterable[str]) -> "KernelProblem":
+    def restrict(self, names: Iterable[str], *, strict_randomness: bool = False) -> "KernelProblem":
         """The same problem with only ``names`` differentiated; the rest join ``frozen``."""
         names = set(names)
         keep = {k: v for k, v in self.params.items() if k in names}
         rest = {k: v for k, v in self.params.items() if k not in names}
-        return KernelProblem(
-            self.model, self.inputs, keep, {**self.frozen, **rest}, self.n, self.q, self.output_shape,
-            self.per_sample, self.stochastic, self.modules_of_params, self.buffer_names,
-            self.signature + (tuple(sorted(names)),),
+        return dataclasses.replace(
+            self, params=keep, frozen={**self.frozen, **rest}, signature=self.signature + (tuple(sorted(names)),),
+            strict_randomness=strict_randomness,
         )
 
 
@@ -216,7 +210,7 @@ def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
 def rng_states(model: nn.Module) -> list[tuple[str, int, Tensor]]:
     """The random states a forward of ``model`` draws from: the CPU's and its CUDA devices'."""
     states = [("cpu", 0, torch.get_rng_state())]
-    for index in sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"}):
+    for index in cuda_devices(model.parameters()):
         states.append(("cuda", index, torch.cuda.get_rng_state(index)))
     return states
 
@@ -239,7 +233,7 @@ def preserved_state(model: nn.Module, batch_norm: str) -> Iterator[ExactOps]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     flags = [(m, m.training) for m in model.modules()]
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    devices = cuda_devices(model.parameters())
     try:
         if batch_norm == "eval":
             for m in model.modules():
@@ -319,9 +313,24 @@ def build_problem(
         tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in x),
         dtype,
     )
-    return KernelProblem(
-        model, x, chosen, frozen, x[0].shape[0], 0, (), per_sample, stochastic, owners, buffers, signature
-    )
+    n = x[0].shape[0]
+    draft = KernelProblem(model, x, chosen, frozen, n, 0, (), per_sample, stochastic, owners, buffers, signature)
+    output_shape = validated_output_shape(draft)
+    return dataclasses.replace(draft, q=max(1, math.prod(output_shape)), output_shape=output_shape)
+
+
+def cuda_devices(tensors: Iterable[Tensor]) -> list[int]:
+    """The CUDA device indices among ``tensors`` (what a random-state fork must cover)."""
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+
+
+def validated_output_shape(problem: KernelProblem) -> tuple[int, ...]:
+    """One forward without graph or random-state change: validates the outputs, returns their per-sample shape.
+
+    The RNG is forked, so Dropout masks of a following forward are those ``model(X)`` would draw.
+    """
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices(problem.params.values())):
+        return tuple(check_outputs(problem.raw_forward(), problem.n).shape[1:])
 
 
 Cotangents = Union[Tensor, Callable[[KernelProblem], Tensor]]
@@ -331,11 +340,3 @@ def one_hot_cotangents(problem: KernelProblem) -> Tensor:
     """e_a for every output a, broadcast over samples: (q, n, q); their row norms are diag K."""
     q = problem.q
     return torch.eye(q, device=problem.inputs[0].device).unsqueeze(1).expand(q, problem.n, q)
-
-
-def finish_problem(problem: KernelProblem, out: Tensor) -> Tensor:
-    """Validate a batched output of ``problem`` and record ``q`` and the output shape."""
-    out = check_outputs(out, problem.n)
-    problem.output_shape = tuple(out.shape[1:])
-    problem.q = max(1, math.prod(problem.output_shape))
-    return out.reshape(problem.n, -1)

@@ -48,33 +48,31 @@ def _trace_in_chunks(
 ) -> tuple[Tensor, KernelProblem]:
     """tr K (or its Hutchinson estimate, not yet divided by the probes) with memory bounded by
     ``chunk_size`` cotangents: the forward computes the value chunk by chunk without a graph; the
-    backward recomputes each chunk's graph under the same random state (Dropout masks match)."""
+    backward recomputes each chunk's graph under the same random state (Dropout masks match).
+    Returns the value and the (graph-free) problem it was computed on."""
     rng = rng_states(model)
-    all_cotangents = trace_cotangents(estimator, num_probes, generator)
-    cache: dict[str, object] = {}
 
-    def cotangents(start: int):
-        def make(problem: KernelProblem) -> Tensor:
-            if "all" not in cache:  # drawn once: every chunk and its recomputation slice the same probes
-                cache["all"] = all_cotangents(problem)
-            return cache["all"][start : start + chunk_size]
-        return make
+    def problem_for(values: dict[str, Tensor] | None) -> KernelProblem:
+        restore_rng_states(rng)
+        return build_problem(model, inputs, create_graph=values is not None, batch_norm=batch_norm, values=values, **build)
+
+    with preserved_state(model, batch_norm), explained_failures(model, "chunked"):
+        problem = problem_for(None)
+        # drawn once: every chunk and its recomputation slice the same probes
+        cotangents = trace_cotangents(estimator, num_probes, generator)(problem)
 
     def value_of(start: int, values: dict[str, Tensor] | None) -> Tensor:
         with preserved_state(model, batch_norm), explained_failures(model, "chunked"):
+            chunk_problem = problem if values is None else problem_for(values)
             restore_rng_states(rng)
-            problem = build_problem(model, inputs, create_graph=values is not None, batch_norm=batch_norm, values=values, **build)
-            cache["problem"] = problem
-            return engine_for(strategy, problem).row_sq_norms(problem, cotangents(start)).sum()
+            engine = engine_for(strategy, chunk_problem)
+            return engine.row_sq_norms(chunk_problem, cotangents[start : start + chunk_size]).sum()
 
-    total = value_of(0, None)
-    k = cache["all"].shape[0]
-    starts = list(range(0, k, chunk_size))
-    total = total + sum((value_of(s, None) for s in starts[1:]), torch.zeros_like(total))
+    starts = list(range(0, cotangents.shape[0], chunk_size))
+    total = sum((value_of(s, None) for s in starts[1:]), value_of(0, None))
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    names = [name for name, _ in named]
-    value = _RecomputedChunks.apply(total, value_of, starts, names, *(p for _, p in named))
-    return value, cache["problem"]
+    value = _RecomputedChunks.apply(total, value_of, starts, [name for name, _ in named], *(p for _, p in named))
+    return value, problem
 
 
 def mgs_penalty(

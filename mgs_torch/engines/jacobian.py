@@ -16,16 +16,13 @@ Contract shared with every engine (see :mod:`mgs_torch.engines`):
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 from torch.func import jacrev, vjp, vmap
 
 from .._problem import Cotangents, KernelProblem, restore_rng_states, rng_states
-
-
-def _validate(problem: KernelProblem) -> None:
-    if problem.q == 0:
-        problem.validation_forward()
 
 
 def _single_sample_fn(problem: KernelProblem):
@@ -47,7 +44,7 @@ def is_randomness_error(error: RuntimeError) -> bool:
 
 
 def retry_if_random(compute):
-    """Run ``compute(problem, ...)``; if the model turns out random, mark it stochastic and rerun."""
+    """Run ``compute(problem, ...)``; if the model turns out random, rerun on a stochastic copy."""
 
     def run(problem: KernelProblem, *args, **kwargs):
         rng = rng_states(problem.model)
@@ -56,9 +53,8 @@ def retry_if_random(compute):
         except RuntimeError as error:
             if problem.stochastic or problem.strict_randomness or not is_randomness_error(error):
                 raise
-            problem.stochastic = True
             restore_rng_states(rng)
-            return compute(problem, *args, **kwargs)
+            return compute(dataclasses.replace(problem, stochastic=True), *args, **kwargs)
 
     run.__doc__, run.__name__ = compute.__doc__, compute.__name__
     return run
@@ -81,7 +77,6 @@ def _contract(jac: dict[str, Tensor], n: int, q: int, outputs: str) -> Tensor:
 @retry_if_random
 def jacobian_rows(problem: KernelProblem, *, chunk_size: int | None = None) -> dict[str, Tensor]:
     """J as ``{name: (n·q, *param_shape)}``, rows ordered (sample, output)."""
-    _validate(problem)
     n, q = problem.n, problem.q
     if problem.per_sample:
         f = _single_sample_fn(problem)
@@ -108,7 +103,6 @@ def row_sq_norms(problem: KernelProblem, cotangents: Cotangents, *, chunk_size: 
     ``cotangents`` is a (k, n, q) tensor or a function of the (validated) problem returning one.
     With one-hot cotangents (k = q) these are the diagonal entries of K, so their sum is tr K.
     """
-    _validate(problem)
     if callable(cotangents):
         cotangents = cotangents(problem)
     cotangents = cotangents.to(next(iter(problem.params.values())).dtype)
