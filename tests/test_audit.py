@@ -9,6 +9,7 @@ Models mgs_torch refuses must raise the documented error and change nothing eith
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -103,3 +104,31 @@ def test_matches_the_autograd_loop(case: Case, strategy: str):
     assert_unchanged(model, before)
     bad = {k: f"{v:.2e}" for k, v in errors.items() if not v <= tol[k]}
     assert not bad, f"{case.name} with strategy={strategy!r}: relative errors {bad}"
+
+
+OPTION_CASES = ["folded_sequence", "permuted_batch", "lstm_tm_tagger", "encoder_layer_default", "batchnorm2d_batch", "layernorm_twice", "tied_weights"]
+
+
+@pytest.mark.parametrize("strategy", ["jacobian", "structured"])
+@pytest.mark.parametrize("name", OPTION_CASES)
+def test_chunked_and_filtered_computations_match_the_loop(name: str, strategy: str):
+    """chunk_size (kernel, trace and the recomputed penalty), a parameter filter and dtype on the same models."""
+    case = next(c for c in CASES if c.name == name)
+    model, x = build(case)
+    kw = dict(case.kernel_kwargs, strategy=strategy)
+    ref = reference(name)
+    assert relative_error(mgs_kernel(model, x, chunk_size=2, **kw), ref["K"]) <= TOL
+    assert relative_error(mgs_trace(model, x, chunk_size=1, **kw), ref["K"].trace()) <= TOL
+    value = mgs_penalty(model, x, reduction="sum", chunk_size=1, **kw)
+    grads = torch.autograd.grad(value, trainable(model), allow_unused=True)
+    flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, trainable(model))])
+    assert relative_error(flat, torch.cat([g.reshape(-1) for g in ref["trace"]])) <= TOL
+    # a filter: the last parameter only (J's columns restricted), against the loop over that parameter
+    last = trainable(model)[-1]
+    expected = kernel_loop(model, x, [last], whole_batch=case.whole_batch)
+    assert relative_error(mgs_kernel(model, x, params=[last], **kw), expected) <= TOL
+    # a float32 copy computed in float64 is the float64 kernel of the rounded weights
+    model32 = copy.deepcopy(model).float()
+    K64 = mgs_kernel(model32, tuple(t.float() if t.is_floating_point() else t for t in x), dtype=torch.float64, **kw)
+    assert K64.dtype == torch.float64
+    assert relative_error(K64, kernel_loop(copy.deepcopy(model32).double(), x, whole_batch=case.whole_batch)) <= 1e-7
