@@ -81,11 +81,16 @@ class KernelProblem:
         return self.raw_forward(params, x, fresh_buffers).reshape(x[0].shape[0], -1)
 
     def raw_forward(self, params=None, inputs=None, fresh_buffers: bool = False):
-        """Whatever the model returns (not yet validated or flattened)."""
+        """Whatever the model returns (not yet validated or flattened).
+
+        The forward runs under :class:`~mgs_torch.op_fixes.ExactOps`: the ops whose torch.func support
+        is wrong are replaced by exact equivalents (only here, where the model's code runs).
+        """
         state = {**self.frozen, **(self.params if params is None else params)}
         if fresh_buffers:
             state.update({k: state[k].clone() for k in self.buffer_names})
-        return functional_call(self.model, state, self.inputs if inputs is None else inputs)
+        with ExactOps():
+            return functional_call(self.model, state, self.inputs if inputs is None else inputs)
 
     def restrict(self, names: Iterable[str], *, strict_randomness: bool = False) -> "KernelProblem":
         """The same problem with only ``names`` differentiated; the rest join ``frozen``."""
@@ -221,14 +226,13 @@ def restore_rng_states(states: list[tuple[str, int, Tensor]]) -> None:
 
 
 @contextlib.contextmanager
-def preserved_state(model: nn.Module, batch_norm: str) -> Iterator[ExactOps]:
+def preserved_state(model: nn.Module, batch_norm: str) -> Iterator[None]:
     """Run a kernel computation without side effects on ``model`` or the global RNG.
 
     Train/eval flags are restored, BatchNorm layers are in eval mode under ``batch_norm="eval"``,
-    autocast is off (the kernel is computed in the parameters' dtype or the requested one), the ops
-    whose torch.func support is wrong are routed to exact equivalents (:class:`~mgs_torch.op_fixes.ExactOps`),
-    and the global random state (CPU and the model's CUDA device) is forked, so Dropout masks drawn here do
-    not shift the training run's random stream. Yields the active :class:`~mgs_torch.op_fixes.ExactOps`.
+    autocast is off (the kernel is computed in the parameters' dtype or the requested one), and the
+    global random state (CPU and the model's CUDA device) is forked, so Dropout masks drawn here do
+    not shift the training run's random stream.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -246,7 +250,7 @@ def preserved_state(model: nn.Module, batch_norm: str) -> Iterator[ExactOps]:
             stack.enter_context(warnings.catch_warnings())
             # vmap's fallback for ops without a batching rule is correct, only slower: not the user's concern
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
-            yield stack.enter_context(ExactOps())
+            yield
     finally:
         for m, flag in flags:
             m.training = flag

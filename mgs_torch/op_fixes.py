@@ -20,8 +20,8 @@ and their ``*_cell`` ops          inside ``vmap`` ("output with shape [1, h] doe
 ``F.embedding_bag``               no double backward (``_embedding_bag_backward``)
 ================================  ==============================================================
 
-:class:`ExactOps` is a :class:`~torch.overrides.TorchFunctionMode` that is active during every
-mgs_torch computation (never outside it): each op above is computed by an equivalent composition of
+:class:`ExactOps` is a :class:`~torch.overrides.TorchFunctionMode` that is active whenever mgs_torch
+runs the model's forward (never outside mgs_torch, nor around its own arithmetic): each op above is computed by an equivalent composition of
 ops whose batching rules and derivatives are right (the same values, checked in the tests, which
 also keep one regression test per upstream bug). It also refuses, before anything runs, what has no
 well-defined Jacobian: ``Embedding(max_norm=...)`` renormalises the weight *in place* during the
