@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .testbench.models import MODELS
 
     parser = argparse.ArgumentParser(prog="mgs-torch", description="Model Gradient Similarity (MGS) experiments for PyTorch.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="two-circles demo: all methods, TensorBoard logs, PNG figures (< 3 min on 2 cores)")
@@ -233,6 +236,12 @@ def cmd_testbench(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .testbench.report import full_report, render_template
 
+    runs = Path(args.out) / "runs"
+    if not runs.is_dir() or not any(runs.rglob("*.json")):
+        raise FileNotFoundError(
+            f"no run JSONs under {runs} (the folder {'is empty' if runs.is_dir() else 'does not exist'}); pass the --out "
+            f"folder a 'mgs-torch testbench --out DIR' or 'mgs-torch demo --out DIR' wrote to"
+        )
     text = render_template(Path(args.template).read_text(), args.out) if args.template else full_report(args.out)
     if args.output:
         Path(args.output).write_text(text)

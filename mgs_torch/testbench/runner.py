@@ -90,6 +90,12 @@ class RunConfig:
         value = "" if self.value is None else f"{self.value:g}"
         return f"noise{self.noise:g}_n{self.train_size}_seed{self.seed}_{self.method}{value}_{digest}"
 
+    @property
+    def display_name(self) -> str:
+        """The run's name with the method first (TensorBoard truncates long run names from the right)."""
+        value = "" if self.value is None else f"{self.value:g}"
+        return f"{self.method}{value}_noise{self.noise:g}_n{self.train_size}_seed{self.seed}_{self.run_id[-8:]}"
+
     def with_(self, **changes: Any) -> "RunConfig":
         return replace(self, **changes)
 
@@ -226,7 +232,7 @@ def train_run(
     writer = None
     if tensorboard:
         tb = require("torch.utils.tensorboard", "TensorBoard logging (pip install tensorboard)")
-        tb_dir = tb_dir or (Path(out_dir or ".") / "tensorboard" / config.dataset / config.model / config.run_id)
+        tb_dir = tb_dir or (Path(out_dir or ".") / "tensorboard" / config.dataset / config.model / config.display_name)
         writer = tb.SummaryWriter(str(tb_dir))
 
     history: list[dict[str, Any]] = []
