@@ -1,7 +1,7 @@
 """The ``mgs-torch`` console script: ``demo``, ``testbench`` and ``report``.
 
 ``mgs-torch demo``       two noisy circles with 30 % flipped labels, every method, MGS metrics to
-                         TensorBoard, decision-boundary and metric plots as PNG (< 3 min on 2 CPU cores).
+                         TensorBoard, decision-boundary and metric plots as PNG (about 1.5 min on 2 CPU cores).
 ``mgs-torch testbench``  a grid noise × training size × method × seed (resumable), figures, tables.
 ``mgs-torch report``     markdown tables from the run JSONs of an output folder (optionally filling a template).
 
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="two-circles demo: all methods, TensorBoard logs, PNG figures (< 3 min on 2 cores)")
+    demo = sub.add_parser("demo", help="two-circles demo: all methods, TensorBoard logs, PNG figures (about 1.5 min on 2 cores)")
     demo.add_argument("--out", default="mgs_demo", help="output folder (default ./mgs_demo)")
     demo.add_argument("--noise", type=float, default=0.3, help="fraction of training labels flipped (default 0.3)")
     demo.add_argument("--train-size", type=int, default=200, help="training points (default 200)")
