@@ -8,6 +8,7 @@ cloned buffers), the inputs, and the model's output size ``q`` per sample. Engin
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence, Union
@@ -15,6 +16,8 @@ from typing import Callable, Iterable, Iterator, Sequence, Union
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from ._dtypes import as_dtype
 
 Inputs = Union[Tensor, Sequence[Tensor]]
 ParamFilter = Union[None, Callable[[str, nn.Parameter], bool], Iterable[Union[str, nn.Module, nn.Parameter]]]
@@ -87,7 +90,12 @@ class KernelProblem:
         """
         devices = sorted({t.device.index or 0 for t in self.params.values() if t.device.type == "cuda"})
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            return finish_problem(self, self.raw_forward())
+            try:
+                out = self.raw_forward()
+            except RuntimeError as err:
+                raise_integer_input_hint(self.inputs, err)
+                raise
+            return finish_problem(self, out)
 
     def restrict(self, names: Iterable[str]) -> "KernelProblem":
         """The same problem with only ``names`` differentiated; the rest join ``frozen``."""
@@ -130,6 +138,29 @@ def as_input_tuple(inputs: Inputs) -> tuple[Tensor, ...]:
         if x.shape[0] != n:
             raise ValueError(f"inputs disagree on the batch size: input 0 has {n} samples, input {i} has {x.shape[0]}")
     return items
+
+
+def check_input_arity(model: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+    """Raise a clear TypeError when ``model.forward`` cannot take ``len(inputs)`` positional inputs.
+
+    The common case: a data loader's ``(x, y)`` batch passed whole, where ``model(x, y)`` would fail with
+    Python's "takes 2 positional arguments but 3 were given".
+    """
+    forward = getattr(model, "forward", None)
+    try:
+        sig = inspect.signature(forward)
+    except (TypeError, ValueError):  # builtins, C++ modules: let the forward speak for itself
+        return
+    params = list(sig.parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return
+    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    if len(inputs) > len(positional):
+        raise TypeError(
+            f"{type(model).__name__}.forward takes {len(positional)} input(s) "
+            f"({', '.join(p.name for p in positional) or 'none'}) but {len(inputs)} tensors were given as inputs; "
+            f"a tuple is passed as model(*inputs). If your data loader yields (inputs, targets), pass only the inputs"
+        )
 
 
 def select_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str, nn.Parameter]:
@@ -187,7 +218,8 @@ def check_outputs(out: object, n: int) -> Tensor:
     if out.dim() == 0 or out.shape[0] != n:
         raise ValueError(
             f"the model output has shape {tuple(out.shape)}, expected the batch ({n}) on dim 0: "
-            f"shapes (n,), (n, q) or (n, *shape) are supported"
+            f"shapes (n,), (n, q) or (n, *shape) are supported. Inputs need the batch on dim 0: for a single "
+            f"unbatched sample add it with x.unsqueeze(0) (shape (1, ...)), so a sample of 4 features is (1, 4), not (4,)"
         )
     if not out.is_floating_point():
         raise TypeError(f"the model output has dtype {out.dtype}; raw floating-point outputs (logits) are needed")
@@ -269,16 +301,23 @@ def build_problem(
     """
     if batch_norm not in BATCH_NORM_POLICIES:
         raise ValueError(f"batch_norm must be one of {BATCH_NORM_POLICIES}, got {batch_norm!r}")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch.dtype such as torch.float64, got {dtype!r}")
+    dtype = as_dtype("dtype", dtype)
     selected = select_parameters(model, params)
     x = as_input_tuple(inputs)
+    check_input_arity(model, x)
     device = next(iter(selected.values())).device
     x = tuple(_cast(t.to(device), dtype) for t in x)
     if dtype is None:
-        # compute in the parameters' dtype (a float32 model fed float64 data would mix dtypes)
-        pdtype = next(iter(selected.values())).dtype
-        x = tuple(t.to(pdtype) if t.is_floating_point() and t.dtype != pdtype else t for t in x)
+        # compute in the parameters' dtype, as model(x) does: a floating input of another dtype fails there too
+        pdtypes = {p.dtype for p in selected.values()}
+        for i, t in enumerate(x):
+            if t.is_floating_point() and len(pdtypes) == 1 and t.dtype not in pdtypes:
+                (pdtype,) = pdtypes
+                raise TypeError(
+                    f"input {i} has dtype {t.dtype} but the model's parameters are {pdtype}, so model(x) would fail "
+                    f"too; cast the input (x.to({pdtype})) or pass dtype={pdtype} (or another floating dtype) to "
+                    f"compute the kernel in that dtype"
+                )
 
     def prep(t: Tensor) -> Tensor:
         t = _cast(t, dtype)
@@ -327,6 +366,17 @@ def one_hot_cotangents(problem: KernelProblem) -> Tensor:
     """e_a for every output a, broadcast over samples: (q, n, q); their row norms are diag K."""
     q = problem.q
     return torch.eye(q, device=problem.inputs[0].device).unsqueeze(1).expand(q, problem.n, q)
+
+
+def raise_integer_input_hint(inputs: tuple[Tensor, ...], err: RuntimeError) -> None:
+    """Turn torch's dtype error for an integer input into one that says what to do (else return)."""
+    ints = [(i, t.dtype) for i, t in enumerate(inputs) if not t.is_floating_point() and not t.is_complex()]
+    if ints and "dtype" in str(err).lower():
+        i, dtype = ints[0]
+        raise TypeError(
+            f"input {i} has the integer dtype {dtype} and the model's forward failed on it ({err}); convert it to "
+            f"floating point, e.g. x.float(). Integer inputs are only for models that take indices (nn.Embedding)"
+        ) from err
 
 
 def finish_problem(problem: KernelProblem, out: Tensor) -> Tensor:
