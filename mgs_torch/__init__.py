@@ -17,6 +17,7 @@ from .engines import LayerRule, register_layer_rule
 from .kernel import mgs_kernel, mgs_trace
 from .metrics import MGSMetrics, kernel_target_alignment, mgs_metrics
 from .penalty import mgs_penalty
+from .scores import SampleScores, mgs_sample_scores, sample_scores_from_kernel
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,9 @@ __all__ = [
     "mgs_metrics",
     "mgs_penalty",
     "MGSMetrics",
+    "mgs_sample_scores",
+    "sample_scores_from_kernel",
+    "SampleScores",
     "kernel_target_alignment",
     "LayerRule",
     "register_layer_rule",

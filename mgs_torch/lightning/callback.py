@@ -20,6 +20,7 @@ from .._problem import BATCH_NORM_POLICIES, OUTPUT_MODES, Inputs, ParamFilter
 from ..engines import STRATEGIES
 from ..kernel import mgs_kernel
 from ..metrics import MGSMetrics, mgs_metrics
+from ..scores import SampleScores, sample_scores_from_kernel
 from ._utils import (
     MGSConfigurationError,
     cap_samples,
@@ -43,6 +44,10 @@ METRIC_NAMES: tuple[str, ...] = tuple(f.name for f in fields(MGSMetrics) if f.na
 DEFAULT_METRICS: tuple[str, ...] = ("trace", "logdet", "trace_per_row", "logdet_per_row", "rank")
 #: where the kernel's batch comes from
 PROBES: tuple[str, ...] = ("current", "train", "val")
+#: the scalar summaries logged with ``log_sample_scores=True``
+SAMPLE_SCORE_NAMES: tuple[str, ...] = tuple(
+    f"sample_{score}_{stat}" for score in ("energy", "agreement") for stat in ("median", "min", "max")
+)
 MODEL_MODES: tuple[str, ...] = ("train", "eval")
 _DEFAULT_PROBE_SIZE = 64
 
@@ -108,6 +113,13 @@ class MGSMonitor(pl.Callback):
             ``pl_module.net``); default: the LightningModule's ``mgs_module()`` if it has one,
             else the LightningModule itself (its ``forward`` must return raw outputs).
         seed: seed of the probe's random subset.
+        log_sample_scores: also log the distribution of the per-sample scores of the same kernel
+            (:func:`mgs_torch.sample_scores_from_kernel`: each sample's gradient energy, tr of its
+            diagonal block, and its mean gradient cosine with the rest of the batch): scalars
+            ``mgs/sample_energy_{median,min,max}`` and ``mgs/sample_agreement_{median,min,max}``
+            and, with a ``TensorBoardLogger``, histograms ``mgs/sample_energy`` and
+            ``mgs/sample_agreement``; the tensors of the last computation are in
+            :attr:`last_sample_scores`. Costs O(n²) on top of the kernel.
         prog_bar: show values on the progress bar: ``False`` (default), ``True`` (every logged
             key), or a selection of metric names (``"trace"``; epoch values with ``"trace_epoch"``)
             or full keys (``"mgs/trace_epoch"``).
@@ -173,6 +185,7 @@ class MGSMonitor(pl.Callback):
         seed: int = 0,
         spectrum_threads: int | None = 1,
         prog_bar: bool | Sequence[str] = False,
+        log_sample_scores: bool = False,
     ) -> None:
         check_int("log_every_n_steps", log_every_n_steps, minimum=0, allow_none=True)
         check_choice("probe", probe, PROBES)
@@ -201,7 +214,10 @@ class MGSMonitor(pl.Callback):
             raise TypeError(f"module must be the attribute name of a submodule (a str) or None, got {type(module).__name__}")
         check_int("seed", seed, minimum=0)
         check_int("spectrum_threads", spectrum_threads, minimum=1, allow_none=True)
-        prog_bar_keys = self._prog_bar_keys(prog_bar, metrics, prefix)
+        if not isinstance(log_sample_scores, bool):
+            raise TypeError(f"log_sample_scores must be True or False, got {log_sample_scores!r}")
+        self.log_sample_scores = log_sample_scores
+        prog_bar_keys = self._prog_bar_keys(prog_bar, metrics + (SAMPLE_SCORE_NAMES if log_sample_scores else ()), prefix)
 
         self.log_every_n_steps = log_every_n_steps
         self.log_on_epoch_end = bool(log_on_epoch_end)
@@ -237,6 +253,9 @@ class MGSMonitor(pl.Callback):
         self._last_epoch: int = -1
         self._last_batch: Any = None
         self._last_kernel: Tensor | None = None
+        self._last_num_samples: int = 0
+        #: the per-sample scores of the last kernel (``log_sample_scores=True``, rank 0), or None
+        self.last_sample_scores: SampleScores | None = None
 
     # ------------------------------------------------------------------------------------------
     # Lightning plumbing
@@ -456,6 +475,7 @@ class MGSMonitor(pl.Callback):
         want_targets = "alignment" in self.metrics and targets is not None
         metrics = mgs_metrics(K, targets=targets if want_targets else None, jitter=self.jitter, threads=self.spectrum_threads)
         self._last_kernel = K.detach()
+        self._last_num_samples = int(inputs[0].shape[0] if isinstance(inputs, (tuple, list)) else inputs.shape[0])
         return metrics
 
     def _measure_and_log(
@@ -480,6 +500,8 @@ class MGSMonitor(pl.Callback):
             if "alignment" in self.metrics and result is not None and result.alignment is None:
                 warn_once("MGSMonitor-no-targets", "MGSMonitor: 'alignment' needs targets in the batch (targets_fn); NaN is logged")
             scalars = {f"{self.prefix}{name}{suffix}": float(values.get(name, math.nan)) for name in self.metrics}
+            if self.log_sample_scores:
+                scalars.update(self._sample_score_scalars(suffix))
             payload = (scalars, time.perf_counter() - started)
         if trainer.world_size > 1:  # every rank reaches this hook at the same step: all agree on rank 0's values
             payload = trainer.strategy.broadcast(payload, src=0)
@@ -495,6 +517,16 @@ class MGSMonitor(pl.Callback):
         self.history.append(record)
         self.last_metrics = record
 
+    def _sample_score_scalars(self, suffix: str) -> dict[str, float]:
+        self.last_sample_scores = None
+        if self._last_kernel is not None:
+            try:
+                self.last_sample_scores = sample_scores_from_kernel(self._last_kernel, self._last_num_samples)
+            except Exception as err:  # never stop training for a metric
+                warn_once(f"MGSMonitor-scores-{type(err).__name__}", f"MGSMonitor could not compute the per-sample scores ({err}); NaN is logged")
+        summary = self.last_sample_scores.summary() if self.last_sample_scores is not None else {}
+        return {f"{self.prefix}{name}{suffix}": float(summary.get(name, math.nan)) for name in SAMPLE_SCORE_NAMES}
+
     def _publish(self, pl_module: "pl.LightningModule", scalars: dict[str, float], stage: str) -> None:
         """Make the values callback metrics (and progress-bar entries) on this rank; the loggers are written separately."""
         for key, value in scalars.items():
@@ -504,10 +536,13 @@ class MGSMonitor(pl.Callback):
             )
 
     def _log_tensorboard(self, trainer: "pl.Trainer", result: MGSMetrics, step: int, suffix: str) -> None:
-        if not (self.log_spectrum or self.log_kernel_image):
+        if not (self.log_spectrum or self.log_kernel_image or self.log_sample_scores):
             return
         for logger in self._tensorboard_loggers(trainer):
             writer = logger.experiment
+            if self.log_sample_scores and self.last_sample_scores is not None:
+                writer.add_histogram(f"{self.prefix}sample_energy{suffix}", self.last_sample_scores.energy, global_step=step)
+                writer.add_histogram(f"{self.prefix}sample_agreement{suffix}", self.last_sample_scores.agreement, global_step=step)
             if self.log_spectrum:
                 eig = result.eigenvalues
                 writer.add_histogram(f"{self.prefix}eigenvalues{suffix}", eig, global_step=step)
