@@ -40,7 +40,7 @@ __all__ = [
 # The Lightning integration is optional (pip install "mgs-torch[lightning]") and imported lazily:
 # ``import mgs_torch`` stays fast, and a bug inside mgs_torch.lightning is never mistaken for a
 # missing Lightning.
-_LIGHTNING_NAMES = ("MGSMonitor", "MGSRegularizedMixin")
+_LIGHTNING_NAMES = ("MGSMonitor", "MGSRegularizedMixin", "MGSEarlyStopping")
 if any(importlib.util.find_spec(name) is not None for name in ("pytorch_lightning", "lightning")):
     __all__ += list(_LIGHTNING_NAMES)
 

@@ -51,7 +51,7 @@ def test_exported_names():
     assert mgs_torch.MGSMonitor is MGSMonitor
     assert mgs_torch.MGSRegularizedMixin is MGSRegularizedMixin
     assert {"MGSMonitor", "MGSRegularizedMixin"} <= set(mgs_torch.__all__)
-    assert set(mgs_torch.lightning.__all__) == {"MGSMonitor", "MGSRegularizedMixin", "MGSConfigurationError"}
+    assert set(mgs_torch.lightning.__all__) == {"MGSMonitor", "MGSRegularizedMixin", "MGSEarlyStopping", "MGSConfigurationError"}
 
 
 @pytest.mark.parametrize(
