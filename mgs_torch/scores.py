@@ -18,7 +18,10 @@ From S, per sample:
 
 * ``energy[i]`` = :math:`S_{ii}` (for the outputs form, tr of K's i-th diagonal block, Σ_a ‖∇f_a(x_i)‖²);
 * ``agreement[i]`` = :math:`\frac{1}{n-1}\sum_{j\ne i} S_{ij}/\sqrt{S_{ii}S_{jj}}`, the mean cosine between
-  sample i's gradient and the others' (1: all alike; ≤ 0: it pulls against the batch).
+  sample i's gradient and the others' (1: all alike; ≤ 0: it pulls against the batch);
+* ``agreement_same_label[i]`` (loss form with class labels): the same mean, over the other samples
+  with the same label only (NaN for a sample alone in its class) — a flipped sample's loss gradient
+  pulls against those of the samples that truly have its label.
 
 A mislabelled sample is expected to have a large loss-gradient energy and a low (negative) agreement
 with the rest of its class; ``examples/RESULTS.md`` measures how well each score flags flipped labels
@@ -54,6 +57,7 @@ class SampleScores:
     agreement: Tensor
     gram: Tensor
     form: str  # "outputs" or "loss"
+    agreement_same_label: Tensor | None = None
 
     def summary(self, prefix: str = "") -> dict[str, float]:
         """Median, min and max of each score, as floats for loggers."""
@@ -66,8 +70,9 @@ class SampleScores:
         return out
 
 
-def sample_scores_from_gram(S: Tensor, form: str = "outputs") -> SampleScores:
-    """``energy`` and ``agreement`` from a sample-level Gram matrix S (n × n, symmetric PSD)."""
+def sample_scores_from_gram(S: Tensor, form: str = "outputs", labels: Tensor | None = None) -> SampleScores:
+    """``energy`` and ``agreement`` (and ``agreement_same_label`` when ``labels`` are given) from a
+    sample-level Gram matrix S (n × n, symmetric PSD)."""
     check_square(S)
     S = S.detach().double().cpu()
     S = 0.5 * (S + S.T)
@@ -78,7 +83,14 @@ def sample_scores_from_gram(S: Tensor, form: str = "outputs") -> SampleScores:
     cos = torch.where(denom > 0, S / denom.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(S))
     cos.fill_diagonal_(0.0)
     agreement = cos.sum(1) / (n - 1) if n > 1 else torch.zeros(n, dtype=torch.float64)
-    return SampleScores(energy=energy, agreement=agreement, gram=S, form=form)
+    same_label = None
+    if labels is not None:
+        lab = labels.detach().cpu().reshape(-1)
+        same = lab[:, None] == lab[None, :]
+        same.fill_diagonal_(False)
+        count = same.sum(1)
+        same_label = torch.where(count > 0, (cos * same).sum(1) / count.clamp_min(1), torch.full((n,), float("nan"), dtype=torch.float64))
+    return SampleScores(energy=energy, agreement=agreement, gram=S, form=form, agreement_same_label=same_label)
 
 
 def sample_scores_from_kernel(K: Tensor, num_samples: int) -> SampleScores:
@@ -165,7 +177,7 @@ def mgs_sample_scores(
     w = w.to(dtype or next(p for p in model.parameters() if p.requires_grad).dtype)
     params = kernel_kwargs.pop("params", None)
     S = mgs_kernel(_LossDirection(model), (w, *x), params=_prefixed(params), **kernel_kwargs)
-    return sample_scores_from_gram(S, "loss")
+    return sample_scores_from_gram(S, "loss", labels=targets if loss == "cross_entropy" else None)
 
 
 def _prefixed(params):

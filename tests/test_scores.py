@@ -58,6 +58,15 @@ def test_loss_form_is_the_gram_of_per_sample_loss_gradients(strategy, loss):
     torch.testing.assert_close(scores.energy, energy)
     torch.testing.assert_close(scores.agreement, agreement)
     assert scores.form == "loss" and scores.gram.shape == (6, 6)
+    if loss == "cross_entropy":
+        S = G @ G.T
+        cos = S / (S.diagonal().sqrt()[:, None] * S.diagonal().sqrt()[None, :])
+        for i in range(6):
+            mates = [j for j in range(6) if j != i and y[j] == y[i]]
+            expected = cos[i, mates].mean() if mates else torch.tensor(float("nan"), dtype=torch.float64)
+            torch.testing.assert_close(scores.agreement_same_label[i], expected, equal_nan=True)
+    else:
+        assert scores.agreement_same_label is None
 
 
 def test_params_filter_and_model_left_alone():

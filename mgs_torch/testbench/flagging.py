@@ -60,19 +60,13 @@ def score_samples(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         loss = nn.functional.cross_entropy(model(x), y, reduction="none").double().cpu()
     out_scores = mgs_sample_scores(model, x, dtype=torch.float64)
     loss_scores = mgs_sample_scores(model, x, targets=y, dtype=torch.float64)
-    S = loss_scores.gram
-    norms = S.diagonal().clamp_min(0).sqrt()
-    cos = S / (norms[:, None] * norms[None, :]).clamp_min(torch.finfo(torch.float64).tiny)
-    same = (y[:, None] == y[None, :]).cpu()
-    same.fill_diagonal_(False)
-    count = same.sum(1).clamp_min(1)
     return {
         "loss": loss,
         "energy_outputs": out_scores.energy,
         "agreement_outputs": out_scores.agreement,
         "energy_loss": loss_scores.energy,
         "agreement_loss": loss_scores.agreement,
-        "agreement_loss_same_label": (cos * same).sum(1) / count,
+        "agreement_loss_same_label": loss_scores.agreement_same_label,
     }
 
 
