@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--window", type=int, default=1, help="epochs the growth is measured over (default 1)")
     st.add_argument("--min-epochs", type=int, default=0, help="never stop before this many epochs (default 0)")
     st.add_argument("--val-patience", type=int, default=10, help="patience of the validation-loss early stopping (default 10)")
+    st.add_argument("--select-on", default=None, metavar="MODEL",
+                    help="choose threshold × window × patience from a small grid by the mean *validation* accuracy at the "
+                         "MGS stop on this model's runs, then report every table with the chosen rule")
 
     sc = sub.add_parser("scores", help="how well per-sample MGS scores flag flipped labels (AUROC), next to the per-sample loss")
     sc.add_argument("--dataset", default="digits", choices=DATASETS, help="a classification data set (default digits)")
@@ -271,8 +274,20 @@ def cmd_stopping(args: argparse.Namespace) -> int:
 
     _require_runs(args.out)
     results = load_results(args.out)
-    for threshold in args.threshold:
-        rule = {"threshold": threshold, "patience": args.patience, "window": args.window, "min_checks": args.min_epochs}
+    rules = [{"threshold": t, "patience": args.patience, "window": args.window, "min_checks": args.min_epochs} for t in args.threshold]
+    if args.select_on:
+        from .testbench.stopping import rule_selection_table
+
+        grid = [{"threshold": t, "patience": p, "window": w, "min_checks": args.min_epochs}
+                for t in (0.005, 0.01, 0.02, 0.05, 0.1) for w in (1, 5) for p in (3, 5)]
+        table, chosen = rule_selection_table(results, grid, args.select_on)
+        print(f"\n### Rule selection on {args.select_on} by validation accuracy at the MGS stop (test accuracy for information)\n")
+        print(table)
+        print(f"chosen: {chosen}")
+        rules = [chosen]
+    for rule in rules:
+        threshold = rule["threshold"]
+        args.window, args.patience = rule["window"], rule["patience"]
         print(f"\n### MGS stop: tr K/N of the probe grew < {100 * threshold:g}% per {args.window} epoch(s) for {args.patience} epochs "
               f"(min {args.min_epochs} epochs); val-loss patience {args.val_patience}; test accuracy (%)\n")
         print(stopping_table(results, rule, args.val_patience))

@@ -47,15 +47,15 @@ def test_needs_an_epoch_end_monitor(tmp_path):
 
 def test_callback_stops_where_the_rule_says_on_the_logged_curve(tmp_path):
     monitor = MGSMonitor(probe="train", max_samples=8, log_every_n_steps=0, log_on_epoch_end=True, model_mode="eval")
-    stop = MGSEarlyStopping(threshold=0.5, patience=2)  # generous: tr K / N grows less than 50 % per epoch soon
+    stop = MGSEarlyStopping(threshold=0.5, patience=2, window=1)  # generous: tr K / N grows less than 50 % per epoch soon
     trainer = fit(PlainNet(lr=0.2), tmp_path, loader(32, 8), callbacks=[stop, monitor], max_epochs=40)
     curve = [h["mgs/trace_per_row_epoch"] for h in monitor.history]
-    expected = growth_plateau_stop(curve, threshold=0.5, patience=2)
+    expected = growth_plateau_stop(curve, threshold=0.5, patience=2, window=1)
     assert expected is not None and trainer.should_stop
     assert len(curve) == expected + 1 and stop.stopped_epoch == expected
     assert stop.growths[1] == pytest.approx(curve[1] / curve[0] - 1, rel=1e-3, abs=1e-6)  # callback metrics are float32
     state = stop.state_dict()
-    fresh = MGSEarlyStopping(threshold=0.5, patience=2)
+    fresh = MGSEarlyStopping(threshold=0.5, patience=2, window=1)
     fresh.load_state_dict(state)
     assert fresh.rule.values == pytest.approx(curve, rel=1e-6) and fresh.stopped_epoch == expected
 

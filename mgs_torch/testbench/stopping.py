@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from mgs_torch.stopping import growth_plateau_stop
 
-__all__ = ["stopping_points", "stopping_table", "DEFAULT_RULE"]
+__all__ = ["stopping_points", "stopping_table", "rule_selection_table", "DEFAULT_RULE"]
 
 #: the rule reported in examples/RESULTS.md (fixed before looking at test accuracy; see there)
 DEFAULT_RULE: dict[str, Any] = {"threshold": 0.02, "patience": 3, "window": 1, "min_checks": 0}
@@ -35,6 +35,7 @@ def stopping_points(result: dict[str, Any], rule: dict[str, Any] | None = None, 
     h = result["history"]
     epochs = [r["epoch"] for r in h]
     acc = [r["test_acc"] for r in h]
+    val_acc = [r.get("val_acc", math.nan) for r in h]
     size = h[0].get("mgs_size") or 1
     trace = [r["mgs_trace"] / size if r.get("mgs_trace") is not None else math.nan for r in h]
     i_mgs = growth_plateau_stop(trace, **rule)
@@ -50,7 +51,7 @@ def stopping_points(result: dict[str, Any], rule: dict[str, Any] | None = None, 
                 stop_i = i
                 break
     return {
-        "mgs_epoch": epochs[mgs_i], "mgs_acc": acc[mgs_i], "mgs_stopped": i_mgs is not None,
+        "mgs_epoch": epochs[mgs_i], "mgs_acc": acc[mgs_i], "mgs_val_acc": val_acc[mgs_i], "mgs_stopped": i_mgs is not None,
         "val_epoch": epochs[best_i], "val_stop_epoch": epochs[stop_i] if stop_i is not None else epochs[-1], "val_acc": acc[best_i],
         "final_epoch": epochs[-1], "final_acc": acc[-1],
         "oracle_acc": max(acc), "oracle_epoch": epochs[acc.index(max(acc))],
@@ -91,3 +92,27 @@ def stopping_table(results: Sequence[dict[str, Any]], rule: dict[str, Any] | Non
             f"{', '.join(str(p['val_epoch']) for p in pts)} | {_mean_std([p['oracle_acc'] for p in pts])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def rule_selection_table(results: Sequence[dict[str, Any]], rules: Sequence[dict[str, Any]], select_model: str) -> tuple[str, dict[str, Any]]:
+    """Choose the rule by the mean *validation* accuracy at its stopping point on ``select_model``'s runs
+    (all noise levels and seeds), never by test accuracy; return a markdown table of every rule and the choice.
+
+    Columns: mean validation accuracy at the MGS stop on the selection model (the criterion), and, for
+    information only, the mean test accuracy at the MGS stop per model.
+    """
+    runs = [r for r in results if "test_acc" in r["history"][0]]
+    models = sorted({r["config"]["model"] for r in runs})
+    rows, best, best_score = [], None, -math.inf
+    for rule in rules:
+        pts = {m: [stopping_points(r, rule) for r in runs if r["config"]["model"] == m] for m in models}
+        sel = pts.get(select_model) or []
+        score = sum(p["mgs_val_acc"] for p in sel) / len(sel) if sel else math.nan
+        if score > best_score:
+            best, best_score = rule, score
+        tests = " | ".join(f"{100 * sum(p['mgs_acc'] for p in pts[m]) / max(len(pts[m]), 1):.1f}" for m in models)
+        rows.append(f"| {rule['threshold']:g} | {rule['window']} | {rule['patience']} | {rule['min_checks']} | {100 * score:.1f} | {tests} |")
+    head = ["| threshold | window | patience | min epochs | " + f"val acc at stop, {select_model} (criterion) | "
+            + " | ".join(f"test acc at stop, {m}" for m in models) + " |",
+            "|---:|---:|---:|---:|---:|" + "---:|" * len(models)]
+    return "\n".join(head + rows) + "\n", best
