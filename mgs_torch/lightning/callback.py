@@ -125,9 +125,10 @@ class MGSMonitor(pl.Callback):
             or full keys (``"mgs/trace_epoch"``).
         spectrum_threads: CPU threads for the eigen-decomposition (``torch.set_num_threads`` for its
             duration only, restored after); ``None`` keeps torch's setting. Default 1: LAPACK's
-            threaded symmetric eigensolver can be 100–1000× slower than the serial one when the
-            cores are shared with other processes (measured: N = 320 on 2 busy cores, 3.7 s
-            against 7 ms), and serial is fast up to N of a few thousand.
+            threaded symmetric eigensolver was measured 20–1000× slower than the serial one when
+            the cores are shared with other processes (N = 1280 and 320 on 2 busy cores, e.g. 3.7 s
+            against 7 ms at N = 320; the figure :func:`mgs_torch.mgs_metrics` quotes too), and serial
+            is fast up to N of a few thousand.
 
     Behaviour:
         * Every logged value is also a callback metric (``trainer.callback_metrics["mgs/trace"]``,
