@@ -115,3 +115,11 @@ def test_sample_score_histograms_in_tensorboard(tmp_path):
     fit(PlainNet(), tmp_path, callbacks=[MGSMonitor(log_every_n_steps=2, log_sample_scores=True)], logger=logger)
     acc = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"histograms": 0}).Reload()
     assert {"mgs/sample_energy", "mgs/sample_agreement"} <= set(acc.Tags()["histograms"])
+
+
+def test_minus_infinity_and_nan_reach_the_callback_metrics(tmp_path, monkeypatch):
+    # 32 samples x 3 outputs = 96 rows > 51 parameters: K is singular, log det = -inf
+    monitor = MGSMonitor(probe="train", max_samples=32, log_every_n_steps=1)
+    trainer = fit(PlainNet(), tmp_path, loader(32, 8), callbacks=[monitor])
+    assert float(trainer.callback_metrics["mgs/logdet"]) == -math.inf
+    assert float(trainer.callback_metrics["mgs/rank"]) < 96
