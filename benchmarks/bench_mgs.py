@@ -40,7 +40,7 @@ from torch.func import functional_call, jacrev, vmap
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from models import MODELS  # noqa: E402
+from models import INPUT_SHAPES, MODELS  # noqa: E402
 
 from mgs_torch import mgs_kernel, mgs_penalty, mgs_trace  # noqa: E402
 
@@ -124,12 +124,17 @@ def median_ms(fn: Callable[[], object], repeats: int, device: torch.device, warm
         fn()
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
+        if device.type == "cuda":  # CUDA events time the device's work, not the host's launch queue
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+            continue
         t = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return 1000 * statistics.median(times)
 
@@ -179,7 +184,7 @@ def methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, q: int, include_
 def run_config(name: str, n: int, repeats: int, device: torch.device, include_slow: bool, measure: str = "both") -> list[dict]:
     torch.manual_seed(0)
     model = MODELS[name]().to(device)
-    x = torch.randn(n, 1, 28, 28, device=device)
+    x = torch.randn(n, *INPUT_SHAPES[name], device=device)
     y = torch.randint(0, 10, (n,), device=device)
     q = 10
     results = []
@@ -187,12 +192,22 @@ def run_config(name: str, n: int, repeats: int, device: torch.device, include_sl
     for method in table:
         _, fn = table[method]
         reps = max(1, repeats // 3) if "naive" in method and ("logdet" in method or "penalty" in method) else repeats
-        t = median_ms(fn, reps, device, warmup=1 if "naive" in method else 2) if measure != "memory" else None
-        if measure == "memory":
-            fn()  # warm-up: lazily created state is not part of a step's peak
-        mem = peak_memory_mb(fn, device, free_grads) if measure != "time" else None
+        oom = False
+        try:
+            t = median_ms(fn, reps, device, warmup=1 if "naive" in method else 2) if measure != "memory" else None
+            if measure == "memory":
+                fn()  # warm-up: lazily created state is not part of a step's peak
+            mem = peak_memory_mb(fn, device, free_grads) if measure != "time" else None
+        except torch.cuda.OutOfMemoryError:  # recorded as such (the naive route at n = 512, say)
+            free_grads()
+            torch.cuda.empty_cache()
+            t, mem, oom = None, None, True
+            print(f"  {name:7s} n={n:<4d} {method:40s} out of memory", flush=True, file=sys.stderr)
         results.append({"model": name, "params": sum(p.numel() for p in model.parameters()), "n": n, "q": q,
-                        "method": method, "compared_with": table[method][0], "median_ms": t, "peak_mb": mem, "repeats": reps})
+                        "method": method, "compared_with": table[method][0], "median_ms": t, "peak_mb": mem, "repeats": reps,
+                        **({"out_of_memory": True} if oom else {})})
+        if oom:
+            continue
         shown = [f"{t:9.2f} ms" if t is not None else "", f"peak {mem:.1f} MB" if mem is not None else ""]
         print(f"  {name:7s} n={n:<4d} {method:40s} " + "  ".join(x for x in shown if x), flush=True, file=sys.stderr)
     return results
@@ -219,7 +234,7 @@ def hutchinson_quality(name: str, n: int, device: torch.device, draws: int = 200
     mgs_torch's per-sample probes, Σ_i ‖Σ_a v_ia ∇θ f_a(x_i)‖² (no cross-sample terms)."""
     torch.manual_seed(0)
     model = MODELS[name]().to(device)
-    x = torch.randn(n, 1, 28, 28, device=device)
+    x = torch.randn(n, *INPUT_SHAPES[name], device=device)
     exact = mgs_trace(model, x).item()
     gen = torch.Generator().manual_seed(0)
     ours = torch.tensor([mgs_trace(model, x, estimator="hutchinson", generator=gen).item() for _ in range(draws)])
@@ -245,7 +260,8 @@ def markdown(results: list[dict]) -> str:
     fmt = lambda v, d=2: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
     for r in results:
         lines.append(
-            f"| {r['model']} ({r['params']:,} p) | {r['n']} | {r['method']} | {fmt(r['median_ms'])} | {fmt(r['x_plain'], 1)} | "
+            f"| {r['model']} ({r['params']:,} p) | {r['n']} | {r['method']} | "
+            f"{'out of memory' if r.get('out_of_memory') else fmt(r['median_ms'])} | {fmt(r['x_plain'], 1)} | "
             f"{fmt(r['x_naive'], 1)} | {fmt(r['peak_mb'], 0)} | {fmt(r['x_plain_peak'], 1)} |"
         )
     return "\n".join(lines)

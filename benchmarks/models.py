@@ -1,4 +1,5 @@
-"""The benchmark models of issue #4: LeNet-5, a 6×300 fully connected net, a small residual CNN with BatchNorm."""
+"""The benchmark models: LeNet-5, a 6×300 fully connected net and a small residual CNN with BatchNorm on
+1×28×28 inputs (issue #4), and a CIFAR-sized convolutional net of about 1.1 M parameters on 3×32×32 (issue #12)."""
 
 from __future__ import annotations
 
@@ -62,4 +63,25 @@ class SmallResNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-MODELS = {"lenet5": LeNet5, "fcn": fcn, "resnet": SmallResNet}
+class CifarCNN(nn.Module):
+    """3→64→128→256 channels, two 3×3 conv + BatchNorm + ReLU per stage, max pooling, global average
+    pooling and a linear head: 1,148,874 parameters on 3×32×32 inputs, q = 10."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = 3
+        for channels in (64, 128, 256):
+            for _ in range(2):
+                layers += [nn.Conv2d(width, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()]
+                width = channels
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers[:-1])  # no pooling after the last stage
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+MODELS = {"lenet5": LeNet5, "fcn": fcn, "resnet": SmallResNet, "cifar_cnn": CifarCNN}
+INPUT_SHAPES = {"lenet5": (1, 28, 28), "fcn": (1, 28, 28), "resnet": (1, 28, 28), "cifar_cnn": (3, 32, 32)}

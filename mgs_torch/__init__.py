@@ -13,11 +13,13 @@ similar the model's per-sample gradients are; as a penalty α·g(K) they regular
 import importlib.util
 
 from ._problem import NonFiniteOutputError
-from .engines import LayerRule, register_layer_rule
+from .engines import LayerRule, layer_rule, register_layer_rule, unregister_layer_rule
 from .kernel import mgs_kernel, mgs_trace
 from .metrics import MGSMetrics, kernel_target_alignment, mgs_metrics
+from .op_fixes import UnsupportedLayerError
 from .penalty import mgs_penalty
 from .scores import SampleScores, mgs_sample_scores, sample_scores_from_kernel
+from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -33,7 +35,12 @@ __all__ = [
     "kernel_target_alignment",
     "LayerRule",
     "register_layer_rule",
+    "unregister_layer_rule",
+    "layer_rule",
     "NonFiniteOutputError",
+    "UnsupportedLayerError",
+    "verify",
+    "VerifyReport",
     "__version__",
 ]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence, Union
 
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ._dtypes import as_dtype
+from .op_fixes import ExactOps
 
 Inputs = Union[Tensor, Sequence[Tensor]]
 ParamFilter = Union[None, Callable[[str, nn.Parameter], bool], Iterable[Union[str, nn.Module, nn.Parameter]]]
@@ -256,13 +258,14 @@ def restore_rng_states(states: list[tuple[str, int, Tensor]]) -> None:
 
 
 @contextlib.contextmanager
-def preserved_state(model: nn.Module, batch_norm: str) -> Iterator[None]:
+def preserved_state(model: nn.Module, batch_norm: str) -> Iterator[ExactOps]:
     """Run a kernel computation without side effects on ``model`` or the global RNG.
 
     Train/eval flags are restored, BatchNorm layers are in eval mode under ``batch_norm="eval"``,
-    autocast is off (the kernel is computed in the parameters' dtype or the requested one), and the
-    global random state (CPU and the model's CUDA device) is forked, so Dropout masks drawn here do
-    not shift the training run's random stream.
+    autocast is off (the kernel is computed in the parameters' dtype or the requested one), the ops
+    whose torch.func support is wrong are routed to exact equivalents (:class:`~mgs_torch.op_fixes.ExactOps`),
+    and the global random state (CPU and the model's CUDA device) is forked, so Dropout masks drawn here do
+    not shift the training run's random stream. Yields the active :class:`~mgs_torch.op_fixes.ExactOps`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -277,7 +280,10 @@ def preserved_state(model: nn.Module, batch_norm: str) -> Iterator[None]:
             for dev in ("cpu", "cuda"):
                 if dev == "cpu" or devices:
                     stack.enter_context(torch.autocast(dev, enabled=False))
-            yield
+            stack.enter_context(warnings.catch_warnings())
+            # vmap's fallback for ops without a batching rule is correct, only slower: not the user's concern
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
+            yield stack.enter_context(ExactOps())
     finally:
         for m, flag in flags:
             m.training = flag
@@ -293,15 +299,14 @@ def build_problem(
     batch_norm: str = "eval",
     values: dict[str, Tensor] | None = None,
 ) -> KernelProblem:
-    """Validate arguments and assemble a :class:`KernelProblem`; call inside :func:`preserved_state`.
+    """Validate the model and inputs and assemble a :class:`KernelProblem`; call inside :func:`preserved_state`
+    with options already checked by :class:`~mgs_torch.options.KernelOptions`.
 
     With ``create_graph=False`` every tensor is detached (no autograd graph is built); otherwise the
     selected and frozen parameters stay connected to the model's parameters, so the kernel can be
     back-propagated to all of them. ``values`` substitutes tensors for parameters by name.
     """
-    if batch_norm not in BATCH_NORM_POLICIES:
-        raise ValueError(f"batch_norm must be one of {BATCH_NORM_POLICIES}, got {batch_norm!r}")
-    dtype = as_dtype("dtype", dtype)
+    dtype = as_dtype("dtype", dtype)  # a name ("float64") as a torch.dtype: the one rule, see options.py
     selected = select_parameters(model, params)
     x = as_input_tuple(inputs)
     check_input_arity(model, x)

@@ -6,44 +6,16 @@ parameters (p columns); K[(i,a),(j,b)] = ∇θ f_a(x_i) · ∇θ f_b(x_j), rows 
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor, nn
 
-from ._problem import OUTPUT_MODES, Inputs, KernelProblem, ParamFilter, build_problem, one_hot_cotangents, preserved_state
-from .engines import ENGINES, STRATEGIES
+from ._problem import Inputs, ParamFilter, build_problem, preserved_state
+from .engines import engine_for
+from .estimators import default_generator, trace_from_rows
+from .op_fixes import explained_failures
+from .options import KernelOptions, PenaltyOptions
 
-__all__ = ["mgs_kernel", "mgs_trace", "rademacher_probes"]
-
-
-def _check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
-
-
-def _check_chunk(chunk_size) -> None:
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-
-
-def engine_for(strategy: str):
-    """The engine module for ``strategy``; ``"auto"`` is the structured engine.
-
-    Why auto needs no run-time estimate: the structured engine costs one forward, one backward at
-    batch q·n and per-layer Gram products of cost ≤ the layer's share of the reference's (n·q)²·p
-    contraction, while the reference needs n·q per-sample backward passes *and* that contraction;
-    and the structured engine hands each parameter it cannot cover exactly to the reference.
-    """
-    _check_choice("strategy", strategy, STRATEGIES)
-    return ENGINES["structured" if strategy == "auto" else strategy]
-
-
-def rademacher_probes(num_probes: int, n: int, q: int, generator: torch.Generator | None, device) -> Tensor:
-    """Independent ±1 entries, shape (num_probes, n, q), drawn on the generator's device."""
-    gen_device = generator.device if generator is not None else "cpu"
-    bits = torch.randint(0, 2, (num_probes, n, q), generator=generator, device=gen_device)
-    return (2.0 * bits - 1.0).to(device)
+__all__ = ["mgs_kernel", "mgs_trace"]
 
 
 def mgs_kernel(
@@ -86,44 +58,10 @@ def mgs_kernel(
     Cost: structured ≈ one forward + one backward at batch q·n + per-layer Grams; reference:
     n·q per-sample backward passes, n·q·p memory for J, (n·q)²·p for the contraction.
     """
-    _check_choice("outputs", outputs, OUTPUT_MODES)
-    _check_chunk(chunk_size)
-    engine = engine_for(strategy)
-    with preserved_state(model, batch_norm):
+    opts = KernelOptions(outputs, params, strategy, chunk_size, dtype, batch_norm)
+    with preserved_state(model, batch_norm), explained_failures(model, strategy):
         problem = build_problem(model, inputs, params=params, dtype=dtype, create_graph=create_graph, batch_norm=batch_norm)
-        return engine.kernel(problem, outputs=outputs, chunk_size=chunk_size)
-
-
-def trace_cotangents(estimator: str, num_probes: int, generator: torch.Generator | None) -> Callable[[KernelProblem], Tensor]:
-    """The cotangents whose row norms sum to tr K: one-hot outputs (exact, k = q) or ``num_probes``
-    per-sample Rademacher probes (Hutchinson), built once the problem's q is known."""
-    if estimator == "exact":
-        return one_hot_cotangents
-
-    def probes(problem: KernelProblem) -> Tensor:
-        return rademacher_probes(num_probes, problem.n, problem.q, generator, problem.inputs[0].device)
-
-    return probes
-
-
-def trace_from_rows(
-    problem: KernelProblem,
-    engine,
-    *,
-    estimator: str,
-    num_probes: int,
-    generator: torch.Generator | None,
-    chunk_size: int | None,
-) -> Tensor:
-    """tr K, exactly (Σ of K's diagonal) or by Hutchinson's estimator.
-
-    Hutchinson (per-sample Rademacher probes v ∈ {±1}^{n×q}): tr K = E_v Σ_i ‖Σ_a v_ia ∇θ f_a(x_i)‖²,
-    unbiased since E[v_ia v_ib] = δ_ab; averaged over ``num_probes`` probes. Costs one backward at
-    batch num_probes·n instead of q·n.
-    """
-    cotangents = trace_cotangents(estimator, num_probes, generator)
-    total = engine.row_sq_norms(problem, cotangents, chunk_size=chunk_size).sum()
-    return total / num_probes if estimator == "hutchinson" else total
+        return engine_for(opts.strategy, problem).kernel(problem, outputs=outputs, chunk_size=chunk_size)
 
 
 def mgs_trace(
@@ -143,18 +81,15 @@ def mgs_trace(
     """tr K = Σ_i Σ_a ‖∇θ f_a(x_i)‖² without forming K (only the squared norms of J's rows).
 
     ``estimator="hutchinson"`` uses ``num_probes`` Rademacher probes drawn from ``generator``
-    (default: :func:`mgs_torch.penalty.default_generator`, never the global RNG). Other arguments
+    (default: :func:`mgs_torch.estimators.default_generator`, never the global RNG). Other arguments
     as in :func:`mgs_kernel`. Cost (structured): one forward and one backward at batch q·n
     (exact) or num_probes·n (Hutchinson), plus per-layer norms.
     """
-    from .penalty import _check_estimator, default_generator
-
-    _check_estimator("trace", estimator, num_probes)
-    _check_chunk(chunk_size)
-    engine = engine_for(strategy)
-    with preserved_state(model, batch_norm):
+    PenaltyOptions(params=params, strategy=strategy, chunk_size=chunk_size, dtype=dtype, batch_norm=batch_norm,
+                   estimator=estimator, num_probes=num_probes)
+    with preserved_state(model, batch_norm), explained_failures(model, strategy):
         problem = build_problem(model, inputs, params=params, dtype=dtype, create_graph=create_graph, batch_norm=batch_norm)
         return trace_from_rows(
-            problem, engine, estimator=estimator, num_probes=num_probes,
+            problem, engine_for(strategy, problem), estimator=estimator, num_probes=num_probes,
             generator=generator if generator is not None else default_generator(), chunk_size=chunk_size,
         )

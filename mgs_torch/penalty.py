@@ -6,40 +6,13 @@ import torch
 from torch import Tensor, nn
 
 from ._linalg import logdet_psd
-from ._problem import (
-    OUTPUT_MODES, Inputs, KernelProblem, ParamFilter, build_problem, preserved_state,
-    restore_rng_states, rng_states,
-)
-from .kernel import _check_choice, _check_chunk, engine_for, trace_cotangents, trace_from_rows
+from ._problem import Inputs, KernelProblem, ParamFilter, build_problem, preserved_state, restore_rng_states, rng_states
+from .engines import engine_for
+from .estimators import ESTIMATORS, KINDS, default_generator, trace_cotangents, trace_from_rows
+from .op_fixes import explained_failures
+from .options import REDUCTIONS, PenaltyOptions
 
 __all__ = ["mgs_penalty", "default_generator", "KINDS", "ESTIMATORS", "REDUCTIONS"]
-
-KINDS = ("trace", "logdet")
-ESTIMATORS = ("exact", "hutchinson")
-REDUCTIONS = ("mean", "sum")
-
-_default_generator: torch.Generator | None = None
-
-
-def default_generator() -> torch.Generator:
-    """mgs_torch's own CPU generator for Hutchinson probes (seeded with 0 on first use).
-
-    Probes never come from the global RNG, so adding a penalty does not change a seeded run's data
-    order or Dropout masks. Pass ``generator=`` for your own stream.
-    """
-    global _default_generator
-    if _default_generator is None:
-        _default_generator = torch.Generator().manual_seed(0)
-    return _default_generator
-
-
-def _check_estimator(kind: str, estimator: str, num_probes: int) -> None:
-    _check_choice("kind", kind, KINDS)
-    _check_choice("estimator", estimator, ESTIMATORS)
-    if estimator == "hutchinson" and kind != "trace":
-        raise ValueError("estimator='hutchinson' estimates the trace only; use kind='trace' or estimator='exact'")
-    if not isinstance(num_probes, int) or isinstance(num_probes, bool) or num_probes < 1:
-        raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
 
 
 class _RecomputedChunks(torch.autograd.Function):
@@ -70,7 +43,7 @@ class _RecomputedChunks(torch.autograd.Function):
 
 
 def _trace_in_chunks(
-    model: nn.Module, inputs: Inputs, engine, *, estimator: str, num_probes: int, generator, chunk_size: int,
+    model: nn.Module, inputs: Inputs, strategy: str, *, estimator: str, num_probes: int, generator, chunk_size: int,
     batch_norm: str, build: dict,
 ) -> tuple[Tensor, KernelProblem]:
     """tr K (or its Hutchinson estimate, not yet divided by the probes) with memory bounded by
@@ -88,11 +61,11 @@ def _trace_in_chunks(
         return make
 
     def value_of(start: int, values: dict[str, Tensor] | None) -> Tensor:
-        with preserved_state(model, batch_norm):
+        with preserved_state(model, batch_norm), explained_failures(model, "chunked"):
             restore_rng_states(rng)
             problem = build_problem(model, inputs, create_graph=values is not None, batch_norm=batch_norm, values=values, **build)
             cache["problem"] = problem
-            return engine.row_sq_norms(problem, cotangents(start)).sum()
+            return engine_for(strategy, problem).row_sq_norms(problem, cotangents(start)).sum()
 
     total = value_of(0, None)
     k = cache["all"].shape[0]
@@ -142,22 +115,19 @@ def mgs_penalty(
     trace): one forward + one backward at batch q·n, and about twice that again for the double
     backward of ``loss.backward()`` — about a plain training step at batch q·n.
     """
-    _check_estimator(kind, estimator, num_probes)
-    _check_choice("reduction", reduction, REDUCTIONS)
-    _check_choice("outputs", outputs, OUTPUT_MODES)
-    _check_chunk(chunk_size)
-    engine = engine_for(strategy)
+    PenaltyOptions(outputs, params, strategy, chunk_size, dtype, batch_norm, kind, estimator, num_probes, reduction, jitter)
     generator = generator if generator is not None else default_generator()
     if kind == "trace" and chunk_size is not None:
         value, problem = _trace_in_chunks(
-            model, inputs, engine, estimator=estimator, num_probes=num_probes, generator=generator,
+            model, inputs, strategy, estimator=estimator, num_probes=num_probes, generator=generator,
             chunk_size=chunk_size, batch_norm=batch_norm, build={"params": params, "dtype": dtype},
         )
         if estimator == "hutchinson":
             value = value / num_probes
     else:
-        with preserved_state(model, batch_norm):
+        with preserved_state(model, batch_norm), explained_failures(model, strategy):
             problem = build_problem(model, inputs, params=params, dtype=dtype, create_graph=True, batch_norm=batch_norm)
+            engine = engine_for(strategy, problem)
             if kind == "trace":
                 value = trace_from_rows(
                     problem, engine, estimator=estimator, num_probes=num_probes, generator=generator, chunk_size=chunk_size,

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import assert_close, reference_kernel
+from model_zoo import Scale, ScaleRule
 from mgs_torch import LayerRule, mgs_kernel, mgs_trace, register_layer_rule
 from mgs_torch._problem import build_problem, preserved_state
 from mgs_torch.engines import LAYER_RULES, factors, structured
@@ -208,21 +209,6 @@ def test_uncovered_parameters_fall_back_exactly(make, x, expect_fallback):
 
 
 def test_register_layer_rule_covers_a_custom_layer():
-    class Scale(nn.Module):
-        def __init__(self, d):
-            super().__init__()
-            self.weight = nn.Parameter(torch.randn(d))
-
-        def forward(self, x):
-            return x * self.weight
-
-    class ScaleRule(LayerRule):
-        params = ("weight",)
-
-        def factors(self, module, saved, grad, names):
-            (a,) = saved
-            return {"weight": DirectFactor(grad * a)}  # ∂(c·f)/∂w_d = g_d a_d per sample
-
     model = nn.Sequential(nn.Linear(3, 4), Scale(4), nn.Tanh(), nn.Linear(4, 2)).double()
     x = torch.randn(4, 3, dtype=torch.float64)
     assert "1.weight" in plan_of(model, x).fallback

@@ -10,8 +10,9 @@ engine. Register your own with :func:`register_layer_rule`.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+from typing import Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,14 @@ from torch import Tensor, nn
 
 from .factors import ConvFactor, DirectFactor, IndexOuterFactor, OuterFactor
 
-Factor = Any
+class Factor(Protocol):
+    """One parameter's per-sample gradients in factored form (see :mod:`mgs_torch.engines.factors`)."""
+
+    def row_sq_norms(self) -> Tensor:
+        """‖G_ki‖² for every cotangent k and sample i: (k, n)."""
+
+    def kernel(self, outputs: str) -> Tensor:
+        """Σ over the parameter of G_ki·G_lj: (n·k)² rows ordered (sample, cotangent), or n² summed over k."""
 
 
 class LayerRule:
@@ -31,6 +39,10 @@ class LayerRule:
     """
 
     params: tuple[str, ...] = ("weight", "bias")
+    #: True when the rule treats every leading dimension of the layer's input as a position sharing
+    #: the parameters (Linear, LayerNorm, Embedding): a sample may then reach the layer as several
+    #: rows. False (the default): the rule needs each sample as exactly one row, shaped (n, *per_sample).
+    leading_dims_are_positions: bool = False
 
     def unsupported(self, module: nn.Module) -> str | None:
         return None
@@ -56,6 +68,8 @@ def _sum_positions(t: Tensor) -> Tensor:
 
 class LinearRule(LayerRule):
     """y = x Wᵀ + b on (n, *, I): grad W = Σ_t g_t a_tᵀ over the * positions, grad b = Σ_t g_t."""
+
+    leading_dims_are_positions = True
 
     def factors(self, module, saved, grad, names):
         (a,) = saved
@@ -100,7 +114,28 @@ class ConvRule(LayerRule):
         return out
 
 
-class BatchNormRule(LayerRule):
+class AffineNormRule(LayerRule):
+    """Base of the normalisation rules: y = γ ⊙ x̂ + β with x̂ captured by ``capture``.
+
+    The per-sample gradients are ∂/∂γ = Σ_t g_t ⊙ x̂_t and ∂/∂β = Σ_t g_t over the positions t that
+    share an affine entry; subclasses say how a gradient is reduced to the parameter's shape.
+    """
+
+    def per_parameter(self, module, t: Tensor) -> Tensor:
+        """(k, n, *out) -> (k, n, P): sum over the positions that share each affine entry."""
+        return _sum_positions(t)  # channels on dim 2 (BatchNorm, GroupNorm)
+
+    def factors(self, module, saved, grad, names):
+        (xhat,) = saved
+        out = {}
+        if "weight" in names:
+            out["weight"] = DirectFactor(self.per_parameter(module, grad * xhat))
+        if "bias" in names:
+            out["bias"] = DirectFactor(self.per_parameter(module, grad))
+        return out
+
+
+class BatchNormRule(AffineNormRule):
     """BatchNorm with running statistics (eval mode): y = γ x̂ + β, x̂ = (x − μ)/√(σ² + ε) per channel."""
 
     def unsupported(self, module):
@@ -128,54 +163,32 @@ class BatchNormRule(LayerRule):
         shift = -mean * scale if module.bias is None else module.bias - mean * scale
         return x * scale.view(shape) + shift.view(shape)
 
-    def factors(self, module, saved, grad, names):
-        (xhat,) = saved
-        out = {}
-        if "weight" in names:
-            out["weight"] = DirectFactor(_sum_positions(grad * xhat))
-        if "bias" in names:
-            out["bias"] = DirectFactor(_sum_positions(grad))
-        return out
 
-
-class LayerNormRule(LayerRule):
+class LayerNormRule(AffineNormRule):
     """LayerNorm: y = γ ⊙ x̂ + β over the normalised trailing dims, summed over leading positions."""
+
+    leading_dims_are_positions = True
 
     def capture(self, module, inputs):
         return (F.layer_norm(inputs[0], module.normalized_shape, None, None, module.eps),)
 
-    def factors(self, module, saved, grad, names):
-        (xhat,) = saved
-        k, n = grad.shape[:2]
-        P = math.prod(module.normalized_shape)
-        out = {}
-        if "weight" in names:
-            out["weight"] = DirectFactor((grad * xhat).reshape(k, n, -1, P).sum(2))
-        if "bias" in names:
-            out["bias"] = DirectFactor(grad.reshape(k, n, -1, P).sum(2))
-        return out
+    def per_parameter(self, module, t):
+        k, n = t.shape[:2]
+        return t.reshape(k, n, -1, math.prod(module.normalized_shape)).sum(2)
 
 
-class GroupNormRule(LayerRule):
+class GroupNormRule(AffineNormRule):
     """GroupNorm: y = γ_c x̂ + β_c, x̂ normalised per sample and group; summed over spatial positions."""
 
     def capture(self, module, inputs):
         return (F.group_norm(inputs[0], module.num_groups, None, None, module.eps),)
-
-    def factors(self, module, saved, grad, names):
-        (xhat,) = saved
-        out = {}
-        if "weight" in names:
-            out["weight"] = DirectFactor(_sum_positions(grad * xhat))
-        if "bias" in names:
-            out["bias"] = DirectFactor(_sum_positions(grad))
-        return out
 
 
 class EmbeddingRule(LayerRule):
     """Embedding: row idx_t of W gets g_t, so ⟨G_i, G_j⟩ = Σ_{t,s} [idx_it = idx_js] g_it·g_js."""
 
     params = ("weight",)
+    leading_dims_are_positions = True
 
     def unsupported(self, module):
         if module.max_norm is not None:
@@ -196,7 +209,27 @@ class EmbeddingRule(LayerRule):
         return {"weight": IndexOuterFactor(idx, g, module.num_embeddings)}
 
 
-LAYER_RULES: dict[type, LayerRule] = {
+class RuleRegistry(dict):
+    """Module type -> :class:`LayerRule`, with a version that changes whenever an entry does, so
+    that cached structured plans are rebuilt at once after a registration or removal."""
+
+    version = 0
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        type(self).version += 1
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        type(self).version += 1
+
+    def pop(self, key, *default):
+        out = super().pop(key, *default)
+        type(self).version += 1
+        return out
+
+
+LAYER_RULES: RuleRegistry = RuleRegistry({
     nn.Linear: LinearRule(),
     nn.Conv1d: ConvRule(),
     nn.Conv2d: ConvRule(),
@@ -207,18 +240,59 @@ LAYER_RULES: dict[type, LayerRule] = {
     nn.LayerNorm: LayerNormRule(),
     nn.GroupNorm: GroupNormRule(),
     nn.Embedding: EmbeddingRule(),
-}
+})
 
 
-def register_layer_rule(module_type: type, rule: LayerRule) -> None:
-    """Teach the structured engine a layer type (matched exactly, not by subclass).
-
-    The rule must be exact for the way the type's ``forward`` uses its parameters; the engine checks
-    that they are used nowhere else, that the layer runs once per forward, and tests can compare it
-    with ``strategy="jacobian"``.
-    """
+def _check_type(module_type) -> None:
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+
+
+def register_layer_rule(module_type: type, rule: LayerRule | None = None):
+    """Teach the structured engine a layer type (matched exactly, not by subclass); takes effect at once.
+
+    The rule must be exact for the way the type's ``forward`` uses its parameters; the engine checks
+    that they are used nowhere else, that the layer runs once per sample, and ``mgs_torch.verify``
+    compares the result with the per-sample reference. Used as a decorator on a rule class,
+    ``@register_layer_rule(MyLayer)`` registers an instance of it. Remove with
+    :func:`unregister_layer_rule`, or register for a block only with :func:`layer_rule`.
+    """
+    _check_type(module_type)
+    if rule is None:
+        def decorate(rule_cls):
+            register_layer_rule(module_type, rule_cls())
+            return rule_cls
+        return decorate
     if not isinstance(rule, LayerRule):
         raise TypeError(f"rule must be a LayerRule instance, got {type(rule).__name__}")
     LAYER_RULES[module_type] = rule
+    return rule
+
+
+def unregister_layer_rule(module_type: type) -> LayerRule:
+    """Remove the rule for ``module_type`` (its parameters then go to the reference engine); returns it."""
+    _check_type(module_type)
+    if module_type not in LAYER_RULES:
+        raise KeyError(f"no layer rule is registered for {module_type.__name__}")
+    return LAYER_RULES.pop(module_type)
+
+
+@contextlib.contextmanager
+def layer_rule(module_type: type, rule: LayerRule | None) -> Iterator[None]:
+    """Use ``rule`` for ``module_type`` inside the block (``None``: no rule), restoring the registry after."""
+    _check_type(module_type)
+    missing = object()
+    old = LAYER_RULES.get(module_type, missing)
+    try:
+        if rule is None:
+            if old is not missing:
+                LAYER_RULES.pop(module_type)
+        else:
+            register_layer_rule(module_type, rule)
+        yield
+    finally:
+        if old is missing:
+            if module_type in LAYER_RULES:
+                LAYER_RULES.pop(module_type)
+        else:
+            LAYER_RULES[module_type] = old

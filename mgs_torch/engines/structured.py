@@ -2,8 +2,9 @@
 
 For a layer with input a and output z, ∇_W f_o(x_i) is built from a_i and g_io = ∂f_o(x_i)/∂z_i
 (Novak et al. 2022, "structured derivatives"; the "ghost norm" of per-sample-gradient libraries).
-One forward adds a zero "tap" to each covered layer's output; ``torch.func.vjp`` with respect to
-the taps, vmapped over the k cotangents, gives every g_l in one batched backward (k = q one-hot
+One forward, run per sample under ``vmap`` (so every layer sees one sample, whatever the model does
+with the batch dimension), adds a zero "tap" to each covered layer's output; ``torch.func.vjp`` with
+respect to the taps, vmapped over the k cotangents, gives every g_l in one batched backward (k = q one-hot
 cotangents for the exact kernel or trace, k = probes for Hutchinson). Layer rules
 (:mod:`~mgs_torch.engines.layers`) turn (a_l, g_l) into factors whose Gram products are summed.
 
@@ -11,13 +12,15 @@ Cost: one forward, one backward at batch k·n (to activations only), and per lay
 min(ghost, materialised) products (see :mod:`~mgs_torch.engines.factors`); double backward through
 all of it is ordinary autograd. Parameters no rule covers exactly — unknown layer types, layers run
 more than once per forward, parameters used outside their layer — are computed by the reference
-engine for those parameters only and added (K is additive over parameter blocks). When that
+engine for those parameters only and added (K is additive over parameter blocks); ``Plan.routes``
+says which route each parameter took and why. When that
 fallback would meet active Dropout (its masks could not match) or the samples interact, the whole
 computation goes to the reference engine instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass, field
 
@@ -25,7 +28,6 @@ import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from .._problem import Cotangents, KernelProblem, check_outputs, one_hot_cotangents, restore_rng_states, rng_states
 from . import jacobian
@@ -38,7 +40,8 @@ class _Layer:
     module: nn.Module
     rule: LayerRule
     names: dict[str, str]  # local parameter name -> full name
-    out_shape: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] = ()  # the layer's output for ONE sample (inside the per-sample vmap)
+    squeeze: bool = False  # drop the per-sample leading 1 before the rule sees the tensors
     clone_input: bool = False
 
 
@@ -50,6 +53,13 @@ class Plan:
     fallback: dict[str, str] = field(default_factory=dict)  # full parameter name -> reason
     q: int = 0
     output_shape: tuple[int, ...] = ()
+    registry_version: int = 0
+
+    def routes(self) -> dict[str, str]:
+        """Parameter name -> how it is computed: ``"rule:<Type>"`` or ``"reference: <reason>"``."""
+        out = {f: f"rule:{type(layer.module).__name__}" for layer in self.layers for f in layer.names.values()}
+        out.update({f: f"reference: {why}" for f, why in self.fallback.items()})
+        return out
 
 
 class _ParameterUseMonitor(TorchFunctionMode):
@@ -62,27 +72,91 @@ class _ParameterUseMonitor(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.active:
-            for t in tree_flatten((args, kwargs))[0]:
-                owner = self.watched.get(id(t)) if isinstance(t, Tensor) else None
+            for t in _tensor_arguments(args, kwargs):
+                owner = self.watched.get(id(t))
                 if owner is not None and (not self.stack or self.stack[-1] != owner):
                     self.foreign.add(owner)
         return func(*args, **kwargs)
+
+
+def _tensor_arguments(args: tuple, kwargs: dict):
+    """The tensors among an op's arguments, one level of lists included (``torch.cat``, RNN weights)."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, Tensor):
+                    yield b
+
+
+@contextlib.contextmanager
+def _watch_parameter_use(model: nn.Module, problem: KernelProblem, layers: dict[str, _Layer]):
+    """Yield a monitor whose ``foreign`` set names the layers whose parameters were used elsewhere."""
+    stack: list[str] = []
+    watched = {id(problem.params[f]): layer.name for layer in layers.values() for f in layer.names.values()}
+    monitor = _ParameterUseMonitor(watched, stack)
+    handles = []
+
+    def pop(module, args, kwargs, out) -> None:
+        stack.pop()
+
+    try:
+        for name, mod in model.named_modules():
+            handles.append(mod.register_forward_pre_hook(lambda m, a, k, name=name: stack.append(name), with_kwargs=True))
+            handles.append(mod.register_forward_hook(pop, with_kwargs=True, always_call=True))
+        handles.append(model.register_forward_pre_hook(lambda *a: setattr(monitor, "active", True), with_kwargs=True, prepend=True))
+        handles.append(model.register_forward_hook(lambda *a: setattr(monitor, "active", False), with_kwargs=True, always_call=True))
+        with monitor:
+            yield monitor
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _layer_input(args: tuple, kwargs: dict) -> tuple[Tensor, ...]:
     return args if args else tuple(kwargs.values())
 
 
-def plan(problem: KernelProblem) -> Plan:
-    """Run one forward without a graph to find the layers a rule covers exactly; validate outputs.
+def _module_reason(module: nn.Module) -> str | None:
+    """Why a module's own state makes its rule inexact (hooks, a patched forward), or None."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        return f"{type(module).__name__} has forward hooks, which may change what the rule assumes"
+    if "forward" in vars(module):
+        return f"{type(module).__name__}.forward is replaced on the instance"
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return "global module forward hooks are registered"
+    return None
 
-    The forward forks the RNG, so the computation's own forward draws the Dropout masks that
-    ``model(X)`` would draw from the current random state.
+
+def _per_sample(problem: KernelProblem, body):
+    """``vmap`` over samples of ``body(x_batch_of_one)``: each sample runs through the model alone.
+
+    This is what makes the layer rules sound whatever the model does with the batch dimension
+    (reshapes that fold a sequence into it, time-major layouts, permutations of the batch): inside
+    the vmap every layer sees one sample's tensors only (logically, with a leading batch of 1), and
+    vmap returns what the hooks captured sample-major. No shape comparison is involved.
+    """
+
+    def one(*xs):
+        return body(tuple(x.unsqueeze(0) for x in xs))
+
+    return vmap(one, randomness=jacobian._randomness(problem))
+
+
+def plan(problem: KernelProblem) -> Plan:
+    """Find the layers a rule covers exactly; validate outputs (forwards without a graph).
+
+    A layer is covered when its type has a rule (exact type), its configuration is supported, no
+    hook or patched forward changes it, it runs exactly once per sample, its parameters are used
+    nowhere else, and, for rules that need one row per sample (convolutions, BatchNorm, GroupNorm),
+    it sees each sample as a single row. Everything else goes to the reference engine, with the reason.
     """
     model = problem.model
     candidates: dict[str, _Layer] = {}
     fallback: dict[str, str] = {}
     by_module: dict[str, dict[str, str]] = {}
+    version = LAYER_RULES.version
     for full in problem.params:
         mname = problem.modules_of_params.get(full)
         if mname is None:  # tied parameter listed under another name
@@ -93,55 +167,42 @@ def plan(problem: KernelProblem) -> Plan:
     for mname, local in by_module.items():
         module = modules[mname]
         rule = LAYER_RULES.get(type(module))
-        reason = f"no rule for {type(module).__name__}" if rule is None else rule.unsupported(module)
+        reason = f"no rule for {type(module).__name__}" if rule is None else (rule.unsupported(module) or _module_reason(module))
         uncovered = [p for p in local if rule is not None and p not in rule.params]
         for p in uncovered:
             fallback[local[p]] = f"{type(module).__name__}.{p} is not covered by its rule"
         if reason is not None:
-            fallback.update({full: reason for full in local.values()})
+            fallback.update({full: reason for full in local.values() if full not in fallback})
         else:
             candidates[mname] = _Layer(mname, module, rule, {p: f for p, f in local.items() if p not in uncovered})
+    problem.validation_forward()
     if not candidates:
-        problem.validation_forward()
-        return Plan([], fallback, problem.q, problem.output_shape)
+        return Plan([], fallback, problem.q, problem.output_shape, version)
 
-    stack: list[str] = []
     calls: dict[str, int] = {}
-    versions: dict[str, tuple] = {}
-    watched = {id(problem.params[f]): layer.name for layer in candidates.values() for f in layer.names.values()}
-    monitor = _ParameterUseMonitor(watched, stack)
+    seen: dict[str, tuple] = {}
     handles = []
 
-    def pre(name):
-        def hook(mod, args, kwargs):
-            stack.append(name)
-        return hook
-
-    def post(name):
+    def record(name):
         def hook(mod, args, kwargs, out):
-            stack.pop()
-            if name in candidates:
-                calls[name] = calls.get(name, 0) + 1
-                x = _layer_input(args, kwargs)
-                if isinstance(out, Tensor) and x:
-                    candidates[name].out_shape = tuple(out.shape[1:])
-                    versions[name] = (x[0], x[0]._version, isinstance(out, Tensor) and out.shape[:1] == x[0].shape[:1])
+            calls[name] = calls.get(name, 0) + 1
+            x = _layer_input(args, kwargs)
+            if isinstance(out, Tensor) and x and isinstance(x[0], Tensor):
+                seen[name] = (tuple(x[0].shape), tuple(out.shape), x[0], x[0]._version)
         return hook
 
-    def root_pre(mod, args, kwargs):
-        monitor.active = True
+    def body(x):
+        problem.raw_forward(None, x)
+        return torch.zeros(())
 
-    def root_post(mod, args, kwargs, out):
-        monitor.active = False
-
+    devices = sorted({t.device.index or 0 for t in problem.params.values() if t.device.type == "cuda"})
     try:
-        for name, mod in model.named_modules():
-            handles.append(mod.register_forward_pre_hook(pre(name), with_kwargs=True))
-            handles.append(mod.register_forward_hook(post(name), with_kwargs=True))
-        handles.append(model.register_forward_pre_hook(root_pre, with_kwargs=True, prepend=True))
-        handles.append(model.register_forward_hook(root_post, with_kwargs=True))
-        with monitor:
-            problem.validation_forward()
+        for name, layer in candidates.items():
+            handles.append(layer.module.register_forward_hook(record(name), with_kwargs=True, prepend=True))
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), _watch_parameter_use(model, problem, candidates) as monitor:
+            calls.clear()
+            _per_sample(problem, body)(*problem.inputs)
+        per_sample_calls = dict(calls)
     finally:
         for h in handles:
             h.remove()
@@ -149,25 +210,36 @@ def plan(problem: KernelProblem) -> Plan:
     layers = []
     for name, layer in candidates.items():
         reason = None
-        if calls.get(name, 0) != 1:
-            reason = f"{type(layer.module).__name__} runs {calls.get(name, 0)} times per forward"
+        n_calls = per_sample_calls.get(name, 0)
+        if n_calls != 1:
+            reason = f"{type(layer.module).__name__} runs {n_calls} times per forward"
         elif name in monitor.foreign:
             reason = "its parameters are used outside its own forward"
-        elif name not in versions or not versions[name][2]:
-            reason = "its output is not a tensor with the batch on dim 0"
+        elif name not in seen:
+            reason = "its input or output is not a tensor"
+        else:
+            in_shape, out_shape, x, v = seen[name]
+            layer.out_shape = out_shape
+            if not layer.rule.leading_dims_are_positions:
+                if in_shape[:1] != (1,) or out_shape[:1] != (1,):
+                    reason = (
+                        f"{type(layer.module).__name__} sees one sample as {in_shape[0] if in_shape else 0} rows "
+                        f"(e.g. a sequence folded into its batch dimension); its rule needs one row per sample"
+                    )
+                layer.squeeze = True
+            layer.clone_input = x._version != v  # modified in place after the layer read it
         if reason is not None:
             fallback.update({full: reason for full in layer.names.values()})
             continue
-        x, v, _ = versions[name]
-        layer.clone_input = x._version != v  # modified in place after the layer read it
         layers.append(layer)
-    return Plan(layers, fallback, problem.q, problem.output_shape)
+    return Plan(layers, fallback, problem.q, problem.output_shape, version)
 
 
 # Plans are cached per model and problem signature (parameter identities, train/eval flags, input
-# layout, dtype): the discovery forward and its parameter-use monitor then run once per shape. A
-# cached plan is re-checked on every use: each planned layer must run exactly once with its planned
-# output shape, otherwise the plan is rebuilt.
+# layout, dtype) and per version of the rule registry (registering or removing a rule replans at
+# once). A cached plan is re-checked on every use: each planned layer must run exactly once per
+# sample with its planned output shape and its parameters must be used nowhere else, otherwise the
+# plan is rebuilt (a forward whose structure depends on a Python flag).
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Plan]]" = weakref.WeakKeyDictionary()
 _MAX_PLANS_PER_MODEL = 16
 
@@ -176,29 +248,31 @@ class _StalePlan(Exception):
     """A cached plan no longer matches what the forward does."""
 
 
-def _cached_plan(problem: KernelProblem) -> tuple[Plan, bool]:
+def cached_plan(problem: KernelProblem) -> tuple[Plan, bool]:
+    """The plan for ``problem`` (built on first use) and whether it came from the cache."""
     plans = _PLANS.setdefault(problem.model, {})
-    p = plans.get(problem.signature)
+    key = (problem.signature, LAYER_RULES.version)
+    p = plans.get(key)
     if p is not None:
         problem.q, problem.output_shape = p.q, p.output_shape
         return p, True
     p = plan(problem)
     if len(plans) >= _MAX_PLANS_PER_MODEL:
         plans.pop(next(iter(plans)))
-    plans[problem.signature] = p
+    plans[key] = p
     return p, False
 
 
 def _with_plan(problem: KernelProblem, compute):
     """``compute(plan, cached)``, rebuilding the plan once if a cached one turns out stale."""
-    p, cached = _cached_plan(problem)
+    p, cached = cached_plan(problem)
     rng = rng_states(problem.model)
     try:
         return compute(p, cached)
     except _StalePlan:
-        _PLANS[problem.model].pop(problem.signature, None)
+        _PLANS[problem.model].pop((problem.signature, LAYER_RULES.version), None)
         restore_rng_states(rng)
-        return compute(_cached_plan(problem)[0], False)
+        return compute(cached_plan(problem)[0], False)
 
 
 def _fallback_problem(problem: KernelProblem, p: Plan) -> KernelProblem:
@@ -208,53 +282,78 @@ def _fallback_problem(problem: KernelProblem, p: Plan) -> KernelProblem:
 
 
 def _needs_reference(problem: KernelProblem, p: Plan) -> bool:
-    return not p.layers or not problem.per_sample or (problem.stochastic and bool(p.fallback))
+    return not p.layers or (problem.stochastic and bool(p.fallback))
 
 
 def _layer_gradients(problem: KernelProblem, p: Plan, cotangents: Cotangents, chunk_size: int | None, check: bool):
     """Saved tensors, output-gradients (k, n, *out) of every planned layer, and the cotangents used.
 
-    ``check``: the plan came from the cache, so verify it against this forward and validate outputs.
+    The forward runs per sample under ``vmap`` (see :func:`_per_sample`), each covered layer's output
+    plus a zero "tap"; the vjp with respect to the taps, vmapped over the k cotangents, gives every
+    layer's output-gradients in one batched backward. ``check``: the plan came from the cache, so
+    validate the outputs and watch for parameter use outside the planned layers.
     """
     dtype = next(iter(problem.params.values())).dtype
     device = problem.inputs[0].device
-    taps = tuple(torch.zeros((), dtype=dtype, device=device).expand(problem.n, *layer.out_shape) for layer in p.layers)
+    n = problem.n
+    taps = tuple(torch.zeros((), dtype=dtype, device=device).expand(n, *layer.out_shape) for layer in p.layers)
+    layers = {layer.name: layer for layer in p.layers}
 
     def forward(taps):
-        saved: list = [None] * len(taps)
-        handles = []
+        def body(x):
+            tap = body.taps
+            saved: list = [None] * len(tap)
+            handles = []
 
-        def make_hook(i, layer):
-            def hook(mod, args, kwargs, out):
-                if saved[i] is not None or not isinstance(out, Tensor) or tuple(out.shape[1:]) != layer.out_shape:
-                    raise _StalePlan
-                x = _layer_input(args, kwargs)
-                if layer.clone_input:
-                    x = tuple(t.clone() for t in x)
-                saved[i] = layer.rule.capture(mod, x)
-                return layer.rule.output(mod, x, out) + taps[i]
-            return hook
+            def make_hook(i, layer):
+                def hook(mod, args, kwargs, out):
+                    if saved[i] is not None or not isinstance(out, Tensor) or tuple(out.shape) != layer.out_shape:
+                        raise _StalePlan
+                    xs = _layer_input(args, kwargs)
+                    if layer.clone_input:
+                        xs = tuple(t.clone() for t in xs)
+                    saved[i] = layer.rule.capture(mod, xs)
+                    return layer.rule.output(mod, xs, out) + tap[i]
+                return hook
 
-        try:
-            for i, layer in enumerate(p.layers):
-                handles.append(layer.module.register_forward_hook(make_hook(i, layer), with_kwargs=True))
-            out = problem.forward()
-        finally:
-            for h in handles:
-                h.remove()
-        if any(s is None for s in saved):
-            raise _StalePlan
-        return out, tuple(saved)
+            try:
+                for i, layer in enumerate(p.layers):
+                    handles.append(layer.module.register_forward_hook(make_hook(i, layer), with_kwargs=True, prepend=True))
+                out = problem.raw_forward(None, x)
+            finally:
+                for h in handles:
+                    h.remove()
+            if any(s is None for s in saved) or not isinstance(out, Tensor):
+                raise _StalePlan
+            return out.reshape(-1), tuple(saved)
 
-    out, vjp_fn, saved = vjp(forward, taps, has_aux=True)
+        def one(tap, *xs):
+            body.taps = tap
+            return body(tuple(x.unsqueeze(0) for x in xs))
+
+        return vmap(one, randomness=jacobian._randomness(problem))(taps, *problem.inputs)
+
     if check:
-        check_outputs(out, problem.n)
+        with _watch_parameter_use(problem.model, problem, layers) as monitor:
+            out, vjp_fn, saved = vjp(forward, taps, has_aux=True)
+        if monitor.foreign:
+            raise _StalePlan
+        check_outputs(out, n)
+    else:
+        out, vjp_fn, saved = vjp(forward, taps, has_aux=True)
     cot = (cotangents(problem) if callable(cotangents) else cotangents).to(dtype)
     if cot.shape[0] == 1:  # a single probe needs no vmap
         grads = tuple(g.unsqueeze(0) for g in vjp_fn(cot[0])[0])
     else:
         grads = vmap(vjp_fn, chunk_size=chunk_size)(cot)[0]
-    return saved, grads, cot
+    out_saved, out_grads = [], []
+    for layer, s, g in zip(p.layers, saved, grads):
+        if layer.squeeze:  # (n, 1, ...) -> (n, ...): the layer's own batch of one sample
+            s = tuple(t.squeeze(1) if isinstance(t, Tensor) and t.dim() > 1 else t for t in s)
+            g = g.squeeze(2)
+        out_saved.append(s)
+        out_grads.append(g)
+    return out_saved, out_grads, cot
 
 
 def _factors(problem, p, cotangents, chunk_size, check) -> tuple[list, Tensor]:
@@ -273,6 +372,9 @@ def _factors(problem, p, cotangents, chunk_size, check) -> tuple[list, Tensor]:
 def row_sq_norms(problem: KernelProblem, cotangents: Cotangents, *, chunk_size: int | None = None) -> Tensor:
     """‖Σ_a c[k,i,a] ∇θ f_a(x_i)‖² per probe k and sample i, summed layer by layer: (k, n)."""
 
+    if not problem.per_sample:
+        return jacobian.row_sq_norms(problem, cotangents, chunk_size=chunk_size)
+
     def compute(p: Plan, cached: bool) -> Tensor:
         if _needs_reference(problem, p):
             return jacobian.row_sq_norms(problem, cotangents, chunk_size=chunk_size)
@@ -288,6 +390,9 @@ def row_sq_norms(problem: KernelProblem, cotangents: Cotangents, *, chunk_size: 
 @jacobian.retry_if_random
 def kernel(problem: KernelProblem, *, outputs: str = "full", chunk_size: int | None = None) -> Tensor:
     """K (rows ordered (sample, output)) or its output-summed form, as a sum of per-layer Grams."""
+
+    if not problem.per_sample:
+        return jacobian.kernel(problem, outputs=outputs, chunk_size=chunk_size)
 
     def compute(p: Plan, cached: bool) -> Tensor:
         if _needs_reference(problem, p):

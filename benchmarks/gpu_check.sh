@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU check, prepared to run in one call on a CUDA machine (no network, under 8 minutes):
+#   1. the CUDA tests (K, tr K and penalty gradients against the float64 reference, no side effects
+#      incl. the CUDA RNG, chunk_size bounding GPU memory, a Lightning fit in bf16-mixed);
+#   2. the benchmark on the GPU (CUDA-event timing, max_memory_allocated) for LeNet-5, the residual CNN
+#      and the 1.1 M-parameter CIFAR-sized CNN at n = 32, 128 and 512.
+# Usage: PYTHONPATH=. bash benchmarks/gpu_check.sh [OUT_DIR]   (default: benchmarks/)
+# Writes OUT_DIR/results-cuda.json, OUT_DIR/results-cuda.md and OUT_DIR/gpu_check.log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="${PYTHONPATH:-.}"
+PY="${PYTHON:-python3}"
+OUT="${1:-benchmarks}"
+mkdir -p "$OUT"
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "gpu_check: no CUDA device is visible to torch here ($("$PY" -c 'import torch; print("torch", torch.__version__)' 2>&1)); nothing to run."
+  echo "Run this script on a machine with a CUDA GPU."
+  exit 3
+fi
+{
+  echo "# gpu_check $(date -u +%FT%TZ)"
+  "$PY" -c "import torch; print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
+  echo "## CUDA tests"
+  if "$PY" -c "import pytest" 2>/dev/null; then
+    timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
+  else
+    timeout 240 "$PY" tests/test_cuda.py
+  fi
+  echo "tests exit code: $?"
+  echo "## benchmark"
+  timeout 300 "$PY" benchmarks/bench_mgs.py --device cuda --models lenet5 resnet cifar_cnn --batch 32 128 512 \
+    --repeats 5 --skip-slow --json "$OUT/results-cuda.json" > "$OUT/results-cuda.md"
+  echo "benchmark exit code: $?"
+  cat "$OUT/results-cuda.md"
+} 2>&1 | tee "$OUT/gpu_check.log"

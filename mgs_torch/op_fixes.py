@@ -1,0 +1,341 @@
+"""Ops whose torch.func or double-backward support is wrong or missing, replaced while MGS runs.
+
+torch.func is not an oracle. Measured on torch 2.13 (CPU, float64) against a per-sample autograd
+loop, these ops give wrong numbers or fail inside the kernel and penalty computations:
+
+================================  ==============================================================
+op                                what goes wrong upstream
+================================  ==============================================================
+``F.layer_norm``                  double backward through ``vmap`` over the cotangents of a
+                                  ``vjp`` is 0.4–2 % off for the parameters upstream of the norm
+``F.instance_norm``               same (a bias whose true gradient is 0 gets 3.5e-4)
+``F.batch_norm`` (batch stats)    same, under ``batch_norm="batch"``
+``F.prelu``                       ``vmap(jacrev)`` fails with a shape error (its batching rule)
+``torch.lstm/gru/rnn_*``          the fused RNN ops and cells (``nn.LSTM``, ``nn.LSTMCell``, …) fail
+and their ``*_cell`` ops          inside ``vmap`` ("output with shape [1, h] doesn't match the
+                                  broadcast shape [n, 1, h]")
+``F.scaled_dot_product_attention`` the fused CPU/CUDA kernels have no double backward
+``F.hardsigmoid``                 no double backward (``hardsigmoid_backward``)
+``F.rrelu``                       no ``vmap`` rule (``rrelu_with_noise``)
+``F.embedding_bag``               no double backward (``_embedding_bag_backward``)
+================================  ==============================================================
+
+:class:`ExactOps` is a :class:`~torch.overrides.TorchFunctionMode` that is active during every
+mgs_torch computation (never outside it): each op above is computed by an equivalent composition of
+ops whose batching rules and derivatives are right (the same values, checked in the tests, which
+also keep one regression test per upstream bug). It also refuses, before anything runs, what has no
+well-defined Jacobian: ``Embedding(max_norm=...)`` renormalises the weight *in place* during the
+forward, and RNNs on packed sequences. ``Embedding(scale_grad_by_freq=True)`` rescales what autograd
+reports, not the function: MGS uses the function's true derivative (scale_grad_by_freq ignored).
+``F.multi_head_attention_forward`` is run with ``need_weights=True`` (explicit softmax attention, the
+same output) instead of its fused kernel, and an active mode keeps PyTorch off its fused "fast
+paths" (``TransformerEncoderLayer``, ``MultiheadAttention`` in eval mode), which torch.func cannot
+differentiate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["ExactOps", "UnsupportedLayerError", "REPLACED_OPS", "explained_failures"]
+
+
+class UnsupportedLayerError(ValueError):
+    """A layer or op whose Jacobian mgs_torch cannot compute exactly; the message says what to do."""
+
+
+@contextlib.contextmanager
+def explained_failures(model, strategy: str) -> Iterator[None]:
+    """Turn a raw torch.func / autograd failure inside an MGS computation into an error that says what to do."""
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as error:
+        if "saved tensor hooks" in str(error):
+            raise UnsupportedLayerError(
+                f"{type(model).__name__} uses activation checkpointing (torch.utils.checkpoint) or other saved-tensor "
+                f"hooks, which torch.func cannot differentiate; switch it off while computing MGS (mgs_torch's own "
+                f"chunk_size= bounds the memory of the kernel and the penalty instead)"
+            ) from error
+        raise UnsupportedLayerError(
+            f"mgs_torch could not differentiate {type(model).__name__} (strategy={strategy!r}): "
+            f"{type(error).__name__}: {str(error).strip().splitlines()[0]}\n"
+            f"The failing op is not among those mgs_torch routes around (mgs_torch.op_fixes.REPLACED_OPS). "
+            f"Run mgs_torch.verify(model, x) to see which layer fails, then replace that layer by an "
+            f"equivalent composition of standard ops, leave its parameters out with params=..., or "
+            f"register a LayerRule for it."
+        ) from error
+
+
+# ---------------------------------------------------------------------------------- normalisation
+
+
+def _normalize(x: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
+    mean = x.mean(dims, keepdim=True)
+    var = ((x - mean) ** 2).mean(dims, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+def _channel_view(t: Tensor, x: Tensor) -> Tensor:
+    return t.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def _affine_channels(y: Tensor, weight, bias) -> Tensor:
+    if weight is not None:
+        y = y * _channel_view(weight, y)
+    if bias is not None:
+        y = y + _channel_view(bias, y)
+    return y
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    dims = tuple(range(input.dim() - len(tuple(normalized_shape)), input.dim()))
+    y = _normalize(input, dims, eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True, momentum=0.1, eps=1e-5):
+    # running statistics live in cloned buffers here: their update is skipped, never seen by the user
+    if use_input_stats:
+        y = _normalize(input, tuple(range(2, input.dim())), eps)
+    else:
+        y = (input - _channel_view(running_mean, input)) * torch.rsqrt(_channel_view(running_var, input) + eps)
+    return _affine_channels(y, weight, bias)
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+    if not training and running_mean is not None:
+        return torch.batch_norm(input, weight, bias, running_mean, running_var, False, momentum, eps, True)
+    dims = (0,) + tuple(range(2, input.dim()))
+    return _affine_channels(_normalize(input, dims, eps), weight, bias)
+
+
+# ---------------------------------------------------------------------------------- activations
+
+
+def prelu(input, weight):
+    w = weight if weight.numel() == 1 or input.dim() < 2 else _channel_view(weight, input)
+    return torch.where(input >= 0, input, w * input)
+
+
+def hardsigmoid(input, inplace=False):
+    return torch.clamp(input / 6.0 + 0.5, 0.0, 1.0)
+
+
+def rrelu(input, lower=1.0 / 8, upper=1.0 / 3, training=False, inplace=False):
+    if not training:
+        return F.leaky_relu(input, (lower + upper) / 2)
+    slope = lower + (upper - lower) * torch.rand_like(input)
+    return torch.where(input >= 0, input, slope * input)
+
+
+# ---------------------------------------------------------------------------------- embeddings
+
+
+def _refuse_max_norm(max_norm) -> None:
+    if max_norm is not None:
+        raise UnsupportedLayerError(
+            "Embedding(max_norm=...) renormalises its weight in place during every forward, so its "
+            "Jacobian is not that of a fixed function and the model's weights would change; mgs_torch "
+            "refuses it before running. Renormalise the weight yourself between steps (e.g. "
+            "torch.nn.utils.clip_grad_norm_-style code or torch.renorm on the weight) and set max_norm=None"
+        )
+
+
+def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False):
+    _refuse_max_norm(max_norm)
+    return torch.embedding(weight, input, -1 if padding_idx is None else padding_idx, False, False)
+
+
+def embedding_bag(
+    input, weight, offsets=None, max_norm=None, norm_type=2, scale_grad_by_freq=False, mode="mean", sparse=False,
+    per_sample_weights=None, include_last_offset=False, padding_idx=None,
+):
+    _refuse_max_norm(max_norm)
+    if input.dim() != 2 or offsets is not None:
+        raise UnsupportedLayerError(
+            "EmbeddingBag with 1-D input and offsets packs several samples into one row, so the "
+            "per-sample kernel is undefined; pass a 2-D (batch, bag) index tensor"
+        )
+    rows = F.embedding(input, weight, padding_idx)  # (B, L, D); padding rows are zero
+    keep = torch.ones_like(input, dtype=rows.dtype) if padding_idx is None else (input != padding_idx).to(rows.dtype)
+    if per_sample_weights is not None:
+        rows = rows * per_sample_weights.unsqueeze(-1)
+    if mode == "sum":
+        return rows.sum(1)
+    if mode == "mean":
+        return rows.sum(1) / keep.sum(1, keepdim=True).clamp_min(1)
+    masked = rows.masked_fill(keep.unsqueeze(-1) == 0, float("-inf"))
+    out = masked.amax(1)
+    return torch.where(torch.isinf(out), torch.zeros_like(out), out)
+
+
+# ---------------------------------------------------------------------------------- attention
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """PyTorch's own math backend (a composition of matmul and softmax): twice differentiable."""
+    return torch.ops.aten._scaled_dot_product_attention_math(
+        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+    )[0]
+
+
+def multi_head_attention_forward(*args, **kwargs):
+    """The same attention output through the explicit route (softmax of the scores), not SDPA."""
+    import inspect
+
+    bound = inspect.signature(F.multi_head_attention_forward).bind(*args, **kwargs)
+    wanted = bound.arguments.get("need_weights", True)
+    bound.arguments["need_weights"] = True
+    out, weights = F.multi_head_attention_forward(*bound.args, **bound.kwargs)
+    return out, (weights if wanted else None)
+
+
+# ---------------------------------------------------------------------------------- recurrent layers
+
+
+def _cell(kind: str, x_proj: Tensor, h, w_hh, b_hh, w_hr):
+    """One time step given x W_ihᵀ + b_ih; returns the new state (h, c) or h."""
+    if kind == "lstm":
+        h, c = h
+        gates = x_proj + F.linear(h, w_hh, b_hh)
+        i, f, g, o = gates.chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        if w_hr is not None:
+            h = F.linear(h, w_hr)
+        return h, c
+    if kind == "gru":
+        gh = F.linear(h, w_hh, b_hh)
+        xr, xz, xn = x_proj.chunk(3, -1)
+        hr, hz, hn = gh.chunk(3, -1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        return (1 - z) * n + z * h
+    pre = x_proj + F.linear(h, w_hh, b_hh)
+    return torch.tanh(pre) if kind == "rnn_tanh" else torch.relu(pre)
+
+
+def _make_rnn(kind: str):
+    def rnn(input, hx, flat_weights, has_biases, num_layers, dropout, train, bidirectional, batch_first=False):
+        if not isinstance(hx, (Tensor, tuple, list)) or isinstance(flat_weights, bool):
+            raise UnsupportedLayerError(
+                f"{kind.upper()} on a PackedSequence is not supported by mgs_torch (packing sorts and "
+                f"mixes the samples of a batch); pad the sequences and pass a padded tensor instead"
+            )
+        x = input.transpose(0, 1) if batch_first else input  # (T, B, I)
+        dirs = 2 if bidirectional else 1
+        per = len(flat_weights) // (num_layers * dirs)
+        h0, c0 = (hx[0], hx[1]) if kind == "lstm" else (hx, None)
+        h_out, c_out = [], []
+        for layer in range(num_layers):
+            outs = []
+            for d in range(dirs):
+                idx = layer * dirs + d
+                w = list(flat_weights[idx * per : (idx + 1) * per])
+                w_ih, w_hh = w[0], w[1]
+                b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+                w_hr = w[-1] if per == (5 if has_biases else 3) else None
+                state = (h0[idx], c0[idx]) if kind == "lstm" else h0[idx]
+                x_proj = F.linear(x, w_ih, b_ih)  # all steps at once
+                steps = range(x.shape[0] - 1, -1, -1) if d == 1 else range(x.shape[0])
+                ys = [None] * x.shape[0]
+                for t in steps:
+                    state = _cell(kind, x_proj[t], state, w_hh, b_hh, w_hr)
+                    ys[t] = state[0] if kind == "lstm" else state
+                outs.append(torch.stack(ys))
+                h_out.append(state[0] if kind == "lstm" else state)
+                if kind == "lstm":
+                    c_out.append(state[1])
+            x = torch.cat(outs, -1) if dirs == 2 else outs[0]
+            if dropout > 0 and train and layer < num_layers - 1:
+                x = F.dropout(x, dropout, training=True)
+        out = x.transpose(0, 1) if batch_first else x
+        if kind == "lstm":
+            return out, torch.stack(h_out), torch.stack(c_out)
+        return out, torch.stack(h_out)
+
+    return rnn
+
+
+def _make_rnn_cell(kind: str):
+    def cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+        return _cell(kind, F.linear(input, w_ih, b_ih), tuple(hx) if kind == "lstm" else hx, w_hh, b_hh, None)
+
+    return cell
+
+
+_VF = torch._C._VariableFunctions
+
+REPLACED_OPS: dict = {
+    F.layer_norm: layer_norm,
+    F.instance_norm: instance_norm,
+    F.batch_norm: batch_norm,
+    F.prelu: prelu,
+    torch.prelu: prelu,
+    F.hardsigmoid: hardsigmoid,
+    F.rrelu: rrelu,
+    F.embedding: embedding,
+    F.embedding_bag: embedding_bag,
+    F.scaled_dot_product_attention: scaled_dot_product_attention,
+    F.multi_head_attention_forward: multi_head_attention_forward,
+    _VF.lstm: _make_rnn("lstm"),
+    _VF.gru: _make_rnn("gru"),
+    _VF.rnn_tanh: _make_rnn("rnn_tanh"),
+    _VF.rnn_relu: _make_rnn("rnn_relu"),
+    _VF.lstm_cell: _make_rnn_cell("lstm"),
+    _VF.gru_cell: _make_rnn_cell("gru"),
+    _VF.rnn_tanh_cell: _make_rnn_cell("rnn_tanh"),
+    _VF.rnn_relu_cell: _make_rnn_cell("rnn_relu"),
+}
+
+
+_RECORDERS: list[set] = []
+
+
+@contextlib.contextmanager
+def recording_replacements() -> Iterator[set]:
+    """Collect the names of the ops any :class:`ExactOps` replaces inside the block."""
+    names: set = set()
+    _RECORDERS.append(names)
+    try:
+        yield names
+    finally:
+        _RECORDERS.remove(names)
+
+
+class ExactOps(TorchFunctionMode):
+    """Route the ops of :data:`REPLACED_OPS` to their exact compositions while active.
+
+    A replacement runs with the mode re-entered, so the ops it calls are routed too. Other functions
+    run as they are, with the mode off inside them (as for any mode): a wrapper that calls a broken
+    op internally needs its own entry (``F.multi_head_attention_forward``). ``replaced`` records
+    which replacements ran (``verify`` shows it).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.replaced: set[str] = set()
+
+    def __torch_function__(self, func, types_=(), args=(), kwargs=None):
+        kwargs = kwargs or {}
+        fix = REPLACED_OPS.get(func)
+        if fix is not None:
+            name = getattr(func, "__name__", str(func))
+            self.replaced.add(name)
+            for record in _RECORDERS:
+                record.add(name)
+            if fix is multi_head_attention_forward:  # calls the original itself: mode stays off
+                return fix(*args, **kwargs)
+            with self:
+                return fix(*args, **kwargs)
+        return func(*args, **kwargs)

@@ -1,0 +1,156 @@
+"""``verify(model, x)``: check mgs_torch on *your* model against a plain autograd loop, once.
+
+The reference is independent of torch.func: each sample runs through the model on its own and each
+of its q outputs is differentiated with one ``torch.autograd.grad`` (so J has n·q rows); K = J Jᵀ, and
+the trace penalty's gradient is that loop differentiated once more (``create_graph=True``). Both are
+compared with mgs_torch in float64 on a deep copy of the model (your model is not touched), and the
+report says which route each parameter took (a layer rule, or the reference engine and why) and which
+upstream ops were replaced by exact equivalents (:mod:`mgs_torch.op_fixes`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ._problem import Inputs, as_input_tuple, build_problem, preserved_state
+from .engines import engine_for, jacobian, structured
+from .kernel import mgs_kernel
+from .options import KernelOptions
+from .op_fixes import UnsupportedLayerError, recording_replacements
+from .penalty import mgs_penalty
+
+__all__ = ["verify", "VerifyReport"]
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` found. ``ok`` is True when every checked quantity is within ``tolerance``."""
+
+    strategy: str
+    samples: int
+    kernel_error: float | None = None
+    gradient_error: float | None = None
+    tolerance: float = 1e-8
+    routes: dict[str, str] = field(default_factory=dict)
+    replaced_ops: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    failure: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        checked = [e for e in (self.kernel_error, self.gradient_error) if e is not None]
+        return self.failure is None and bool(checked) and all(e <= self.tolerance for e in checked)
+
+    def __str__(self) -> str:
+        def fmt(e):
+            return "not checked" if e is None else f"{e:.2e}"
+
+        lines = [
+            f"mgs_torch.verify: {'OK' if self.ok else 'PROBLEM'} (strategy={self.strategy!r}, {self.samples} samples, float64, tolerance {self.tolerance:g})",
+            f"  K                       relative error {fmt(self.kernel_error)}",
+            f"  ∂ tr K / ∂θ (penalty)   relative error {fmt(self.gradient_error)}",
+        ]
+        if self.failure:
+            lines.append(f"  failed: {self.failure}")
+        if self.replaced_ops:
+            lines.append(f"  ops replaced by exact equivalents: {', '.join(sorted(self.replaced_ops))}")
+        lines.append("  route per parameter:")
+        width = max((len(k) for k in self.routes), default=0)
+        lines += [f"    {name:<{width}}  {route}" for name, route in self.routes.items()]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _loop_jacobian(model: nn.Module, xs: tuple[Tensor, ...], params: list[Tensor], create_graph: bool) -> Tensor:
+    rows = []
+    for i in range(xs[0].shape[0]):
+        out = model(*(x[i : i + 1] for x in xs)).reshape(-1)
+        for a in range(out.numel()):
+            gs = torch.autograd.grad(out[a], params, retain_graph=True, create_graph=create_graph, allow_unused=True)
+            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, params)]))
+    return torch.stack(rows)
+
+
+def _relative(a: Tensor, b: Tensor) -> float:
+    return float((a - b).norm()) / max(float(b.norm()), 1e-300)
+
+
+def verify(
+    model: nn.Module,
+    inputs: Inputs,
+    *,
+    samples: int = 2,
+    strategy: str = "auto",
+    params=None,
+    tolerance: float = 1e-8,
+) -> VerifyReport:
+    """Compare mgs_torch's K and trace-penalty gradient with a per-sample autograd loop on your model.
+
+    Run it once on a new architecture: ``print(mgs_torch.verify(model, x))``. It uses the first
+    ``samples`` samples of ``inputs``, a float64 copy of the model in eval mode (random layers would
+    make K random), and ``params`` as in :func:`mgs_torch.mgs_kernel`. Cost: samples·q backward passes
+    for the reference, twice that for the gradient check. Never raises for a model mgs_torch cannot
+    handle: the report's ``failure`` says what went wrong and which layers fail on their own.
+    """
+    xs = tuple(x[:samples] for x in as_input_tuple(inputs))
+    xs = tuple(x.double() if x.is_floating_point() else x for x in xs)
+    ref_model = copy.deepcopy(model).double().eval()
+    report = VerifyReport(strategy, xs[0].shape[0], tolerance=tolerance)
+    if model.training:
+        report.notes.append("checked in eval mode (Dropout and other random layers make K random in train mode)")
+    KernelOptions(strategy=strategy, params=params)  # validated before anything runs
+    try:
+        with preserved_state(ref_model, "eval"):
+            problem = build_problem(ref_model, xs, params=params)
+            if engine_for(strategy, problem) is jacobian:
+                problem.validation_forward()
+                why = "strategy='jacobian'" if strategy == "jacobian" else "auto: layer rules cover under half the parameters"
+                report.routes = {k: f"reference ({why})" for k in problem.params}
+            else:
+                report.routes = structured.cached_plan(problem)[0].routes()
+            chosen = list(problem.params)
+        with recording_replacements() as replaced:
+            K = mgs_kernel(ref_model, xs, strategy=strategy, params=params)
+        report.replaced_ops = sorted(replaced)
+    except (UnsupportedLayerError, ValueError, TypeError, RuntimeError, NotImplementedError) as error:
+        report.failure = f"{type(error).__name__}: {error}"
+        report.routes.update(_per_layer_failures(ref_model, xs, strategy))
+        return report
+    named = dict(ref_model.named_parameters())
+    plist = [named[k] for k in chosen]
+    J = _loop_jacobian(ref_model, xs, plist, create_graph=False)
+    report.kernel_error = _relative(K, J @ J.T)
+    try:
+        value = mgs_penalty(ref_model, xs, kind="trace", reduction="sum", strategy=strategy, params=params)
+        ours = torch.autograd.grad(value, plist, allow_unused=True)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            Jg = _loop_jacobian(ref_model, xs, plist, create_graph=True)
+            theirs = torch.autograd.grad((Jg**2).sum(), plist, allow_unused=True)
+        flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, plist)])  # noqa: E731
+        report.gradient_error = _relative(flat(ours), flat(theirs))
+    except (RuntimeError, NotImplementedError) as error:
+        report.notes.append(f"penalty gradient not checked: the plain autograd reference itself fails ({str(error).splitlines()[0]})")
+    return report
+
+
+def _per_layer_failures(model: nn.Module, xs, strategy: str) -> dict[str, str]:
+    """For each module owning trainable parameters: its parameters alone, and whether that works."""
+    out = {}
+    for name, module in model.named_modules():
+        own = [k for k, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        try:
+            mgs_kernel(model, xs, strategy=strategy, params=[module])
+            status = "ok on its own"
+        except Exception as error:  # noqa: BLE001 - a diagnosis, reported as text
+            status = f"FAILS: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        for k in own:
+            out[f"{name}.{k}" if name else k] = status
+    return out

@@ -1,0 +1,527 @@
+"""Small float64 models, one per layer family a user may put in a network (the audit matrix).
+
+Every entry builds a fresh model and its inputs from a fixed seed: batch on dim 0 at the model's
+input, raw outputs (n, q) with q = 2. Shapes are tiny so the per-sample autograd reference is fast.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mgs_torch import LayerRule, UnsupportedLayerError
+from mgs_torch.engines.factors import DirectFactor
+
+N, Q = 3, 2
+D = torch.float64
+
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[], tuple[nn.Module, tuple]]
+    kernel_kwargs: dict = field(default_factory=dict)
+    whole_batch: bool = False  # the reference differentiates one batched forward
+    logdet: bool = True  # K is non-singular, so the log-det penalty is checked too
+    grad_by_fd: bool = False  # the op has no double backward in PyTorch: reference gradients by finite differences
+    reference_model: Callable[[nn.Module], nn.Module] | None = None  # the function MGS differentiates, if it differs
+    refused: type | None = None  # mgs_torch must refuse this model with this error, changing nothing
+
+
+def randn(*shape):
+    return torch.randn(*shape, dtype=D)
+
+
+class Head(nn.Module):
+    """body -> flatten -> Linear(q): makes any feature extractor a classifier with q outputs."""
+
+    def __init__(self, body: nn.Module, features: int, pre=None):
+        super().__init__()
+        self.body, self.pre = body, pre
+        self.head = nn.Linear(features, Q)
+
+    def forward(self, *x):
+        h = self.body(*x)
+        if self.pre is not None:
+            h = self.pre(h)
+        return self.head(torch.tanh(h).flatten(1))
+
+
+def seq(*layers):
+    return nn.Sequential(*layers)
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+# ------------------------------------------------------------------------------------ builders
+
+
+def _mlp(act: nn.Module):
+    return seq(nn.Linear(4, 5), act, nn.Linear(5, Q)), (randn(N, 4),)
+
+
+def _conv(layer: nn.Module, in_shape, feats):
+    return Head(layer, feats), (randn(N, *in_shape),)
+
+
+class BilinearNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bil = nn.Bilinear(3, 4, 3)
+        self.head = nn.Linear(3, Q)
+
+    def forward(self, a, b):
+        return self.head(torch.tanh(self.bil(a, b)))
+
+
+class FoldedSequence(nn.Module):
+    """A sequence folded into the batch: (n, T, d) -> (n·T, d) -> Linear -> back to (n, T, h)."""
+
+    def __init__(self, T=4):
+        super().__init__()
+        self.T, self.lin, self.head = T, nn.Linear(3, 4), nn.Linear(4, Q)
+
+    def forward(self, x):
+        n = x.shape[0]
+        h = torch.tanh(self.lin(x.reshape(-1, 3))).reshape(n, self.T, 4)
+        return self.head(h.mean(1))
+
+
+class TimeMajor(nn.Module):
+    """(n, T, d) -> time-major (T, n, d) -> Linear and LayerNorm -> back; T = n, so sizes match."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.norm, self.head = nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, Q)
+
+    def forward(self, x):
+        h = self.norm(torch.tanh(self.lin(x.transpose(0, 1))))
+        return self.head(h.transpose(0, 1).mean(1))
+
+
+class TransposedNorm(nn.Module):
+    """Channels-last features transposed before a BatchNorm1d/GroupNorm that normalise dim 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.gn, self.head = nn.Linear(3, 4), nn.GroupNorm(2, 4), nn.Linear(4 * N, Q)
+
+    def forward(self, x):  # x (n, T=n, 3)
+        h = torch.tanh(self.lin(x)).transpose(1, 2)  # (n, 4, T)
+        return self.head(self.gn(h).flatten(1))
+
+
+class PermutedBatch(nn.Module):
+    """Reverses the batch before a Linear and restores it after: row i of the layer is sample n−1−i."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(3, 4), nn.Linear(4, Q)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x.flip(0))).flip(0)
+        return self.head(h)
+
+
+class RecurrentNet(nn.Module):
+    def __init__(self, cell: str, batch_first: bool, tagger: bool, layers=2, bidirectional=True):
+        super().__init__()
+        rnn = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[cell]
+        self.batch_first, self.tagger = batch_first, tagger
+        self.rnn = rnn(3, 3, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first)
+        width = 3 * (2 if bidirectional else 1)
+        self.head = nn.Linear(width * (4 if tagger else 1), Q)
+
+    def forward(self, x):  # x (n, T=4, 3)
+        h, _ = self.rnn(x if self.batch_first else x.transpose(0, 1))
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        return self.head(h.flatten(1) if self.tagger else h[:, -1])
+
+
+class AttentionNet(nn.Module):
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.batch_first = batch_first
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=batch_first)
+        self.head = nn.Linear(4, Q)
+
+    def forward(self, x):  # (n, T, 4)
+        h = x if self.batch_first else x.transpose(0, 1)
+        h, _ = self.attn(h, h, h, need_weights=False)
+        h = h if self.batch_first else h.transpose(0, 1)
+        return self.head(h.mean(1))
+
+
+class EncoderNet(nn.Module):
+    def __init__(self, batch_first: bool, decoder: bool = False, norm_first: bool = False):
+        super().__init__()
+        self.batch_first, self.decoder = batch_first, decoder
+        kw = dict(d_model=4, nhead=2, dim_feedforward=6, dropout=0.0, batch_first=batch_first, norm_first=norm_first)
+        self.layer = nn.TransformerDecoderLayer(**kw) if decoder else nn.TransformerEncoderLayer(**kw)
+        self.head = nn.Linear(4, Q)
+
+    def forward(self, x):
+        h = x if self.batch_first else x.transpose(0, 1)
+        h = self.layer(h, h) if self.decoder else self.layer(h)
+        h = h if self.batch_first else h.transpose(0, 1)
+        return self.head(h.mean(1))
+
+
+class LayerNormSub(nn.LayerNorm):
+    """A LayerNorm subclass (no rule by exact type: its weight goes to the reference engine)."""
+
+
+class TwiceNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.norm, self.head = nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, Q)
+
+    def forward(self, x):
+        return self.head(self.norm(torch.tanh(self.norm(self.lin(x)))))
+
+
+class Tied(nn.Module):
+    """Embedding tied to the output projection (language-model style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, 3)
+        self.mix = nn.Linear(3, 3)
+        self.out = nn.Linear(3, 5, bias=False)
+        self.out.weight = self.emb.weight
+        self.head = nn.Linear(5, Q)
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.out(torch.tanh(self.mix(self.emb(idx).mean(1))))))
+
+
+class BareParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(4, dtype=D))
+        self.lin, self.head = nn.Linear(3, 4), nn.Linear(4, Q)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(x) * self.scale))
+
+
+class ReusedWeight(nn.Module):
+    """A Python flag changes the forward's structure: with ``reuse`` the first layer runs twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.reuse = False
+        self.lin, self.head = nn.Linear(4, 4), nn.Linear(4, Q)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        if self.reuse:
+            h = torch.tanh(self.lin(h))
+        return self.head(h)
+
+
+class CellNet(nn.Module):
+    """An RNN cell unrolled by hand (nn.LSTMCell / GRUCell / RNNCell)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.cell = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}[kind](3, 3)
+        self.head = nn.Linear(3, Q)
+
+    def forward(self, x):  # (n, T, 3)
+        h = torch.zeros(x.shape[0], 3, dtype=x.dtype)
+        c = torch.zeros_like(h)
+        for t in range(x.shape[1]):
+            if self.kind == "lstm":
+                h, c = self.cell(x[:, t], (h, c))
+            else:
+                h = self.cell(x[:, t], h)
+        return self.head(h)
+
+
+class SqueezeExcite(nn.Module):
+    """MobileNetV3-style block: Hardswish conv, squeeze-excitation gate with Hardsigmoid."""
+
+    def __init__(self, exact_gate: bool = False):
+        super().__init__()
+        self.exact_gate = exact_gate
+        self.conv, self.fc1, self.fc2 = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 2, 1), nn.Conv2d(2, 4, 1)
+        self.head = nn.Linear(4, Q)
+
+    def forward(self, x):
+        h = F.hardswish(self.conv(x))
+        s = self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(h, 1))))
+        s = torch.clamp((s + 3.0) / 6.0, 0.0, 1.0) if self.exact_gate else F.hardsigmoid(s)
+        return self.head((h * s).mean((2, 3)))
+
+
+def _exact_gate(model):
+    model = copy.deepcopy(model)
+    model.exact_gate = True
+    return model
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """ConvNeXt's channels-first LayerNorm: a subclass that permutes around the parent's forward."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise conv, channels-last LayerNorm and MLP, layer scale (a bare parameter), residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.norm, self.pw1, self.pw2 = nn.LayerNorm(4), nn.Linear(4, 8), nn.Linear(8, 4)
+        self.gamma = nn.Parameter(torch.full((4,), 0.5))
+        self.ln2d, self.head = LayerNorm2d(4), nn.Linear(4, Q)
+
+    def forward(self, x):
+        h = self.dw(x).permute(0, 2, 3, 1)
+        h = self.pw2(F.gelu(self.pw1(self.norm(h)))) * self.gamma
+        return self.head(self.ln2d(x + h.permute(0, 3, 1, 2)).mean((2, 3)))
+
+
+class CausalEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(4, 2, 6, dropout=0.0, batch_first=True)
+        self.enc, self.head = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(4, Q)
+
+    def forward(self, x):
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], dtype=x.dtype)
+        return self.head(self.enc(x, mask=mask, is_causal=True).mean(1))
+
+
+class PoolsAndResampling(nn.Module):
+    """Max pooling, pixel shuffle, local response norm and bilinear interpolation after a conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(2, 4, 3, padding=1), nn.Linear(4 * 2 * 2 + 1 + 4, Q)
+
+    def forward(self, x):
+        h = self.conv(x)
+        a = F.max_pool2d(h, 2)
+        b = F.pixel_shuffle(h, 2).mean((1, 2, 3)).unsqueeze(1)
+        c = F.interpolate(F.local_response_norm(a, 2), scale_factor=2, mode="bilinear").mean((2, 3))
+        return self.head(torch.cat([a.flatten(1), b, c], 1))
+
+
+class Scale(nn.Module):
+    """A custom layer x ⊙ w, for the rule-registry tests (no rule unless a test registers one)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class ScaleRule(LayerRule):
+    """The exact rule for :class:`Scale`: ∂(c·f)/∂w_d = g_d a_d per sample."""
+
+    params = ("weight",)
+
+    def factors(self, module, saved, grad, names):
+        (a,) = saved
+        return {"weight": DirectFactor(grad * a)}
+
+
+def _hooked():
+    model, x = _mlp(nn.Tanh())
+    model[0].register_forward_hook(lambda m, a, out: out * 2.0 + out**2)
+    return model, x
+
+
+def _weight_norm():
+    model, x = _mlp(nn.Tanh())
+    nn.utils.parametrizations.weight_norm(model[0])
+    return model, x
+
+
+def _spectral_norm():
+    model, x = _mlp(nn.Tanh())
+    nn.utils.parametrizations.spectral_norm(model[0])
+    model.eval()
+    return model, x
+
+
+def _batchnorm_eval(bn: nn.Module, in_shape, feats):
+    model, x = _conv(seq(bn), in_shape, feats)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    return model.eval(), x
+
+
+def _embedding(**kw):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(6, 3, **kw)
+            self.head = nn.Linear(3 * 4, Q)
+
+        def forward(self, idx):
+            return self.head(torch.tanh(self.emb(idx)).flatten(1))
+
+    idx = torch.tensor([[1, 2, 2, 0], [3, 1, 5, 1], [4, 4, 4, 2]])
+    return Net(), (idx,)
+
+
+def _embedding_bag(mode):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag = nn.EmbeddingBag(6, 3, mode=mode)
+            self.head = nn.Linear(3, Q)
+
+        def forward(self, idx):
+            return self.head(torch.tanh(self.bag(idx)))
+
+    return Net(), (torch.tensor([[1, 2, 2, 0], [3, 1, 5, 1], [4, 4, 4, 2]]),)
+
+
+def _tokens():
+    return (randn(N, 4, 4),)
+
+
+class ExactHardsigmoid(nn.Module):
+    def forward(self, x):
+        return torch.clamp((x + 3.0) / 6.0, 0.0, 1.0)
+
+
+def _exact_hardsigmoid(model):
+    model = copy.deepcopy(model)
+    model[1] = ExactHardsigmoid()
+    return model
+
+
+CASES: list[Case] = []
+
+
+def case(name, build, **kw):
+    CASES.append(Case(name, build, **kw))
+
+
+# linear and bilinear
+case("linear", lambda: _mlp(nn.Tanh()))
+case("bilinear", lambda: (BilinearNet(), (randn(N, 3), randn(N, 4))))
+# convolutions
+case("conv1d", lambda: _conv(nn.Conv1d(2, 3, 3, stride=2, padding=1, dilation=1), (2, 7), 3 * 4))
+case("conv1d_same_dilated", lambda: _conv(nn.Conv1d(2, 3, 3, padding="same", dilation=2), (2, 6), 3 * 6))
+case("conv1d_circular", lambda: _conv(nn.Conv1d(2, 2, 3, padding=1, padding_mode="circular"), (2, 5), 2 * 5))
+case("conv2d_groups", lambda: _conv(nn.Conv2d(4, 4, 2, groups=2), (4, 3, 3), 4 * 2 * 2))
+case("conv2d_reflect_stride", lambda: _conv(nn.Conv2d(1, 2, (3, 2), padding=1, padding_mode="reflect", stride=(1, 2)), (1, 5, 4), 2 * 5 * 3))
+case("conv2d_replicate_valid", lambda: _conv(nn.Conv2d(2, 2, 2, padding=1, padding_mode="replicate"), (2, 3, 3), 2 * 4 * 4))
+case("conv3d", lambda: _conv(nn.Conv3d(1, 2, 2), (1, 3, 3, 3), 2 * 2 * 2 * 2))
+case("convtranspose1d", lambda: _conv(nn.ConvTranspose1d(2, 3, 3, stride=2), (2, 3), 3 * 7))
+case("convtranspose2d", lambda: _conv(nn.ConvTranspose2d(2, 2, 2, stride=1, padding=0), (2, 2, 2), 2 * 3 * 3))
+# normalisation
+case("batchnorm1d_eval", lambda: _batchnorm_eval(nn.BatchNorm1d(3), (3, 4), 3 * 4))
+case("batchnorm2d_eval", lambda: _batchnorm_eval(nn.BatchNorm2d(2), (2, 2, 2), 2 * 2 * 2))
+case(
+    "batchnorm2d_batch",
+    lambda: (_conv(seq(nn.Conv2d(1, 2, 2), nn.BatchNorm2d(2)), (1, 3, 3), 2 * 2 * 2)[0].train(), (randn(N, 1, 3, 3),)),
+    kernel_kwargs={"batch_norm": "batch"}, whole_batch=True,
+)
+case("instancenorm1d_affine", lambda: _conv(seq(nn.Conv1d(2, 2, 2), nn.InstanceNorm1d(2, affine=True)), (2, 5), 2 * 4))
+case("instancenorm2d_affine", lambda: _conv(seq(nn.Conv2d(1, 2, 2), nn.InstanceNorm2d(2, affine=True)), (1, 3, 3), 2 * 2 * 2))
+case("layernorm", lambda: _conv(seq(nn.Linear(4, 4), nn.LayerNorm(4)), (4,), 4))
+case("layernorm_2d_shape", lambda: _conv(seq(nn.Conv1d(2, 2, 2), nn.LayerNorm((2, 3))), (2, 4), 2 * 3))
+case("layernorm_subclass", lambda: _conv(seq(nn.Linear(4, 4), LayerNormSub(4)), (4,), 4))
+case("layernorm_twice", lambda: (TwiceNorm(), (randn(N, 3),)))
+case("groupnorm", lambda: _conv(seq(nn.Conv1d(2, 4, 2), nn.GroupNorm(2, 4)), (2, 4), 4 * 3))
+case("rmsnorm", lambda: _conv(seq(nn.Linear(4, 4), nn.RMSNorm(4)), (4,), 4))
+# embeddings
+case("embedding_padding_idx", lambda: _embedding(padding_idx=0))
+
+
+def _without_freq_scaling(model):
+    model = copy.deepcopy(model)
+    model.emb.scale_grad_by_freq = False
+    return model
+
+
+# scale_grad_by_freq rescales what autograd reports, not the function: MGS uses the true derivative
+case("embedding_scale_grad_by_freq", lambda: _embedding(scale_grad_by_freq=True), reference_model=_without_freq_scaling)
+case("embedding_max_norm", lambda: _embedding(max_norm=0.5), refused=UnsupportedLayerError)
+case("embedding_bag_mean", lambda: _embedding_bag("mean"), grad_by_fd=True)
+case("embedding_bag_sum", lambda: _embedding_bag("sum"), grad_by_fd=True)
+case("embedding_bag_max", lambda: _embedding_bag("max"), grad_by_fd=True)
+# activations
+case("prelu_single", lambda: _mlp(nn.PReLU()))
+case("prelu_channels", lambda: _conv(seq(nn.Conv1d(2, 3, 2), nn.PReLU(3)), (2, 4), 3 * 3))
+for _act in (
+    nn.ReLU(), nn.LeakyReLU(0.1), nn.ELU(), nn.SELU(), nn.CELU(), nn.GELU(), nn.GELU("tanh"), nn.SiLU(), nn.Mish(),
+    nn.Hardswish(), nn.Hardsigmoid(), nn.Hardtanh(), nn.ReLU6(), nn.Softplus(), nn.Sigmoid(), nn.LogSigmoid(),
+    nn.Softsign(), nn.Tanhshrink(), nn.Softmax(-1), nn.LogSoftmax(-1), nn.RReLU(),
+):
+    case(
+        f"act_{type(_act).__name__.lower()}{'_tanh' if getattr(_act, 'approximate', '') == 'tanh' else ''}",
+        (lambda a: lambda: (lambda m: (m[0].eval(), m[1]))(_mlp(a)))(_act),
+        # hardsigmoid_backward has no derivative upstream, and its first derivative uses a float32 1/6
+        # (5e-9 off in float64): the reference differentiates the exact formula, by finite differences
+        grad_by_fd=isinstance(_act, nn.Hardsigmoid),
+        reference_model=_exact_hardsigmoid if isinstance(_act, nn.Hardsigmoid) else None,
+    )
+case("act_glu", lambda: (seq(nn.Linear(4, 6), nn.GLU(), nn.Linear(3, Q)), (randn(N, 4),)))
+# recurrent
+for _cell in ("rnn", "lstm", "gru"):
+    for _bf in (True, False):
+        for _tag in (False, True):
+            case(f"{_cell}_{'bf' if _bf else 'tm'}_{'tagger' if _tag else 'clf'}", (lambda c, b, t: lambda: (RecurrentNet(c, b, t), (randn(N, 4, 3),)))(_cell, _bf, _tag))
+for _kind in ("lstm", "gru", "rnn"):
+    case(f"{_kind}_cell", (lambda k: lambda: (CellNet(k), (randn(N, 4, 3),)))(_kind))
+# attention
+case("mha_batch_first", lambda: (AttentionNet(True), _tokens()))
+case("mha_time_major", lambda: (AttentionNet(False), _tokens()))
+case("encoder_layer_default", lambda: (EncoderNet(False).eval(), _tokens()))
+case("encoder_layer_batch_first", lambda: (EncoderNet(True).eval(), _tokens()))
+case("encoder_layer_norm_first", lambda: (EncoderNet(True, norm_first=True).eval(), _tokens()))
+case("decoder_layer", lambda: (EncoderNet(False, decoder=True).eval(), _tokens()))
+case("causal_encoder_stack", lambda: (CausalEncoder().eval(), _tokens()))
+# blocks of common architectures
+case("squeeze_excite", lambda: (SqueezeExcite().eval(), (randn(N, 2, 4, 4),)), grad_by_fd=True, reference_model=_exact_gate)
+case("convnext_block", lambda: (ConvNeXtBlock().eval(), (randn(N, 4, 3, 3),)))
+case("pools_and_resampling", lambda: (PoolsAndResampling().eval(), (randn(N, 2, 4, 4),)))
+# layouts
+case("folded_sequence", lambda: (FoldedSequence(), (randn(N, 4, 3),)))
+case("folded_sequence_n1", lambda: (FoldedSequence(), (randn(1, 4, 3),)))
+case("time_major_t_eq_n", lambda: (TimeMajor(), (randn(N, N, 3),)))
+case("transposed_groupnorm", lambda: (TransposedNorm(), (randn(N, N, 3),)))
+case("permuted_batch", lambda: (PermutedBatch(), (randn(N, 3),)))
+# parametrizations, hooks, sharing
+case("weight_norm", _weight_norm)
+case("spectral_norm", _spectral_norm)
+case("forward_hook", _hooked)
+case("tied_weights", lambda: (Tied(), (torch.tensor([[1, 2, 0], [3, 4, 4], [0, 1, 1]]),)))
+case("bare_parameter", lambda: (BareParameter(), (randn(N, 3),)))
+case("reused_weight", lambda: (lambda m: (m, (randn(N, 4),)))(ReusedWeight()))
+
+
+def build(case: Case, seed: int = 0):
+    torch.manual_seed(seed)
+    model, inputs = case.build()
+    return model.to(D), inputs
+
+
+def by_name(name: str) -> Case:
+    return next(c for c in CASES if c.name == name)

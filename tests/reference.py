@@ -1,0 +1,102 @@
+"""The independent reference every engine is checked against: plain autograd, one sample at a time.
+
+No torch.func anywhere: each sample is run through the model on its own (a batch of one), and each
+of its outputs is differentiated with one ``torch.autograd.grad``. Penalty gradients differentiate
+that loop once more (``create_graph=True``), and central finite differences check the loop itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def _as_tuple(inputs):
+    return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+
+
+def trainable(model: nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def jacobian_loop(model: nn.Module, inputs, params=None, *, create_graph: bool = False, whole_batch: bool = False):
+    """J by brute force, rows ordered (sample, output), columns the concatenated ``params``.
+
+    ``whole_batch``: differentiate the outputs of one batched forward (samples may interact, e.g.
+    train-mode BatchNorm); the model is deep-copied first so running statistics do not move.
+    """
+    inputs = _as_tuple(inputs)
+    params = trainable(model) if params is None else list(params)
+    rows = []
+    # plain autograd, but attention through PyTorch's math backend: the fused kernels have no double backward
+    math_attention = sdpa_kernel(SDPBackend.MATH) if create_graph else contextlib.nullcontext()
+
+    def grads_of(out):
+        for a in range(out.numel()):
+            gs = torch.autograd.grad(out[a], params, retain_graph=True, create_graph=create_graph, allow_unused=True)
+            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, params)]))
+
+    with math_attention:
+        if whole_batch:
+            grads_of(model(*inputs).reshape(-1))
+        else:
+            for i in range(inputs[0].shape[0]):
+                grads_of(model(*(x[i : i + 1] for x in inputs)).reshape(-1))
+    return torch.stack(rows)
+
+
+def kernel_loop(model, inputs, params=None, *, outputs: str = "full", create_graph: bool = False, whole_batch: bool = False):
+    """K = J Jᵀ from :func:`jacobian_loop`; ``outputs="sum"`` sums the output blocks (n×n)."""
+    J = jacobian_loop(model, inputs, params, create_graph=create_graph, whole_batch=whole_batch)
+    K = J @ J.T
+    if outputs == "sum":
+        n = _as_tuple(inputs)[0].shape[0]
+        q = K.shape[0] // n
+        K = K.reshape(n, q, n, q).diagonal(dim1=1, dim2=3).sum(-1)
+    return K
+
+
+def penalty_value_loop(model, inputs, kind: str, *, outputs: str = "full", whole_batch: bool = False):
+    """g(K) with its graph: tr K or log det K (slogdet; the reference never adds jitter)."""
+    with sdpa_kernel(SDPBackend.MATH):
+        K = kernel_loop(model, inputs, outputs=outputs, create_graph=True, whole_batch=whole_batch)
+    if kind == "trace":
+        return K.trace()
+    sign, logabs = torch.linalg.slogdet(K)
+    assert sign > 0, "the reference kernel is singular; pick a model with p ≥ n·q"
+    return logabs
+
+
+def penalty_grad_loop(model, inputs, kind: str, *, outputs: str = "full", whole_batch: bool = False):
+    """∂g(K)/∂θ for every trainable parameter, by differentiating the autograd loop."""
+    value = penalty_value_loop(model, inputs, kind, outputs=outputs, whole_batch=whole_batch)
+    return torch.autograd.grad(value, trainable(model), allow_unused=True)
+
+
+def penalty_grad_fd(model, inputs, kind: str, *, eps: float = 1e-6, whole_batch: bool = False, max_entries: int = 8):
+    """Central finite differences of the loop's g(K) on the first ``max_entries`` entries of each parameter."""
+    model = copy.deepcopy(model)
+    out = []
+    for p in trainable(model):
+        flat = p.data.view(-1)
+        g = torch.zeros(min(flat.numel(), max_entries), dtype=p.dtype)
+        for e in range(g.numel()):
+            old = flat[e].item()
+            flat[e] = old + eps
+            hi = penalty_value_loop(model, inputs, kind, whole_batch=whole_batch).item()
+            flat[e] = old - eps
+            lo = penalty_value_loop(model, inputs, kind, whole_batch=whole_batch).item()
+            flat[e] = old
+            g[e] = (hi - lo) / (2 * eps)
+        out.append(g)
+    return out
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖actual − expected‖ / max(‖expected‖, tiny): one number per comparison."""
+    scale = max(float(expected.norm()), 1e-300)
+    return float((actual - expected).norm()) / scale

@@ -1,0 +1,213 @@
+"""verify(), the rule registry's hygiene, stale plans, and the errors that replace raw torch.func failures."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_zoo import Scale, ScaleRule, by_name, build
+from reference import kernel_loop
+from mgs_torch import (
+    LayerRule, UnsupportedLayerError, layer_rule, mgs_kernel, mgs_penalty, mgs_trace, register_layer_rule, unregister_layer_rule,
+    verify,
+)
+from mgs_torch.engines import LAYER_RULES
+from mgs_torch.engines.factors import DirectFactor
+
+
+def close(a, b, tol=1e-10):
+    return float((a - b).norm()) <= tol * max(float(b.norm()), 1e-300)
+
+
+# ----------------------------------------------------------------------------------- verify
+
+
+def test_verify_reports_errors_routes_and_replaced_ops():
+    model, x = build(by_name("encoder_layer_default"))
+    report = verify(model.float(), tuple(t.float() for t in x))
+    assert report.ok and report.kernel_error < 1e-12 and report.gradient_error < 1e-12
+    assert report.routes["layer.linear1.weight"] == "rule:Linear"
+    assert report.routes["layer.self_attn.in_proj_weight"].startswith("reference: no rule for MultiheadAttention")
+    assert {"layer_norm", "multi_head_attention_forward"} <= set(report.replaced_ops)
+    text = str(report)
+    assert "OK" in text and "rule:LayerNorm" in text
+
+
+def test_verify_catches_a_wrong_rule():
+    class WrongLinearRule(LayerRule):  # forgets the bias entirely and doubles the weight's gradient
+        params = ("weight", "bias")
+        leading_dims_are_positions = True
+
+        def factors(self, module, saved, grad, names):
+            (a,) = saved
+            k, n = grad.shape[:2]
+            g = torch.einsum("kno,ni->knoi", grad.reshape(k, n, -1), a.reshape(n, -1)) * 2
+            return {"weight": DirectFactor(g.flatten(2))}
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    with layer_rule(nn.Linear, WrongLinearRule()):
+        report = verify(model, torch.randn(3, 3))
+    assert not report.ok and report.kernel_error > 0.1
+    assert "PROBLEM" in str(report)
+
+
+class Nonzero(nn.Module):
+    """Uses torch.nonzero (dynamic shape: no vmap support, no replacement)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h) + torch.nonzero(h).float().sum()
+
+
+def test_verify_names_the_layer_that_fails():
+    report = verify(Nonzero(), torch.randn(3, 3))
+    assert not report.ok and "nonzero" in report.failure
+    assert report.routes["a.weight"].startswith("FAILS")
+
+
+def test_unsupported_ops_raise_an_error_that_says_what_to_do():
+    for strategy in ("jacobian", "structured"):
+        with pytest.raises(UnsupportedLayerError, match="verify"):
+            mgs_kernel(Nonzero(), torch.randn(3, 3), strategy=strategy)
+
+
+def test_no_batching_rule_warnings_reach_the_user():
+    model, x = build(by_name("bilinear"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mgs_kernel(model, x)
+
+
+# ----------------------------------------------------------------------------------- registry
+
+
+class WrongScaleRule(ScaleRule):
+    def factors(self, module, saved, grad, names):
+        (a,) = saved
+        return {"weight": DirectFactor(3 * grad * a)}
+
+
+def scale_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), Scale(4), nn.Tanh(), nn.Linear(4, 2)).double(), torch.randn(4, 3, dtype=torch.float64)
+
+
+def test_registering_or_removing_a_rule_takes_effect_at_once():
+    model, x = scale_model()
+    expected = kernel_loop(model, x)
+    assert close(mgs_kernel(model, x), expected)  # planned without a rule: reference for Scale
+    register_layer_rule(Scale, WrongScaleRule())
+    try:
+        assert not close(mgs_kernel(model, x), expected, 1e-3)  # the new (deliberately wrong) rule is used at once
+        register_layer_rule(Scale, ScaleRule())
+        assert close(mgs_kernel(model, x), expected)
+    finally:
+        unregister_layer_rule(Scale)
+    assert Scale not in LAYER_RULES
+    with pytest.raises(KeyError):
+        unregister_layer_rule(Scale)
+
+
+def test_register_layer_rule_as_decorator_and_context_manager():
+    model, x = scale_model()
+    expected = kernel_loop(model, x)
+
+    @register_layer_rule(Scale)
+    class DecoratedRule(ScaleRule):
+        pass
+
+    try:
+        assert isinstance(LAYER_RULES[Scale], DecoratedRule)
+        assert close(mgs_kernel(model, x), expected)
+    finally:
+        unregister_layer_rule(Scale)
+    with layer_rule(nn.Linear, None):  # no rule for Linear inside the block: everything on the reference
+        assert nn.Linear not in LAYER_RULES
+        assert close(mgs_kernel(model, x), expected)
+    assert nn.Linear in LAYER_RULES
+    with layer_rule(Scale, WrongScaleRule()):
+        assert not close(mgs_kernel(model, x), expected, 1e-3)
+    assert Scale not in LAYER_RULES
+
+
+# ----------------------------------------------------------------------------------- stale plans
+
+
+class Reuse(nn.Module):
+    """A Python flag makes the forward use the first layer's weight a second time, functionally."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+        self.reuse = False
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.reuse:
+            h = torch.tanh(F.linear(h, self.a.weight))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("quantity", ["kernel", "trace"])
+def test_a_cached_plan_is_rebuilt_when_the_forward_starts_reusing_a_weight(quantity):
+    torch.manual_seed(0)
+    model = Reuse().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    compute = (lambda: mgs_kernel(model, x)) if quantity == "kernel" else (lambda: mgs_trace(model, x))
+    expect = (lambda: kernel_loop(model, x)) if quantity == "kernel" else (lambda: kernel_loop(model, x).trace())
+    assert close(compute(), expect())
+    model.reuse = True  # same signature, different use of a.weight
+    assert close(compute(), expect())
+    model.reuse = False
+    assert close(compute(), expect())
+
+
+def test_embedding_max_norm_is_refused_before_the_weight_is_touched():
+    emb = nn.Embedding(5, 3, max_norm=0.1)
+    with torch.no_grad():
+        emb.weight.mul_(10)
+    model = nn.Sequential(emb, nn.Flatten(), nn.Linear(6, 2))
+    before = emb.weight.detach().clone()
+    with pytest.raises(UnsupportedLayerError, match="max_norm"):
+        mgs_kernel(model, torch.tensor([[1, 2], [3, 4]]))
+    assert torch.equal(emb.weight, before)
+
+
+# ----------------------------------------------------------------------------------- float32 and refusals
+
+
+@pytest.mark.parametrize("name", ["lstm_bf_tagger", "lstm_tm_clf", "gru_tm_clf", "rnn_bf_clf", "lstm_cell", "encoder_layer_default"])
+@pytest.mark.parametrize("strategy", ["jacobian", "structured"])
+def test_recurrent_and_attention_layers_in_float32(name, strategy):
+    model, x = build(by_name(name))
+    expected = kernel_loop(model, x)  # float64 reference
+    model32, x32 = copy.deepcopy(model).float(), tuple(t.float() for t in x)
+    K = mgs_kernel(model32, x32, strategy=strategy)
+    assert K.dtype == torch.float32 and close(K.double(), expected, 1e-5)
+    penalty = mgs_penalty(model32, x32, strategy=strategy)
+    grads = torch.autograd.grad(penalty, [p for p in model32.parameters()], allow_unused=True)
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
+
+
+def test_activation_checkpointing_is_refused_with_advice():
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(checkpoint(lambda h: torch.tanh(self.a(h)), x, use_reentrant=False))
+
+    with pytest.raises(UnsupportedLayerError, match="chunk_size"):
+        mgs_kernel(Checkpointed(), torch.randn(3, 4), strategy="jacobian")

@@ -1,0 +1,100 @@
+"""One regression test per torch.func / autograd bug that mgs_torch routes around (mgs_torch.op_fixes).
+
+Each test runs the *plain* torch.func computation, without mgs_torch, and asserts that it is still
+wrong or still fails in the installed PyTorch. When an upstream fix lands, the test fails with a
+message saying which replacement in ``REPLACED_OPS`` can go (after the audit matrix has been rerun
+without it). That mgs_torch itself is right on the same models is checked by tests/test_audit.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jacrev, vjp, vmap
+
+from model_zoo import by_name, build
+from reference import penalty_grad_loop, relative_error, trainable
+
+FIXED_UPSTREAM = "PyTorch {} seems to have fixed this; rerun tests/test_audit.py without the replacement of {} in mgs_torch/op_fixes.py and drop it"
+
+
+def naive_trace_gradient(model: nn.Module, x: torch.Tensor, whole_batch: bool = False) -> torch.Tensor:
+    """∂ tr K / ∂θ the torch.func way: vjp of the model, vmapped over one-hot output cotangents,
+    squared norms summed, then ordinary backward (the double backward)."""
+    params = {k: v for k, v in model.named_parameters()}
+
+    def buffers():  # cloned inside the transform: train-mode BatchNorm updates them in place
+        return {k: v.clone() for k, v in model.named_buffers()}
+
+    if whole_batch:
+        out, vjp_fn = vjp(lambda p: functional_call(model, {**p, **buffers()}, (x,)).reshape(-1), params)
+        grads = vmap(vjp_fn)(torch.eye(out.numel(), dtype=out.dtype))[0]
+        trace = sum((g**2).sum() for g in grads.values())
+    else:
+        def per_sample(xi):
+            out, vjp_fn = vjp(lambda p: functional_call(model, {**p, **buffers()}, (xi.unsqueeze(0),)).reshape(-1), params)
+            grads = vmap(vjp_fn)(torch.eye(out.numel(), dtype=out.dtype))[0]
+            return sum((g**2).sum() for g in grads.values())
+
+        trace = vmap(per_sample)(x).sum()
+    grads = torch.autograd.grad(trace, trainable(model), allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, trainable(model))])
+
+
+def loop_trace_gradient(model, x, whole_batch=False) -> torch.Tensor:
+    grads = penalty_grad_loop(model, x, "trace", whole_batch=whole_batch)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, trainable(model))])
+
+
+@pytest.mark.parametrize(
+    "name, op", [("layernorm", "F.layer_norm"), ("instancenorm1d_affine", "F.instance_norm"), ("batchnorm2d_batch", "F.batch_norm")]
+)
+def test_double_backward_through_vmapped_vjp_of_a_norm_is_wrong(name, op):
+    case = by_name(name)
+    model, (x,) = build(case)
+    error = relative_error(naive_trace_gradient(model, x, case.whole_batch), loop_trace_gradient(model, x, case.whole_batch))
+    assert error > 1e-6, FIXED_UPSTREAM.format(torch.__version__, op)
+
+
+def _vmap_jacrev(model: nn.Module, x: torch.Tensor):
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    return vmap(jacrev(lambda p, xi: functional_call(model, p, (xi.unsqueeze(0),)).reshape(-1)), in_dims=(None, 0))(params, x)
+
+
+@pytest.mark.parametrize(
+    "name, op",
+    [
+        ("prelu_single", "F.prelu"), ("lstm_bf_clf", "torch.lstm"), ("gru_tm_clf", "torch.gru"), ("rnn_bf_clf", "torch.rnn_tanh"),
+        ("lstm_cell", "torch.lstm_cell"), ("gru_cell", "torch.gru_cell"), ("act_rrelu", "F.rrelu"),
+    ],
+)
+def test_per_sample_jacobian_fails_under_vmap(name, op):
+    model, (x,) = build(by_name(name))
+    with pytest.raises(RuntimeError):
+        _vmap_jacrev(model, x)
+        pytest.fail(FIXED_UPSTREAM.format(torch.__version__, op))
+
+
+@pytest.mark.parametrize(
+    "name, op", [("mha_batch_first", "F.scaled_dot_product_attention"), ("act_hardsigmoid", "F.hardsigmoid"), ("embedding_bag_sum", "F.embedding_bag")]
+)
+def test_ops_without_a_double_backward(name, op):
+    model, (x,) = build(by_name(name))
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        loop_trace_gradient(model, x) if "attention" not in op else _sdpa_double_backward(model, x)
+        pytest.fail(FIXED_UPSTREAM.format(torch.__version__, op))
+
+
+def _sdpa_double_backward(model, x):
+    out = model(x).sum()
+    (g,) = torch.autograd.grad(out, model.attn.in_proj_weight, create_graph=True)
+    torch.autograd.grad((g**2).sum(), model.head.weight)
+
+
+def test_hardsigmoid_first_derivative_is_single_precision():
+    x = torch.linspace(-2.9, 2.9, 101, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(F.hardsigmoid(x).sum(), x)
+    error = (g - 1.0 / 6.0).abs().max().item()
+    assert error > 1e-12, FIXED_UPSTREAM.format(torch.__version__, "F.hardsigmoid (test reference only)")
