@@ -96,6 +96,8 @@ def test_metrics_are_computed_once_logged_once_and_known_to_every_rank(ddp_run):
 
 def test_early_stopping_and_checkpoint_on_an_mgs_key_agree_on_every_rank(ddp_run):
     ranks, _ = ddp_run
+    per_row = [h["mgs/trace_per_row_epoch"] for h in ranks[0]["history"] if h["stage"] == "epoch"]
+    assert ranks[0]["mgs_stop_values"] == pytest.approx(per_row, rel=1e-6) == ranks[1]["mgs_stop_values"]
     epoch_values = [h["mgs/trace_epoch"] for h in ranks[0]["history"] if h["stage"] == "epoch"]
     assert len(epoch_values) == 2 and all(math.isfinite(v) for v in epoch_values)
     for r in ranks:
