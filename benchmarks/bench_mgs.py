@@ -11,8 +11,10 @@ Peak memory (from a state holding no ``.grad`` buffers, so a step's own gradient
 ``torch.cuda.max_memory_allocated`` during one step minus the memory held before it; on the CPU, the rise of the process's resident-set high-water mark during one step
 (reset through /proc/self/clear_refs), which also counts allocator slack — read it as a ratio.
 
-    python benchmarks/bench_mgs.py                      # all models, n = 32 and 128, writes JSON
+    python benchmarks/bench_mgs.py                      # all models, n = 32 and 128; JSON to ./bench-results-<device>-<time>.json
     python benchmarks/bench_mgs.py --models lenet5 --batch 32 --repeats 5
+    python benchmarks/bench_mgs.py --json benchmarks/results-cpu.json   # replace the committed numbers (on purpose)
+    python benchmarks/bench_mgs.py --from-json benchmarks/results-cpu.json   # the tables again, nothing measured
 """
 
 from __future__ import annotations
@@ -190,33 +192,40 @@ def run_config(name: str, n: int, repeats: int, device: torch.device, include_sl
     for method in table:
         _, fn = table[method]
         reps = max(1, repeats // 3) if "naive" in method and ("logdet" in method or "penalty" in method) else repeats
+        oom = False
         try:
-            t = median_ms(fn, reps, device, warmup=1 if "naive" in method else 2) if measure != "memory" else float("nan")
+            t = median_ms(fn, reps, device, warmup=1 if "naive" in method else 2) if measure != "memory" else None
             if measure == "memory":
                 fn()  # warm-up: lazily created state is not part of a step's peak
             mem = peak_memory_mb(fn, device, free_grads) if measure != "time" else None
         except torch.cuda.OutOfMemoryError:  # recorded as such (the naive route at n = 512, say)
             free_grads()
             torch.cuda.empty_cache()
-            t, mem = float("nan"), None
+            t, mem, oom = None, None, True
             print(f"  {name:7s} n={n:<4d} {method:40s} out of memory", flush=True, file=sys.stderr)
         results.append({"model": name, "params": sum(p.numel() for p in model.parameters()), "n": n, "q": q,
-                        "method": method, "compared_with": table[method][0], "median_ms": t, "peak_mb": mem, "repeats": reps})
-        print(f"  {name:7s} n={n:<4d} {method:40s} {t:9.2f} ms  peak {mem if mem is None else round(mem, 1)} MB", flush=True, file=sys.stderr)
+                        "method": method, "compared_with": table[method][0], "median_ms": t, "peak_mb": mem, "repeats": reps,
+                        **({"out_of_memory": True} if oom else {})})
+        if oom:
+            continue
+        shown = [f"{t:9.2f} ms" if t is not None else "", f"peak {mem:.1f} MB" if mem is not None else ""]
+        print(f"  {name:7s} n={n:<4d} {method:40s} " + "  ".join(x for x in shown if x), flush=True, file=sys.stderr)
     return results
 
 
 def add_ratios(results: list[dict]) -> None:
-    """× plain step, speed-up over the naive version of the same quantity, × plain peak memory."""
+    """× plain step, speed-up over the naive version of the same quantity (mgs_torch rows only), × plain peak memory."""
     groups: dict[tuple, dict[str, dict]] = {}
     for r in results:
         groups.setdefault((r["model"], r["n"]), {})[r["method"]] = r
     for by in groups.values():
         plain = by["plain step"]
         for r in by.values():
-            r["x_plain"] = r["median_ms"] / plain["median_ms"]
+            timed = r["median_ms"] is not None and plain["median_ms"]
+            r["x_plain"] = r["median_ms"] / plain["median_ms"] if timed else None
             ref = by.get(r["compared_with"])
-            r["x_naive"] = ref["median_ms"] / r["median_ms"] if ref and ref is not r else None  # speed-up over naive
+            ours = "mgs_torch" in r["method"]  # a speed-up is mgs_torch's against the naive route, never naive's own
+            r["x_naive"] = ref["median_ms"] / r["median_ms"] if ours and ref and timed and ref["median_ms"] else None
             r["x_plain_peak"] = r["peak_mb"] / plain["peak_mb"] if r["peak_mb"] and plain["peak_mb"] else None
 
 
@@ -251,7 +260,8 @@ def markdown(results: list[dict]) -> str:
     fmt = lambda v, d=2: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
     for r in results:
         lines.append(
-            f"| {r['model']} ({r['params']:,} p) | {r['n']} | {r['method']} | {fmt(r['median_ms'])} | {fmt(r['x_plain'], 1)} | "
+            f"| {r['model']} ({r['params']:,} p) | {r['n']} | {r['method']} | "
+            f"{'out of memory' if r.get('out_of_memory') else fmt(r['median_ms'])} | {fmt(r['x_plain'], 1)} | "
             f"{fmt(r['x_naive'], 1)} | {fmt(r['peak_mb'], 0)} | {fmt(r['x_plain_peak'], 1)} |"
         )
     return "\n".join(lines)
@@ -272,6 +282,13 @@ def cpu_peaks_in_subprocess(args) -> dict[tuple, float]:
     return {(r["model"], r["n"], r["method"]): r["peak_mb"] for r in rows}
 
 
+def print_quality(quality: list[dict]) -> None:
+    if quality:
+        print("\n| model | n | one-probe estimator | relative std of tr K estimate |\n|---|---|---|---:|")
+        for r in quality:
+            print(f"| {r['model']} | {r['n']} | {r['estimator']} | {r['relative_std']:.3f} |")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -282,8 +299,17 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-slow", action="store_true", help="skip the naive log-det step (the slowest method)")
     ap.add_argument("--measure", choices=["both", "time", "memory"], default="both",
                     help="on the CPU, 'both' times here and measures memory in a child process")
-    ap.add_argument("--json", default=None, help="where to write the raw numbers (default benchmarks/results-<device>.json)")
+    ap.add_argument("--json", default=None,
+                    help="where to write the raw numbers (default ./bench-results-<device>-<date-time>.json: never the "
+                         "committed benchmarks/results-*.json unless named here)")
+    ap.add_argument("--from-json", default=None, metavar="FILE", help="print the tables of a saved run; measure nothing")
     args = ap.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        add_ratios(saved["results"])
+        print(markdown(saved["results"]))
+        print_quality(saved.get("hutchinson", []))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -309,11 +335,8 @@ def main(argv=None) -> None:
             quality += hutchinson_quality(name, min(args.batch), device)
     print()
     print(markdown(results))
-    if quality:
-        print("\n| model | n | one-probe estimator | relative std of tr K estimate |\n|---|---|---|---:|")
-        for r in quality:
-            print(f"| {r['model']} | {r['n']} | {r['estimator']} | {r['relative_std']:.3f} |")
-    out = Path(args.json or Path(__file__).parent / f"results-{device.type}.json")
+    print_quality(quality)
+    out = Path(args.json or f"bench-results-{device.type}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.write_text(json.dumps({"machine": machine, "results": results, "hutchinson": quality}, indent=1))
     print(f"\nraw numbers: {out}")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every number and figure in examples/RESULTS.md comes from these commands (then `report`, below).
 # Resumable: a finished run's JSON is never recomputed, so rerunning continues where it stopped.
-# Usage: bash examples/run_all.sh [lenet5|fcn|sizes|diabetes|circles|demo|report|all]   (default: all)
+# Usage: bash examples/run_all.sh [lenet5|fcn|sizes|diabetes|circles|demo|stopping|scores|report|all]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
@@ -45,6 +45,18 @@ if [[ $part == all || $part == circles ]]; then
 fi
 if [[ $part == all || $part == demo ]]; then
   mgs demo --out examples/demo --quiet   # same runs as the circles grid above; its PNGs stay in examples/demo/
+fi
+
+# Early stopping on the MGS curve (issue 11): unregularised runs evaluated after every epoch, then the analysis.
+if [[ $part == all || $part == stopping ]]; then
+  mgs testbench --dataset digits --model fcn lenet5 --noise 0 0.3 0.6 0.8 --sizes 500 --methods unreg \
+    --seeds 0 1 2 --epochs 100 --eval-points 101 --out examples/stopping --no-plots --no-tensorboard --quiet
+  mgs stopping --out examples/stopping --select-on fcn
+fi
+# Per-sample scores flagging flipped labels (issue 11): AUROC of each score at 6 points of training.
+if [[ $part == all || $part == scores ]]; then
+  mgs scores --dataset digits --model fcn lenet5 --noise 0.3 0.6 --sizes 500 --seeds 0 1 2 \
+    --epochs 100 --eval-points 6 --out examples/scores --quiet
 fi
 
 if [[ $part == all || $part == report ]]; then

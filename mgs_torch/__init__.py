@@ -18,6 +18,7 @@ from .kernel import mgs_kernel, mgs_trace
 from .metrics import MGSMetrics, kernel_target_alignment, mgs_metrics
 from .op_fixes import UnsupportedLayerError
 from .penalty import mgs_penalty
+from .scores import SampleScores, mgs_sample_scores, sample_scores_from_kernel
 from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
@@ -28,6 +29,9 @@ __all__ = [
     "mgs_metrics",
     "mgs_penalty",
     "MGSMetrics",
+    "mgs_sample_scores",
+    "sample_scores_from_kernel",
+    "SampleScores",
     "kernel_target_alignment",
     "LayerRule",
     "register_layer_rule",
@@ -43,7 +47,7 @@ __all__ = [
 # The Lightning integration is optional (pip install "mgs-torch[lightning]") and imported lazily:
 # ``import mgs_torch`` stays fast, and a bug inside mgs_torch.lightning is never mistaken for a
 # missing Lightning.
-_LIGHTNING_NAMES = ("MGSMonitor", "MGSRegularizedMixin")
+_LIGHTNING_NAMES = ("MGSMonitor", "MGSRegularizedMixin", "MGSEarlyStopping")
 if any(importlib.util.find_spec(name) is not None for name in ("pytorch_lightning", "lightning")):
     __all__ += list(_LIGHTNING_NAMES)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ._dtypes import as_dtype
 from .op_fixes import ExactOps
 
 Inputs = Union[Tensor, Sequence[Tensor]]
@@ -134,6 +136,29 @@ def as_input_tuple(inputs: Inputs) -> tuple[Tensor, ...]:
     return items
 
 
+def check_input_arity(model: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+    """Raise a clear TypeError when ``model.forward`` cannot take ``len(inputs)`` positional inputs.
+
+    The common case: a data loader's ``(x, y)`` batch passed whole, where ``model(x, y)`` would fail with
+    Python's "takes 2 positional arguments but 3 were given".
+    """
+    forward = getattr(model, "forward", None)
+    try:
+        sig = inspect.signature(forward)
+    except (TypeError, ValueError):  # builtins, C++ modules: let the forward speak for itself
+        return
+    params = list(sig.parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return
+    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    if len(inputs) > len(positional):
+        raise TypeError(
+            f"{type(model).__name__}.forward takes {len(positional)} input(s) "
+            f"({', '.join(p.name for p in positional) or 'none'}) but {len(inputs)} tensors were given as inputs; "
+            f"a tuple is passed as model(*inputs). If your data loader yields (inputs, targets), pass only the inputs"
+        )
+
+
 def select_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str, nn.Parameter]:
     """The trainable parameters (``requires_grad``) that ``params`` selects, by name.
 
@@ -189,7 +214,8 @@ def check_outputs(out: object, n: int) -> Tensor:
     if out.dim() == 0 or out.shape[0] != n:
         raise ValueError(
             f"the model output has shape {tuple(out.shape)}, expected the batch ({n}) on dim 0: "
-            f"shapes (n,), (n, q) or (n, *shape) are supported"
+            f"shapes (n,), (n, q) or (n, *shape) are supported. Inputs need the batch on dim 0: for a single "
+            f"unbatched sample add it with x.unsqueeze(0) (shape (1, ...)), so a sample of 4 features is (1, 4), not (4,)"
         )
     if not out.is_floating_point():
         raise TypeError(f"the model output has dtype {out.dtype}; raw floating-point outputs (logits) are needed")
@@ -273,14 +299,23 @@ def build_problem(
     selected and frozen parameters stay connected to the model's parameters, so the kernel can be
     back-propagated to all of them. ``values`` substitutes tensors for parameters by name.
     """
+    dtype = as_dtype("dtype", dtype)  # a name ("float64") as a torch.dtype: the one rule, see options.py
     selected = select_parameters(model, params)
     x = as_input_tuple(inputs)
+    check_input_arity(model, x)
     device = next(iter(selected.values())).device
     x = tuple(_cast(t.to(device), dtype) for t in x)
     if dtype is None:
-        # compute in the parameters' dtype (a float32 model fed float64 data would mix dtypes)
-        pdtype = next(iter(selected.values())).dtype
-        x = tuple(t.to(pdtype) if t.is_floating_point() and t.dtype != pdtype else t for t in x)
+        # compute in the parameters' dtype, as model(x) does: a floating input of another dtype fails there too
+        pdtypes = {p.dtype for p in selected.values()}
+        for i, t in enumerate(x):
+            if t.is_floating_point() and len(pdtypes) == 1 and t.dtype not in pdtypes:
+                (pdtype,) = pdtypes
+                raise TypeError(
+                    f"input {i} has dtype {t.dtype} but the model's parameters are {pdtype}, so model(x) would fail "
+                    f"too; cast the input (x.to({pdtype})) or pass dtype={pdtype} (or another floating dtype) to "
+                    f"compute the kernel in that dtype"
+                )
 
     def prep(t: Tensor) -> Tensor:
         t = _cast(t, dtype)
@@ -334,7 +369,12 @@ def validated_output_shape(problem: KernelProblem) -> tuple[int, ...]:
     The RNG is forked, so Dropout masks of a following forward are those ``model(X)`` would draw.
     """
     with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices(problem.params.values())):
-        return tuple(check_outputs(problem.raw_forward(), problem.n).shape[1:])
+        try:
+            out = problem.raw_forward()
+        except RuntimeError as err:
+            raise_integer_input_hint(problem.inputs, err)
+            raise
+        return tuple(check_outputs(out, problem.n).shape[1:])
 
 
 Cotangents = Union[Tensor, Callable[[KernelProblem], Tensor]]
@@ -344,3 +384,14 @@ def one_hot_cotangents(problem: KernelProblem) -> Tensor:
     """e_a for every output a, broadcast over samples: (q, n, q); their row norms are diag K."""
     q = problem.q
     return torch.eye(q, device=problem.inputs[0].device).unsqueeze(1).expand(q, problem.n, q)
+
+
+def raise_integer_input_hint(inputs: tuple[Tensor, ...], err: RuntimeError) -> None:
+    """Turn torch's dtype error for an integer input into one that says what to do (else return)."""
+    ints = [(i, t.dtype) for i, t in enumerate(inputs) if not t.is_floating_point() and not t.is_complex()]
+    if ints and "dtype" in str(err).lower():
+        i, dtype = ints[0]
+        raise TypeError(
+            f"input {i} has the integer dtype {dtype} and the model's forward failed on it ({err}); convert it to "
+            f"floating point, e.g. x.float(). Integer inputs are only for models that take indices (nn.Embedding)"
+        ) from err

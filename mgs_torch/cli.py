@@ -1,9 +1,11 @@
 """The ``mgs-torch`` console script: ``demo``, ``testbench`` and ``report``.
 
 ``mgs-torch demo``       two noisy circles with 30 % flipped labels, every method, MGS metrics to
-                         TensorBoard, decision-boundary and metric plots as PNG (< 3 min on 2 CPU cores).
+                         TensorBoard, decision-boundary and metric plots as PNG (about 1.5 min on 2 CPU cores).
 ``mgs-torch testbench``  a grid noise × training size × method × seed (resumable), figures, tables.
 ``mgs-torch report``     markdown tables from the run JSONs of an output folder (optionally filling a template).
+``mgs-torch stopping``   MGS early stopping vs validation-loss early stopping vs the last epoch, on finished runs.
+``mgs-torch scores``     how well per-sample MGS scores flag flipped labels (AUROC), next to the per-sample loss.
 
 Run ``mgs-torch <command> --help`` for the options. Needs ``pip install "mgs-torch[examples]"``
 (and tensorboard for ``--tensorboard``).
@@ -53,9 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .testbench.models import MODELS
 
     parser = argparse.ArgumentParser(prog="mgs-torch", description="Model Gradient Similarity (MGS) experiments for PyTorch.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="two-circles demo: all methods, TensorBoard logs, PNG figures (< 3 min on 2 cores)")
+    demo = sub.add_parser("demo", help="two-circles demo: all methods, TensorBoard logs, PNG figures (about 1.5 min on 2 cores)")
     demo.add_argument("--out", default="mgs_demo", help="output folder (default ./mgs_demo)")
     demo.add_argument("--noise", type=float, default=0.3, help="fraction of training labels flipped (default 0.3)")
     demo.add_argument("--train-size", type=int, default=200, help="training points (default 200)")
@@ -87,6 +92,29 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--report", action="store_true", help="print the markdown tables of this grid at the end")
     tb.add_argument("--dry-run", action="store_true", help="list the runs (and how many are finished) and exit")
     _common_training(tb, epochs=100)
+
+    st = sub.add_parser("stopping", help="MGS early stopping vs validation-loss early stopping vs the last epoch, on finished runs")
+    st.add_argument("--out", default="testbench_out", help="folder holding runs/ of a testbench evaluated every epoch (--eval-points EPOCHS+1)")
+    st.add_argument("--threshold", type=float, nargs="+", default=[0.02], help="relative growth per window below which an epoch is a plateau (default 0.02); several: one table each")
+    st.add_argument("--patience", type=int, default=3, help="plateau epochs in a row to stop (default 3)")
+    st.add_argument("--window", type=int, default=1, help="epochs the growth is measured over (default 1)")
+    st.add_argument("--min-epochs", type=int, default=0, help="never stop before this many epochs (default 0)")
+    st.add_argument("--val-patience", type=int, default=10, help="patience of the validation-loss early stopping (default 10)")
+    st.add_argument("--select-on", default=None, metavar="MODEL",
+                    help="choose threshold × window × patience from a small grid by the mean *validation* accuracy at the "
+                         "MGS stop on this model's runs, then report every table with the chosen rule")
+
+    sc = sub.add_parser("scores", help="how well per-sample MGS scores flag flipped labels (AUROC), next to the per-sample loss")
+    sc.add_argument("--dataset", default="digits", choices=DATASETS, help="a classification data set (default digits)")
+    sc.add_argument("--data-option", type=_kv, action="append", default=[], metavar="KEY=VALUE", help="data-set option")
+    sc.add_argument("--model", nargs="+", default=["fcn"], choices=MODELS, help="model(s) (default fcn)")
+    sc.add_argument("--noise", type=float, nargs="+", default=[0.3, 0.6], help="label-noise fractions (default 0.3 0.6)")
+    sc.add_argument("--sizes", type=int, nargs="+", default=[500], help="training-set sizes (default 500); every training sample is scored")
+    sc.add_argument("--method", default="unreg", help="training method (default unreg)")
+    sc.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
+    sc.add_argument("--out", default="testbench_out", help="output folder; records go to <out>/flagging/ (resumable)")
+    _common_training(sc, epochs=100)
+    sc.set_defaults(eval_points=6)
 
     rep = sub.add_parser("report", help="markdown tables from the run JSONs under --out")
     rep.add_argument("--out", default="testbench_out", help="folder holding runs/ (default ./testbench_out)")
@@ -230,9 +258,66 @@ def cmd_testbench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_runs(out: str | Path) -> Path:
+    runs = Path(out) / "runs"
+    if not runs.is_dir() or not any(runs.rglob("*.json")):
+        raise FileNotFoundError(
+            f"no run JSONs under {runs} (the folder {'is empty' if runs.is_dir() else 'does not exist'}); pass the --out "
+            f"folder a 'mgs-torch testbench --out DIR' or 'mgs-torch demo --out DIR' wrote to"
+        )
+    return runs
+
+
+def cmd_stopping(args: argparse.Namespace) -> int:
+    from .testbench.runner import load_results
+    from .testbench.stopping import stopping_table
+
+    _require_runs(args.out)
+    results = load_results(args.out)
+    rules = [{"threshold": t, "patience": args.patience, "window": args.window, "min_checks": args.min_epochs} for t in args.threshold]
+    if args.select_on:
+        from .testbench.stopping import rule_selection_table
+
+        grid = [{"threshold": t, "patience": p, "window": w, "min_checks": args.min_epochs}
+                for t in (0.005, 0.01, 0.02, 0.05, 0.1) for w in (1, 5) for p in (3, 5)]
+        table, chosen = rule_selection_table(results, grid, args.select_on)
+        print(f"\n### Rule selection on {args.select_on} by validation accuracy at the MGS stop (test accuracy for information)\n")
+        print(table)
+        print(f"chosen: {chosen}")
+        rules = [chosen]
+    for rule in rules:
+        threshold = rule["threshold"]
+        args.window, args.patience = rule["window"], rule["patience"]
+        print(f"\n### MGS stop: tr K/N of the probe grew < {100 * threshold:g}% per {args.window} epoch(s) for {args.patience} epochs "
+              f"(min {args.min_epochs} epochs); val-loss patience {args.val_patience}; test accuracy (%)\n")
+        print(stopping_table(results, rule, args.val_patience))
+    return 0
+
+
+def cmd_scores(args: argparse.Namespace) -> int:
+    from .testbench.flagging import flagging_run, flagging_table
+    from .testbench.report import coerce_value
+
+    data_options = tuple(sorted((k, coerce_value(v)) for k, v in args.data_option))
+    records = []
+    for model in args.model:
+        base = _base_config(args, dataset=args.dataset, model=model, data_options=data_options)
+        for noise in args.noise:
+            for size in args.sizes:
+                for seed in args.seeds:
+                    config = base.with_(method=args.method, value=None, noise=float(noise), train_size=int(size), seed=int(seed))
+                    t0 = time.perf_counter()
+                    records.append(flagging_run(config, args.out))
+                    if not args.quiet:
+                        print(f"[{model}] noise {noise:g}, n {size}, seed {seed}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(flagging_table(records))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .testbench.report import full_report, render_template
 
+    _require_runs(args.out)
     text = render_template(Path(args.template).read_text(), args.out) if args.template else full_report(args.out)
     if args.output:
         Path(args.output).write_text(text)
@@ -250,7 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        return {"demo": cmd_demo, "testbench": cmd_testbench, "report": cmd_report}[args.command](args)
+        commands = {"demo": cmd_demo, "testbench": cmd_testbench, "report": cmd_report, "stopping": cmd_stopping, "scores": cmd_scores}
+        return commands[args.command](args)
     except (ValueError, ImportError, FileNotFoundError) as exc:
         print(f"mgs-torch {args.command}: error: {exc}", file=sys.stderr)
         return 2

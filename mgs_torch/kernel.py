@@ -60,7 +60,7 @@ def mgs_kernel(
     """
     opts = KernelOptions(outputs, params, strategy, chunk_size, dtype, batch_norm)
     with preserved_state(model, batch_norm), explained_failures(model, strategy):
-        problem = build_problem(model, inputs, params=params, dtype=dtype, create_graph=create_graph, batch_norm=batch_norm)
+        problem = build_problem(model, inputs, params=params, dtype=opts.dtype, create_graph=create_graph, batch_norm=batch_norm)
         return engine_for(opts.strategy, problem).kernel(problem, outputs=outputs, chunk_size=chunk_size)
 
 
@@ -85,10 +85,10 @@ def mgs_trace(
     as in :func:`mgs_kernel`. Cost (structured): one forward and one backward at batch q·n
     (exact) or num_probes·n (Hutchinson), plus per-layer norms.
     """
-    PenaltyOptions(params=params, strategy=strategy, chunk_size=chunk_size, dtype=dtype, batch_norm=batch_norm,
-                   estimator=estimator, num_probes=num_probes)
+    opts = PenaltyOptions(params=params, strategy=strategy, chunk_size=chunk_size, dtype=dtype, batch_norm=batch_norm,
+                          estimator=estimator, num_probes=num_probes)
     with preserved_state(model, batch_norm), explained_failures(model, strategy):
-        problem = build_problem(model, inputs, params=params, dtype=dtype, create_graph=create_graph, batch_norm=batch_norm)
+        problem = build_problem(model, inputs, params=params, dtype=opts.dtype, create_graph=create_graph, batch_norm=batch_norm)
         return trace_from_rows(
             problem, engine_for(strategy, problem), estimator=estimator, num_probes=num_probes,
             generator=generator if generator is not None else default_generator(), chunk_size=chunk_size,

@@ -96,7 +96,13 @@ def kernel_target_alignment(K: Tensor, targets: Tensor) -> float:
 
 
 def mgs_metrics(
-    K: Tensor, *, targets: Tensor | None = None, jitter: float = 0.0, rtol: float | None = None, threads: int | None = 1
+    K: Tensor,
+    *,
+    targets: Tensor | None = None,
+    jitter: float = 0.0,
+    rtol: float | None = None,
+    threads: int | None = 1,
+    assume_psd: bool = True,
 ) -> MGSMetrics:
     """Trace, log-determinant, rank, spectrum summaries and alignment of a kernel from :func:`mgs_kernel`.
 
@@ -104,6 +110,16 @@ def mgs_metrics(
     factorisation (equal to ``slogdet`` for positive-definite K) and is ``-inf`` with the numerical
     rank when K + jitter·I is singular. Never raises for a singular K; raises ``ValueError`` for a
     non-square or non-finite one.
+
+    K must be symmetric: ``max|K − Kᵀ| ≤ sqrt(eps)·max|K|`` (eps of K's dtype; rounding in a float32
+    kernel stays far below this), else ``ValueError`` — a non-symmetric matrix is not a kernel, and
+    symmetrising it silently would hide the mistake (pass ``(K + K.T) / 2`` if that is what you mean).
+
+    ``assume_psd=True`` (default): K must be positive semi-definite, as every J Jᵀ is; an eigenvalue
+    below ``−sqrt(eps)·max|λ|`` (far beyond rounding) raises ``ValueError`` instead of returning a
+    negative trace or a meaningless log det. ``assume_psd=False``: any symmetric matrix is accepted
+    and summarised as it is; where it has a negative eigenvalue, ``logdet`` (and its per-row form) is
+    NaN, the rank counts |λ| > tol and the condition number is max|λ| / min|λ|.
 
     ``threads`` caps the CPU threads of the factorisations (``None``: torch's setting). The default,
     one, is deliberate: when the cores are shared with other work (a training run, a data loader),
@@ -116,6 +132,14 @@ def mgs_metrics(
         raise ValueError("K has non-finite entries (NaN/inf); the model outputs or weights have diverged")
     N = Kd.shape[0]
     K64 = Kd.double().cpu()
+    eps = torch.finfo(Kd.dtype if Kd.is_floating_point() else torch.float64).eps
+    scale = float(K64.abs().max())
+    asym = float((K64 - K64.T).abs().max())
+    if asym > math.sqrt(eps) * scale:
+        raise ValueError(
+            f"K is not symmetric (max |K - K.T| = {asym:.3g}, max |K| = {scale:.3g}); an MGS kernel J Jᵀ is. Pass the "
+            f"output of mgs_kernel, or symmetrise it yourself with (K + K.T) / 2 if that is what you mean"
+        )
     K64 = 0.5 * (K64 + K64.T)
     trace = float(K64.diagonal().sum())
     if jitter:
@@ -123,12 +147,24 @@ def mgs_metrics(
     with cpu_threads(threads):
         eig = torch.linalg.eigvalsh(K64).flip(0)
     lam_max = float(eig[0])
-    if rtol is None:
-        rtol = N * torch.finfo(Kd.dtype if Kd.is_floating_point() else torch.float64).eps
-    tol = rtol * max(abs(lam_max), float(eig.abs().max()))
-    rank = int((eig > tol).sum())
+    lam_abs = float(eig.abs().max())
     lam_min = float(eig[-1])
-    if rank == N:
+    if lam_min < -math.sqrt(eps) * lam_abs and assume_psd:
+        raise ValueError(
+            f"K is not positive semi-definite: its smallest eigenvalue is {lam_min:.3g} (largest |λ| {lam_abs:.3g}), far "
+            f"below rounding; every MGS kernel J Jᵀ is PSD. Pass the output of mgs_kernel, or assume_psd=False to "
+            f"summarise an indefinite symmetric matrix (log det is then NaN)"
+        )
+    if rtol is None:
+        rtol = N * eps
+    tol = rtol * max(abs(lam_max), lam_abs)
+    indefinite = not assume_psd and lam_min < -tol
+    rank = int((eig.abs() > tol).sum()) if indefinite else int((eig > tol).sum())
+    if indefinite:
+        absolute = eig.abs()
+        logdet = math.nan
+        cond = float(absolute.max() / absolute.min()) if float(absolute.min()) > tol else math.inf
+    elif rank == N:
         with cpu_threads(threads):
             L, info = torch.linalg.cholesky_ex(K64)
         logdet = float(2.0 * torch.log(L.diagonal()).sum()) if int(info) == 0 else float(torch.log(eig).sum())

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from ._dtypes import as_dtype
 from ._problem import BATCH_NORM_POLICIES, OUTPUT_MODES, ParamFilter
 from .engines import STRATEGIES
 from .estimators import ESTIMATORS, KINDS
@@ -50,8 +51,8 @@ class KernelOptions:
         check_choice("strategy", self.strategy, STRATEGIES)
         check_choice("batch_norm", self.batch_norm, BATCH_NORM_POLICIES)
         _positive_int("chunk_size", self.chunk_size, allow_none=True)
-        if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating torch.dtype such as torch.float64, got {self.dtype!r}")
+        # one dtype rule for the core and the Lightning classes: a floating torch.dtype or its name ("float64")
+        object.__setattr__(self, "dtype", as_dtype("dtype", self.dtype))
 
     def kernel_options(self) -> "KernelOptions":
         """Only the fields that define K (drops penalty fields)."""

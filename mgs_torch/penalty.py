@@ -113,7 +113,7 @@ def mgs_penalty(
     trace): one forward + one backward at batch q·n, and about twice that again for the double
     backward of ``loss.backward()`` — about a plain training step at batch q·n.
     """
-    PenaltyOptions(outputs, params, strategy, chunk_size, dtype, batch_norm, kind, estimator, num_probes, reduction, jitter)
+    dtype = PenaltyOptions(outputs, params, strategy, chunk_size, dtype, batch_norm, kind, estimator, num_probes, reduction, jitter).dtype
     generator = generator if generator is not None else default_generator()
     if kind == "trace" and chunk_size is not None:
         value, problem = _trace_in_chunks(

@@ -1,9 +1,21 @@
-"""Shared fixtures: small float64 models and an independent reference kernel."""
+"""Shared fixtures: small float64 models and an independent reference kernel.
+
+The one place that sets the test suite's threads: every test runs with one torch thread, and
+subprocesses (the DDP script) inherit OMP_NUM_THREADS=1. The models here are tiny, so extra threads
+only contend for the cores; with the default thread count on a busy 2-core machine the suite took
+about 10 minutes instead of under one (issue 11).
+"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 import torch.nn.functional as F
 from torch import nn
 

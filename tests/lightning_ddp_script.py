@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lightning_helpers import RegNet, loader, pl  # noqa: E402
 
-from mgs_torch.lightning import MGSMonitor  # noqa: E402
+from mgs_torch.lightning import MGSEarlyStopping, MGSMonitor  # noqa: E402
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint  # noqa: E402
 
 
 class Record(pl.Callback):
@@ -39,16 +40,33 @@ class Record(pl.Callback):
             self.first_penalty = pl_module.mgs_last_penalty.clone()
 
 
+class SeenByEarlyStopping(pl.Callback):
+    """What the monitoring callbacks find in trainer.callback_metrics at each epoch end, on this rank."""
+
+    def __init__(self):
+        self.seen: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.seen.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("mgs/")})
+
+
 def main(out: str) -> None:
     warnings.filterwarnings("ignore")
     pl.seed_everything(0, verbose=False)
     model = RegNet(mgs_alpha=0.5, seed=0)
-    monitor = MGSMonitor(probe="train", max_samples=8, log_every_n_steps=1)
+    monitor = MGSMonitor(probe="train", max_samples=8, log_every_n_steps=1, log_on_epoch_end=True)
     record = Record()
+    seen = SeenByEarlyStopping()
+    # min_delta far beyond any change: epoch 0 sets the best value, epoch 1 does not improve it -> stop after epoch 1,
+    # on every rank (strict=True: a rank without the metric would raise)
+    stop = EarlyStopping(monitor="mgs/trace_epoch", mode="min", patience=1, min_delta=1e9, strict=True)
+    # never fires (no growth is below -1e9): records what MGSEarlyStopping sees on each rank
+    mgs_stop = MGSEarlyStopping(threshold=-1e9, patience=1, window=1)
+    ckpt = ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), monitor="mgs/trace_epoch", mode="min", save_top_k=1)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1,
-        logger=pl.loggers.CSVLogger(out, name="csv", version=0), callbacks=[monitor, record],
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=4,
+        logger=pl.loggers.CSVLogger(out, name="csv", version=0), callbacks=[stop, monitor, record, seen, mgs_stop, ckpt],
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
     )
     trainer.fit(model, loader(32, 4))
     torch.save(
@@ -61,6 +79,13 @@ def main(out: str) -> None:
             "first_penalty": record.first_penalty,
             "history": monitor.history,
             "probe": monitor.probe_inputs,
+            "computations": monitor.computations,
+            "seen": seen.seen,
+            "stopped_epoch": stop.stopped_epoch,
+            "mgs_stop_values": list(mgs_stop.rule.values),
+            "current_epoch": trainer.current_epoch,
+            "best_model_score": float(ckpt.best_model_score),
+            "best_model_path": ckpt.best_model_path,
         },
         os.path.join(out, f"rank{trainer.global_rank}.pt"),
     )

@@ -78,14 +78,30 @@ def test_ddp_training_equals_averaging_the_per_rank_regularised_gradients(ddp_ru
         torch.testing.assert_close(value, ranks[0]["weights"][key], rtol=1e-5, atol=1e-6)
 
 
-def test_metrics_are_computed_and_logged_once(ddp_run):
+def test_metrics_are_computed_once_logged_once_and_known_to_every_rank(ddp_run):
     ranks, rows = ddp_run
-    assert ranks[1]["history"] == []  # only global rank 0 computes
-    assert [h["step"] for h in ranks[0]["history"]] == [0, 1, 2, 3]
+    assert ranks[0]["computations"] == 10 and ranks[1]["computations"] == 0  # 8 steps + 2 epoch ends, rank 0 only
+    assert ranks[1]["history"] == ranks[0]["history"]  # broadcast: every rank has rank 0's values
+    steps = [h["step"] for h in ranks[0]["history"] if h["stage"] == "step"]
+    assert steps == list(range(8))
     assert torch.equal(ranks[0]["probe"][0], ranks[1]["probe"][0])  # same probe everywhere, drawn from the data set
     logged = [(int(row["step"]), float(row["mgs/trace"])) for row in rows if row.get("mgs/trace")]
-    assert [s for s, _ in logged] == [0, 1, 2, 3]
+    assert [s for s, _ in logged] == steps
     assert all(math.isfinite(v) for _, v in logged)
-    assert [v for _, v in logged] == pytest.approx([h["mgs/trace"] for h in ranks[0]["history"]])
+    assert [v for _, v in logged] == pytest.approx([h["mgs/trace"] for h in ranks[0]["history"] if h["stage"] == "step"])
+    assert [int(row["epoch"]) for row in rows if row.get("mgs/trace")] == [0] * 4 + [1] * 4
     penalties = [row for row in rows if row.get("train/mgs_penalty")]
-    assert len(penalties) == 4  # rank 0's value, once per step
+    assert len(penalties) == 8  # rank 0's value, once per step
+
+
+def test_early_stopping_and_checkpoint_on_an_mgs_key_agree_on_every_rank(ddp_run):
+    ranks, _ = ddp_run
+    per_row = [h["mgs/trace_per_row_epoch"] for h in ranks[0]["history"] if h["stage"] == "epoch"]
+    assert ranks[0]["mgs_stop_values"] == pytest.approx(per_row, rel=1e-6) == ranks[1]["mgs_stop_values"]
+    epoch_values = [h["mgs/trace_epoch"] for h in ranks[0]["history"] if h["stage"] == "epoch"]
+    assert len(epoch_values) == 2 and all(math.isfinite(v) for v in epoch_values)
+    for r in ranks:
+        assert r["stopped_epoch"] == 1 and r["current_epoch"] == 2  # both ranks stopped together after epoch 1
+        assert [s["mgs/trace_epoch"] for s in r["seen"]] == pytest.approx(epoch_values)
+        assert r["best_model_score"] == pytest.approx(min(epoch_values))
+    assert ranks[0]["best_model_path"] == ranks[1]["best_model_path"] != ""

@@ -405,3 +405,25 @@ def test_a_resumed_hutchinson_run_draws_the_probes_of_the_uninterrupted_run(tmp_
         warnings.simplefilter("ignore")
         t2.fit(resumed, data, ckpt_path=str(tmp_path / "half.ckpt"))
     assert_same_weights(weights(resumed), weights(straight))
+
+
+# ----------------------------------------------------------------------------------------------
+# a negative α (issue 11, item 12)
+
+
+def test_negative_alpha_is_refused_unless_opted_in():
+    with pytest.raises(MGSConfigurationError, match=r"mgs_alpha is -0.1 < 0.*mgs_allow_negative_alpha=True"):
+        RegNet(mgs_alpha=-0.1)
+    model = RegNet(mgs_alpha=-0.1, mgs_allow_negative_alpha=True)
+    assert model.mgs_alpha == -0.1 and model.hparams["mgs_allow_negative_alpha"] is True
+    with pytest.raises(TypeError, match="mgs_allow_negative_alpha must be True or False"):
+        RegNet(mgs_alpha=0.1, mgs_allow_negative_alpha="yes")
+
+
+def test_a_schedule_that_turns_negative_is_refused_at_the_step(tmp_path):
+    class Negative(RegNet):
+        def mgs_current_alpha(self):
+            return -1.0
+
+    with pytest.raises(MGSConfigurationError, match="mgs_current_alpha\\(\\) returned -1 < 0"):
+        fit(Negative(mgs_alpha=0.1), tmp_path)

@@ -85,3 +85,29 @@ def test_errors_name_the_allowed_values(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["testbench", "--dataset", "cifar"])
     assert "digits" in capsys.readouterr().err
+
+
+def test_report_on_a_missing_or_empty_folder_fails_with_a_clear_message(tmp_path, capsys):
+    assert main(["report", "--out", str(tmp_path / "missing_dir")]) == 2
+    err = capsys.readouterr().err
+    assert "missing_dir" in err and "does not exist" in err and "--out" in err
+    (tmp_path / "empty" / "runs").mkdir(parents=True)
+    assert main(["report", "--out", str(tmp_path / "empty")]) == 2
+    assert "is empty" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import mgs_torch
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mgs-torch {mgs_torch.__version__}"
+
+
+def test_tensorboard_run_names_start_with_the_method(tmp_path):
+    from mgs_torch.testbench.runner import RunConfig
+
+    config = RunConfig(dataset="circles", model="fcn", method="mgs_trace", value=3e-4, noise=0.3, train_size=200)
+    assert config.display_name.startswith("mgs_trace0.0003_noise0.3_n200_seed0_")
+    assert config.display_name.endswith(config.run_id[-8:])

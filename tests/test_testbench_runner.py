@@ -142,3 +142,29 @@ def test_plots_and_report_tables(tmp_path):
     assert mem[0] == "| method | 40% noise |" and mem[3] == f"| MGS tr K | {100 * r4['history'][-1]['memorised']:.0f} |"
     text = report.render_template("A\n{{table dataset=circles train_size=40}}\nB {{runtime model=fcn}}", tmp_path)
     assert text.startswith("A\n| method | 0% noise | 40% noise |") and "| **all** | 8 |" in text
+
+
+def test_curves_legend_fits_in_the_figure(monkeypatch, tmp_path):
+    """The demo's curves figure (8 methods, one noise column) keeps its whole legend inside the figure."""
+    from pathlib import Path
+
+    from mgs_torch.testbench.runner import load_results
+
+    results = load_results(Path(__file__).resolve().parents[1] / "examples" / "testbench", dataset="circles")
+    assert len({r["config"]["method"] for r in results}) == 8
+    seen = {}
+
+    def capture(fig, path):
+        fig.canvas.draw()
+        seen["fig"] = fig
+        return Path(path)
+
+    monkeypatch.setattr(plots, "_save", capture)
+    plots.plot_curves(results, tmp_path / "c.png", "circles")
+    fig = seen["fig"]
+    renderer = fig.canvas.get_renderer()
+    (legend,) = fig.legends
+    box, frame = legend.get_window_extent(renderer), fig.bbox
+    assert box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0 and box.y1 <= frame.y1
+    for ax in fig.axes:  # and no panel runs into it
+        assert ax.get_tightbbox(renderer).y0 >= box.y1 - 1 or ax.get_position().y0 * frame.height >= box.y1 - 1

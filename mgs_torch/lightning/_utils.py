@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover - depends on the environment
             "mgs_torch.lightning needs PyTorch Lightning: pip install 'mgs-torch[lightning]'"
         ) from err
 
+from .._dtypes import as_dtype  # noqa: F401 - the core's rule, re-used by the callback and the mixin
 from .._problem import Inputs
 
 __all__ = ["pl", "MisconfigurationException", "MGSConfigurationError"]
@@ -57,16 +58,6 @@ def check_float(name: str, value: Any, *, minimum: float | None = None) -> None:
     if not ok or (minimum is not None and value < minimum):
         bound = f" >= {minimum}" if minimum is not None else ""
         raise MGSConfigurationError(f"{name} must be a finite number{bound}, got {value!r}")
-
-
-def as_dtype(name: str, value: Any) -> torch.dtype | None:
-    """``None``, a floating ``torch.dtype``, or its name (``"float64"``, ``"torch.float64"``: how hparams store it)."""
-    if isinstance(value, str):
-        candidate = getattr(torch, value.removeprefix("torch."), None)
-        value = candidate if isinstance(candidate, torch.dtype) else value
-    if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
-        raise TypeError(f"{name} must be a floating torch.dtype (e.g. torch.float64), its name, or None; got {value!r}")
-    return value
 
 
 def default_inputs(batch: Any) -> Inputs:

@@ -20,6 +20,7 @@ from .._problem import BATCH_NORM_POLICIES, OUTPUT_MODES, Inputs, ParamFilter
 from ..engines import STRATEGIES
 from ..kernel import mgs_kernel
 from ..metrics import MGSMetrics, mgs_metrics
+from ..scores import SampleScores, sample_scores_from_kernel
 from ._utils import (
     MGSConfigurationError,
     cap_samples,
@@ -43,6 +44,10 @@ METRIC_NAMES: tuple[str, ...] = tuple(f.name for f in fields(MGSMetrics) if f.na
 DEFAULT_METRICS: tuple[str, ...] = ("trace", "logdet", "trace_per_row", "logdet_per_row", "rank")
 #: where the kernel's batch comes from
 PROBES: tuple[str, ...] = ("current", "train", "val")
+#: the scalar summaries logged with ``log_sample_scores=True``
+SAMPLE_SCORE_NAMES: tuple[str, ...] = tuple(
+    f"sample_{score}_{stat}" for score in ("energy", "agreement") for stat in ("median", "min", "max")
+)
 MODEL_MODES: tuple[str, ...] = ("train", "eval")
 _DEFAULT_PROBE_SIZE = 64
 
@@ -108,15 +113,30 @@ class MGSMonitor(pl.Callback):
             ``pl_module.net``); default: the LightningModule's ``mgs_module()`` if it has one,
             else the LightningModule itself (its ``forward`` must return raw outputs).
         seed: seed of the probe's random subset.
+        log_sample_scores: also log the distribution of the per-sample scores of the same kernel
+            (:func:`mgs_torch.sample_scores_from_kernel`: each sample's gradient energy, tr of its
+            diagonal block, and its mean gradient cosine with the rest of the batch): scalars
+            ``mgs/sample_energy_{median,min,max}`` and ``mgs/sample_agreement_{median,min,max}``
+            and, with a ``TensorBoardLogger``, histograms ``mgs/sample_energy`` and
+            ``mgs/sample_agreement``; the tensors of the last computation are in
+            :attr:`last_sample_scores`. Costs O(n²) on top of the kernel.
+        prog_bar: show values on the progress bar: ``False`` (default), ``True`` (every logged
+            key), or a selection of metric names (``"trace"``; epoch values with ``"trace_epoch"``)
+            or full keys (``"mgs/trace_epoch"``).
         spectrum_threads: CPU threads for the eigen-decomposition (``torch.set_num_threads`` for its
             duration only, restored after); ``None`` keeps torch's setting. Default 1: LAPACK's
-            threaded symmetric eigensolver can be 100–1000× slower than the serial one when the
-            cores are shared with other processes (measured: N = 320 on 2 busy cores, 3.7 s
-            against 7 ms), and serial is fast up to N of a few thousand.
+            threaded symmetric eigensolver was measured 20–1000× slower than the serial one when
+            the cores are shared with other processes (N = 1280 and 320 on 2 busy cores, e.g. 3.7 s
+            against 7 ms at N = 320; the figure :func:`mgs_torch.mgs_metrics` quotes too), and serial
+            is fast up to N of a few thousand.
 
     Behaviour:
-        * Computed on global rank 0 only, logged once (loggers write on rank 0); the other ranks do
-          nothing, so under DDP the other ranks wait for rank 0 at the next synchronisation.
+        * Every logged value is also a callback metric (``trainer.callback_metrics["mgs/trace"]``,
+          ``["mgs/trace_epoch"]``) on **every rank**, so ``EarlyStopping(monitor="mgs/trace_epoch")``
+          and ``ModelCheckpoint(monitor=...)`` work with it (they run after this callback at epoch
+          end). Under DDP the kernel is computed on global rank 0 only and its values are broadcast
+          to the other ranks (one small collective per logged step), so all ranks agree and stop
+          together; loggers write once, on rank 0. Logged rows carry ``epoch`` like Lightning's own.
         * Never changes training: parameters, gradients, buffers, train/eval flags and the
           global random states (torch, Python, NumPy) are as they were after every computation,
           and drawing the probe does not touch the Trainer's data loaders.
@@ -126,7 +146,8 @@ class MGSMonitor(pl.Callback):
           warning is issued once per kind of error, and NaN is logged for that step. A singular K
           is not an error: ``logdet = -inf`` is logged.
         * The values are also kept in :attr:`history` (a list of dicts with ``step``, ``epoch``,
-          ``stage`` ("step"/"epoch"), the metrics and ``seconds`` spent) and :attr:`last_metrics`;
+          ``stage`` ("step"/"epoch"), the metrics and rank 0's ``seconds``; the same on every rank)
+          and :attr:`last_metrics`; :attr:`computations` counts the kernels this process computed;
           :meth:`compute` gives the metrics of the current weights on demand.
 
     Cost per logged step (structured engine): one forward and one backward at batch q·n, the Gram
@@ -164,6 +185,8 @@ class MGSMonitor(pl.Callback):
         module: str | None = None,
         seed: int = 0,
         spectrum_threads: int | None = 1,
+        prog_bar: bool | Sequence[str] = False,
+        log_sample_scores: bool = False,
     ) -> None:
         check_int("log_every_n_steps", log_every_n_steps, minimum=0, allow_none=True)
         check_choice("probe", probe, PROBES)
@@ -192,6 +215,10 @@ class MGSMonitor(pl.Callback):
             raise TypeError(f"module must be the attribute name of a submodule (a str) or None, got {type(module).__name__}")
         check_int("seed", seed, minimum=0)
         check_int("spectrum_threads", spectrum_threads, minimum=1, allow_none=True)
+        if not isinstance(log_sample_scores, bool):
+            raise TypeError(f"log_sample_scores must be True or False, got {log_sample_scores!r}")
+        self.log_sample_scores = log_sample_scores
+        prog_bar_keys = self._prog_bar_keys(prog_bar, metrics + (SAMPLE_SCORE_NAMES if log_sample_scores else ()), prefix)
 
         self.log_every_n_steps = log_every_n_steps
         self.log_on_epoch_end = bool(log_on_epoch_end)
@@ -212,8 +239,12 @@ class MGSMonitor(pl.Callback):
         self.module = module
         self.seed = seed
         self.spectrum_threads = spectrum_threads
+        #: the full keys shown on the progress bar
+        self.prog_bar_keys: frozenset[str] = prog_bar_keys
+        #: kernels computed by this process (0 on DDP ranks other than 0)
+        self.computations: int = 0
 
-        #: every logged record: {"step", "epoch", "stage", prefix+name: value, ...} (rank 0)
+        #: every logged record: {"step", "epoch", "stage", prefix+name: value, ...} (every rank)
         self.history: list[dict[str, float]] = []
         #: the last logged record (or None)
         self.last_metrics: dict[str, float] | None = None
@@ -223,9 +254,32 @@ class MGSMonitor(pl.Callback):
         self._last_epoch: int = -1
         self._last_batch: Any = None
         self._last_kernel: Tensor | None = None
+        self._last_num_samples: int = 0
+        #: the per-sample scores of the last kernel (``log_sample_scores=True``, rank 0), or None
+        self.last_sample_scores: SampleScores | None = None
 
     # ------------------------------------------------------------------------------------------
     # Lightning plumbing
+
+    @staticmethod
+    def _prog_bar_keys(prog_bar: Any, metrics: tuple[str, ...], prefix: str) -> frozenset[str]:
+        keys = {f"{prefix}{m}{suffix}" for m in metrics for suffix in ("", "_epoch")}
+        if isinstance(prog_bar, bool):
+            return frozenset(keys) if prog_bar else frozenset()
+        if isinstance(prog_bar, str) or not isinstance(prog_bar, Sequence):
+            raise MGSConfigurationError(
+                f"prog_bar must be True/False or a list of metric names such as ['trace', 'trace_epoch'], got {prog_bar!r}"
+            )
+        chosen = set()
+        for name in prog_bar:
+            key = name if isinstance(name, str) and name.startswith(prefix) and name in keys else f"{prefix}{name}"
+            if key not in keys:
+                raise MGSConfigurationError(
+                    f"prog_bar names {name!r}, which is not logged; choose from the logged metrics {metrics} "
+                    f"(with '_epoch' for epoch values) or their keys, e.g. {prefix}{metrics[0]}"
+                )
+            chosen.add(key)
+        return frozenset(chosen)
 
     @property
     def state_key(self) -> str:
@@ -269,8 +323,6 @@ class MGSMonitor(pl.Callback):
             self._draw_probe(trainer, pl_module)
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
-        if not trainer.is_global_zero:
-            return
         if self.probe == "current" and self.log_on_epoch_end:
             self._last_batch = batch
         interval = self._interval(trainer)
@@ -281,7 +333,7 @@ class MGSMonitor(pl.Callback):
         self._measure_and_log(trainer, pl_module, batch, step=step, suffix="", stage="step")
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if not (self.log_on_epoch_end and trainer.is_global_zero) or trainer.current_epoch == self._last_epoch:
+        if not self.log_on_epoch_end or trainer.current_epoch == self._last_epoch:
             return
         if self.probe == "current" and self._last_batch is None:
             return
@@ -424,40 +476,74 @@ class MGSMonitor(pl.Callback):
         want_targets = "alignment" in self.metrics and targets is not None
         metrics = mgs_metrics(K, targets=targets if want_targets else None, jitter=self.jitter, threads=self.spectrum_threads)
         self._last_kernel = K.detach()
+        self._last_num_samples = int(inputs[0].shape[0] if isinstance(inputs, (tuple, list)) else inputs.shape[0])
         return metrics
 
     def _measure_and_log(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, *, step: int, suffix: str, stage: str
     ) -> None:
         self._last_kernel = None
-        started = time.perf_counter()
-        try:
-            result: MGSMetrics | None = self.compute(pl_module, batch)
-            values = result.as_dict()
-        except Exception as err:  # never stop training for a metric
-            warn_once(
-                f"MGSMonitor-failed-{type(err).__name__}",
-                f"MGSMonitor could not compute the MGS metrics at step {step} ({type(err).__name__}: {err}); NaN is "
-                f"logged and training continues. This warning is shown once.",
-            )
-            result, values = None, {}
-        if "alignment" in self.metrics and result is not None and result.alignment is None:
-            warn_once("MGSMonitor-no-targets", "MGSMonitor: 'alignment' needs targets in the batch (targets_fn); NaN is logged")
-        scalars = {f"{self.prefix}{name}{suffix}": float(values.get(name, math.nan)) for name in self.metrics}
-        for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=step)
-        if result is not None:
-            self._log_tensorboard(trainer, result, step, suffix)
-        record = {"step": step, "epoch": trainer.current_epoch, "stage": stage, **scalars,
-                  "seconds": time.perf_counter() - started}
+        result: MGSMetrics | None = None
+        payload: tuple[dict[str, float], float] | None = None
+        if trainer.is_global_zero:  # computed once, on rank 0
+            started = time.perf_counter()
+            self.computations += 1
+            try:
+                result = self.compute(pl_module, batch)
+                values = result.as_dict()
+            except Exception as err:  # never stop training for a metric
+                warn_once(
+                    f"MGSMonitor-failed-{type(err).__name__}",
+                    f"MGSMonitor could not compute the MGS metrics at step {step} ({type(err).__name__}: {err}); NaN is "
+                    f"logged and training continues. This warning is shown once.",
+                )
+                values = {}
+            if "alignment" in self.metrics and result is not None and result.alignment is None:
+                warn_once("MGSMonitor-no-targets", "MGSMonitor: 'alignment' needs targets in the batch (targets_fn); NaN is logged")
+            scalars = {f"{self.prefix}{name}{suffix}": float(values.get(name, math.nan)) for name in self.metrics}
+            if self.log_sample_scores:
+                scalars.update(self._sample_score_scalars(suffix))
+            payload = (scalars, time.perf_counter() - started)
+        if trainer.world_size > 1:  # every rank reaches this hook at the same step: all agree on rank 0's values
+            payload = trainer.strategy.broadcast(payload, src=0)
+        assert payload is not None
+        scalars, seconds = payload
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:  # Lightning's own rows carry the epoch too
+                logger.log_metrics({**scalars, "epoch": trainer.current_epoch}, step=step)
+            if result is not None:
+                self._log_tensorboard(trainer, result, step, suffix)
+        self._publish(pl_module, scalars, stage)
+        record = {"step": step, "epoch": trainer.current_epoch, "stage": stage, **scalars, "seconds": seconds}
         self.history.append(record)
         self.last_metrics = record
 
+    def _sample_score_scalars(self, suffix: str) -> dict[str, float]:
+        self.last_sample_scores = None
+        if self._last_kernel is not None:
+            try:
+                self.last_sample_scores = sample_scores_from_kernel(self._last_kernel, self._last_num_samples)
+            except Exception as err:  # never stop training for a metric
+                warn_once(f"MGSMonitor-scores-{type(err).__name__}", f"MGSMonitor could not compute the per-sample scores ({err}); NaN is logged")
+        summary = self.last_sample_scores.summary() if self.last_sample_scores is not None else {}
+        return {f"{self.prefix}{name}{suffix}": float(summary.get(name, math.nan)) for name in SAMPLE_SCORE_NAMES}
+
+    def _publish(self, pl_module: "pl.LightningModule", scalars: dict[str, float], stage: str) -> None:
+        """Make the values callback metrics (and progress-bar entries) on this rank; the loggers are written separately."""
+        for key, value in scalars.items():
+            pl_module.log(
+                key, value, logger=False, prog_bar=key in self.prog_bar_keys, on_step=stage == "step",
+                on_epoch=stage == "epoch", batch_size=1, sync_dist=False, rank_zero_only=False,
+            )
+
     def _log_tensorboard(self, trainer: "pl.Trainer", result: MGSMetrics, step: int, suffix: str) -> None:
-        if not (self.log_spectrum or self.log_kernel_image):
+        if not (self.log_spectrum or self.log_kernel_image or self.log_sample_scores):
             return
         for logger in self._tensorboard_loggers(trainer):
             writer = logger.experiment
+            if self.log_sample_scores and self.last_sample_scores is not None:
+                writer.add_histogram(f"{self.prefix}sample_energy{suffix}", self.last_sample_scores.energy, global_step=step)
+                writer.add_histogram(f"{self.prefix}sample_agreement{suffix}", self.last_sample_scores.agreement, global_step=step)
             if self.log_spectrum:
                 eig = result.eigenvalues
                 writer.add_histogram(f"{self.prefix}eigenvalues{suffix}", eig, global_step=step)

@@ -56,6 +56,13 @@ def _mix_seed(*values: int) -> int:
     return h & ((1 << 63) - 1)
 
 
+def _negative_alpha_message(alpha: float, what: str = "mgs_alpha is") -> str:
+    return (
+        f"{what} {alpha:g} < 0: a negative weight rewards dissimilar gradients, so tr K / log det K grow without "
+        f"bound and training diverges. Use mgs_alpha >= 0, or pass mgs_allow_negative_alpha=True if you mean it"
+    )
+
+
 def _wrap_training_step(step: Callable[..., Any]) -> Callable[..., Any]:
     """``training_step`` returning (data loss + α·g(K)) in place of the data loss, in automatic optimisation."""
 
@@ -129,7 +136,8 @@ class MGSRegularizedMixin:
 
     Args:
         mgs_kind: ``"trace"`` or ``"logdet"`` (g above).
-        mgs_alpha: α, the penalty's weight (any finite float; 0 disables the penalty).
+        mgs_alpha: α, the penalty's weight (a finite float ≥ 0; 0 disables the penalty). A negative α
+            is refused unless ``mgs_allow_negative_alpha=True``.
         mgs_estimator: ``"exact"`` or ``"hutchinson"`` (trace only; unbiased, cheaper by ≈ q/num_probes).
         mgs_num_probes: Rademacher probes per sample for Hutchinson.
         mgs_reduction: ``"mean"`` (g/N, default: α transfers across batch sizes) or ``"sum"`` (g).
@@ -142,6 +150,7 @@ class MGSRegularizedMixin:
         mgs_dtype: compute dtype (a ``torch.dtype`` or its name, e.g. ``"float64"``); default: see Precision.
         mgs_seed: seed of the Hutchinson probes.
         mgs_log: log the three values above.
+        mgs_allow_negative_alpha: accept α < 0 (rewarding dissimilar gradients; diverges in general).
 
     Raises:
         MGSConfigurationError: (a ``ValueError`` and a ``MisconfigurationException``) for an invalid value.
@@ -187,6 +196,7 @@ class MGSRegularizedMixin:
         mgs_dtype: torch.dtype | str | None = None,
         mgs_seed: int = 0,
         mgs_log: bool = True,
+        mgs_allow_negative_alpha: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -196,6 +206,10 @@ class MGSRegularizedMixin:
             )
         check_choice("mgs_kind", mgs_kind, KINDS)
         check_float("mgs_alpha", mgs_alpha)
+        if not isinstance(mgs_allow_negative_alpha, bool):
+            raise TypeError(f"mgs_allow_negative_alpha must be True or False, got {mgs_allow_negative_alpha!r}")
+        if mgs_alpha < 0 and not mgs_allow_negative_alpha:
+            raise MGSConfigurationError(_negative_alpha_message(mgs_alpha))
         check_choice("mgs_estimator", mgs_estimator, ESTIMATORS)
         if mgs_estimator == "hutchinson" and mgs_kind != "trace":
             raise MGSConfigurationError("mgs_estimator='hutchinson' estimates the trace only; use mgs_kind='trace' or mgs_estimator='exact'")
@@ -229,6 +243,7 @@ class MGSRegularizedMixin:
         self.mgs_dtype = mgs_dtype
         self.mgs_seed = mgs_seed
         self.mgs_log = bool(mgs_log)
+        self.mgs_allow_negative_alpha = mgs_allow_negative_alpha
         self._mgs_depth = 0
         self._mgs_generator = torch.Generator()
         self._mgs_seed_key: tuple[int, int] | None = None
@@ -271,7 +286,7 @@ class MGSRegularizedMixin:
             "mgs_outputs": self.mgs_outputs, "mgs_params": list(params) if isinstance(params, (list, tuple)) else params,
             "mgs_strategy": self.mgs_strategy, "mgs_chunk_size": self.mgs_chunk_size, "mgs_jitter": self.mgs_jitter,
             "mgs_dtype": None if self.mgs_dtype is None else str(self.mgs_dtype).replace("torch.", ""),
-            "mgs_seed": self.mgs_seed, "mgs_log": self.mgs_log,
+            "mgs_seed": self.mgs_seed, "mgs_log": self.mgs_log, "mgs_allow_negative_alpha": self.mgs_allow_negative_alpha,
         }
 
     def mgs_compute_penalty(self, batch: Any) -> Tensor:
@@ -293,6 +308,8 @@ class MGSRegularizedMixin:
         Call it from ``training_step`` in manual optimisation; automatic optimisation calls it for you.
         """
         alpha = float(self.mgs_current_alpha())
+        if alpha < 0 and not self.mgs_allow_negative_alpha:  # e.g. an overridden schedule
+            raise MGSConfigurationError(_negative_alpha_message(alpha, "mgs_current_alpha() returned"))
         trainer = lightning_trainer(self)  # type: ignore[arg-type]
         logging = self.mgs_log and trainer is not None
         if logging:

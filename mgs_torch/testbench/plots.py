@@ -107,10 +107,12 @@ def plot_curves(results: list[dict[str, Any]], path: str | Path, title: str = ""
     for r_i, (_, lab) in enumerate(rows):
         axes[r_i][0].set_ylabel(lab)
     axes[2][0].annotate("× : K singular, log det = −∞ (gap)", (0, -0.32), xycoords="axes fraction", fontsize=7)
-    fig.legend(list(handles.values()), [h.get_label() for h in handles.values()], loc="lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False)
+    # as many legend columns as the figure's width holds (labels run to ~30 characters at 8 pt ≈ 2.3 in)
+    ncol = max(1, min(len(handles), int(fig.get_figwidth() // 2.4)))
+    fig.legend(list(handles.values()), [h.get_label() for h in handles.values()], loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     n_seeds = len({r["config"]["seed"] for r in results})
     fig.suptitle(f"{title}  (mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''})", fontsize=11)
-    fig.tight_layout(rect=(0, 0.07 + 0.02 * math.ceil(len(handles) / 4), 1, 0.97))
+    fig.tight_layout(rect=(0, 0.05 + 0.025 * math.ceil(len(handles) / ncol), 1, 0.97))
     return _save(fig, path)
 
 
@@ -202,7 +204,7 @@ def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    fig.savefig(buf, dpi=DPI, format="png")
+    fig.savefig(buf, dpi=DPI, format="png", bbox_inches="tight", pad_inches=0.1)  # never clip a legend or label
     _plt().close(fig)
     buf.seek(0)
     try:

@@ -188,7 +188,7 @@ def runtime_table(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_MARKER = re.compile(r"\{\{\s*(table|claims|tuned|runtime|memorised)((?:\s+\w+=[^\s}]+)*)\s*\}\}")
+_MARKER = re.compile(r"\{\{\s*(table|claims|tuned|runtime|memorised|stopping_selection|stopping|flagging)((?:\s+\w+=[^\s}]+)*)\s*\}\}")
 
 
 def coerce_value(v: str) -> Any:
@@ -205,7 +205,10 @@ def render_template(template: str, out_dir: str | Path) -> str:
     """Replace every ``{{kind key=value ...}}`` marker by the table of the matching runs.
 
     ``kind``: ``table`` (:func:`results_table`), ``claims`` (:func:`claims_table`), ``tuned``
-    (:func:`tuned_table`, keys ``dataset`` and ``model``) or ``runtime`` (:func:`runtime_table`).
+    (:func:`tuned_table`, keys ``dataset`` and ``model``) or ``runtime`` (:func:`runtime_table`);
+    ``stopping`` / ``stopping_selection`` (key ``out``: a testbench folder evaluated every epoch;
+    ``threshold``, ``window``, ``patience`` / ``select``: the model the rule is chosen on) and
+    ``flagging`` (key ``out``: a ``mgs-torch scores`` folder) read their own folders.
     Keys filter the run configs (``dataset``, ``model``, ``train_size``, ``epochs``, ``method``...).
     """
     cache: dict[tuple, list] = {}
@@ -213,6 +216,8 @@ def render_template(template: str, out_dir: str | Path) -> str:
     def sub(match: re.Match) -> str:
         kind = match.group(1)
         where = {k: coerce_value(v) for k, v in (kv.split("=", 1) for kv in match.group(2).split())}
+        if kind in ("stopping", "stopping_selection", "flagging"):
+            return _analysis_table(kind, where).rstrip("\n")
         if kind == "tuned":
             return tuned_table(out_dir, where["dataset"], where["model"]).rstrip("\n")
         key = tuple(sorted(where.items()))
@@ -223,6 +228,28 @@ def render_template(template: str, out_dir: str | Path) -> str:
         return fn(res).rstrip("\n")
 
     return _MARKER.sub(sub, template)
+
+
+def _analysis_table(kind: str, where: dict[str, Any]) -> str:
+    """The early-stopping and flagging tables of examples/RESULTS.md, from their own output folders."""
+    folder = Path(str(where["out"]))
+    if kind == "flagging":
+        import json
+
+        from .flagging import flagging_table
+
+        return flagging_table([json.loads(p.read_text()) for p in sorted((folder / "flagging").rglob("*.json"))])
+    from .stopping import rule_selection_table, stopping_table
+
+    results = load_results(folder)
+    if kind == "stopping_selection":
+        grid = [{"threshold": t, "patience": p, "window": w, "min_checks": 0}
+                for t in (0.005, 0.01, 0.02, 0.05, 0.1) for w in (1, 5) for p in (3, 5)]
+        table, chosen = rule_selection_table(results, grid, str(where["select"]))
+        return table + f"\nChosen: threshold {chosen['threshold']:g}, window {chosen['window']}, patience {chosen['patience']}.\n"
+    rule = {"threshold": float(where.get("threshold", 0.05)), "window": int(where.get("window", 5)),
+            "patience": int(where.get("patience", 3)), "min_checks": int(where.get("min_epochs", 0))}
+    return stopping_table(results, rule, int(where.get("val_patience", 10)))
 
 
 def full_report(out_dir: str | Path) -> str:

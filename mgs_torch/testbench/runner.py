@@ -29,7 +29,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -89,6 +89,12 @@ class RunConfig:
         digest = hashlib.sha1(blob.encode()).hexdigest()[:8]
         value = "" if self.value is None else f"{self.value:g}"
         return f"noise{self.noise:g}_n{self.train_size}_seed{self.seed}_{self.method}{value}_{digest}"
+
+    @property
+    def display_name(self) -> str:
+        """The run's name with the method first (TensorBoard truncates long run names from the right)."""
+        value = "" if self.value is None else f"{self.value:g}"
+        return f"{self.method}{value}_noise{self.noise:g}_n{self.train_size}_seed{self.seed}_{self.run_id[-8:]}"
 
     def with_(self, **changes: Any) -> "RunConfig":
         return replace(self, **changes)
@@ -202,6 +208,7 @@ def train_run(
     tb_dir: str | os.PathLike | None = None,
     data: Dataset | None = None,
     return_model: bool = False,
+    evaluate_hook: Callable[[int, nn.Module, Dataset], dict[str, Any]] | None = None,
 ) -> dict[str, Any] | tuple[dict[str, Any], nn.Module]:
     """Train one run and return its result (config, history, summary); write JSON/CSV when ``out_dir`` is given.
 
@@ -209,6 +216,10 @@ def train_run(
     from the same weights), a seeded generator for the batch order, and the data seed. The global
     RNG also drives Dropout masks. If the loss becomes non-finite the run stops and is marked
     ``diverged`` (its ``final`` is ``None``).
+
+    ``evaluate_hook(epoch, model, data)`` runs at every evaluation (model in eval mode, global RNG
+    forked so the run is the same with or without it); what it returns is kept, with the epoch, in
+    ``result["extras"]`` (not part of the run id: use it for analyses, not to change training).
     """
     t0 = time.perf_counter()
     method = make_method(config.method, config.value)
@@ -226,10 +237,11 @@ def train_run(
     writer = None
     if tensorboard:
         tb = require("torch.utils.tensorboard", "TensorBoard logging (pip install tensorboard)")
-        tb_dir = tb_dir or (Path(out_dir or ".") / "tensorboard" / config.dataset / config.model / config.run_id)
+        tb_dir = tb_dir or (Path(out_dir or ".") / "tensorboard" / config.dataset / config.model / config.display_name)
         writer = tb.SummaryWriter(str(tb_dir))
 
     history: list[dict[str, Any]] = []
+    extras: list[dict[str, Any]] = []
     schedule = set(eval_epochs(config.epochs, config.eval_points))
     step, diverged, train_loss_sum, train_batches = 0, None, 0.0, 0
 
@@ -247,6 +259,9 @@ def train_run(
                 row["memorised"] = float((pred == data.y_train[data.noisy_mask]).float().mean())
         row["batch_loss"] = train_loss_sum / train_batches if train_batches else None
         row.update(_mgs(model, probe))
+        if evaluate_hook is not None:
+            with torch.random.fork_rng(devices=[]):
+                extras.append({"epoch": epoch, **evaluate_hook(epoch, model, data)})
         model.train()
         history.append(row)
         if writer is not None:
@@ -313,6 +328,8 @@ def train_run(
         "torch_threads": torch.get_num_threads(),
         "notes": "mgs_logdet is null where K was numerically singular (log det = -inf, see mgs_singular/mgs_rank)",
     }
+    if evaluate_hook is not None:
+        result["extras"] = extras
     if data.input_shape == (2,) and classification:
         model.eval()
         result["boundary"] = _boundary(model, data)

@@ -1,0 +1,111 @@
+"""Bad inputs that used to surface torch's or Python's raw errors (issue 11, items 10 and 12's dtype rule).
+
+Each raises an error that names the problem and what to do, and changes nothing (weights, .grad,
+train/eval flags, the global random state)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import mlp
+from mgs_torch import mgs_kernel, mgs_penalty, mgs_trace
+
+X = torch.randn(3, 4, dtype=torch.float64)
+FUNCTIONS = [mgs_kernel, mgs_trace, mgs_penalty]
+
+
+def _state(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()],
+            torch.get_rng_state())
+
+
+def _unchanged(model, before):
+    after = _state(model)
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    assert before[1] == after[1] and torch.equal(before[2], after[2])
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS)
+@pytest.mark.parametrize("strategy", ["jacobian", "structured"])
+def test_integer_input_into_an_mlp(fn, strategy):
+    model, x = mlp(3), torch.randint(0, 5, (3, 4))
+    before = _state(model)
+    with pytest.raises(TypeError, match=r"input 0 has the integer dtype torch.int64.*x\.float\(\).*nn.Embedding"):
+        fn(model, x, strategy=strategy)
+    _unchanged(model, before)
+
+
+def test_integer_input_into_an_embedding_still_works():
+    model = nn.Sequential(nn.Embedding(10, 3), nn.Flatten(), nn.Linear(6, 2)).double()
+    assert mgs_kernel(model, torch.randint(0, 10, (4, 2))).shape == (8, 8)
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS)
+def test_float32_input_into_a_float64_model_fails_like_model_x(fn):
+    model = mlp(3)
+    x = torch.randn(3, 4)
+    with pytest.raises(RuntimeError):
+        model(x)  # what PyTorch itself does
+    before = _state(model)
+    with pytest.raises(TypeError, match=r"input 0 has dtype torch.float32 but the model's parameters are torch.float64.*dtype="):
+        fn(model, x)
+    _unchanged(model, before)
+    # the documented way to mix: ask for a compute dtype, which casts inputs and parameters alike
+    assert fn(model, x, dtype=torch.float64) is not None
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS)
+def test_inputs_and_targets_passed_together(fn):
+    model = mlp(3)
+    y = torch.randint(0, 3, (3,))
+    before = _state(model)
+    with pytest.raises(TypeError, match=r"Sequential.forward takes 1 input.*2 tensors.*pass only the inputs"):
+        fn(model, (X, y))
+    _unchanged(model, before)
+
+
+def test_a_model_with_two_inputs_takes_a_tuple():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 2).double(), nn.Linear(4, 2).double()
+
+        def forward(self, u, v):
+            return self.a(u) + self.b(v)
+
+    assert mgs_kernel(Two(), (X, X)).shape == (6, 6)
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS)
+def test_unbatched_input(fn):
+    model = mlp(3)
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"unbatched sample.*x\.unsqueeze\(0\)"):
+        fn(model, X[0])  # 4 features, no batch dimension
+    _unchanged(model, before)
+
+
+@pytest.mark.parametrize("name", ["float64", "torch.float64"])
+def test_dtype_names_are_accepted_everywhere(name):
+    from mgs_torch.lightning import MGSMonitor
+
+    model = mlp(3)
+    torch.testing.assert_close(mgs_kernel(model, X.float(), dtype=name), mgs_kernel(model, X.float(), dtype=torch.float64))
+    assert MGSMonitor(dtype=name).dtype is torch.float64
+
+
+@pytest.mark.parametrize("bad", ["int64", "float65", torch.int32, float])
+def test_non_floating_dtypes_are_refused_everywhere_with_one_message(bad):
+    from lightning_helpers import RegNet
+    from mgs_torch.lightning import MGSMonitor
+
+    messages = []
+    for make in (lambda: mgs_kernel(mlp(3), X, dtype=bad), lambda: mgs_penalty(mlp(3), X, dtype=bad),
+                 lambda: MGSMonitor(dtype=bad), lambda: RegNet(mgs_dtype=bad)):
+        with pytest.raises(TypeError, match="must be a floating torch.dtype") as info:
+            make()
+        messages.append(str(info.value).split(" must be ")[1])
+    assert len(set(messages)) == 1
