@@ -14,25 +14,38 @@ from dataclasses import dataclass, fields
 import torch
 
 from ._dtypes import as_dtype
-from ._problem import BATCH_NORM_POLICIES, OUTPUT_MODES, ParamFilter
+from ._problem import BATCH_NORM_POLICIES, OUTPUT_MODES, Inputs, ParamFilter
 from .engines import STRATEGIES
 from .estimators import ESTIMATORS, KINDS
 
-__all__ = ["KernelOptions", "PenaltyOptions", "REDUCTIONS", "check_choice"]
+__all__ = [
+    "KernelOptions", "PenaltyOptions", "REDUCTIONS", "Inputs", "ParamFilter", "check_choice", "check_int", "check_float",
+]
 
 REDUCTIONS = ("mean", "sum")
 
 
 def check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
+    """``value`` must be one of ``allowed`` (``ValueError`` naming them otherwise)."""
+    if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
 
 
-def _positive_int(name: str, value, allow_none: bool) -> None:
+def check_int(name: str, value, *, minimum: int, allow_none: bool = False) -> None:
+    """``value`` must be an int ≥ ``minimum`` (or ``None`` when allowed)."""
     if value is None and allow_none:
         return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        what = f"an int >= {minimum}" + (" or None" if allow_none else "")
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def check_float(name: str, value, *, minimum: float | None = None) -> None:
+    """``value`` must be a finite number (≥ ``minimum`` when given)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (minimum is not None and value < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -50,13 +63,18 @@ class KernelOptions:
         check_choice("outputs", self.outputs, OUTPUT_MODES)
         check_choice("strategy", self.strategy, STRATEGIES)
         check_choice("batch_norm", self.batch_norm, BATCH_NORM_POLICIES)
-        _positive_int("chunk_size", self.chunk_size, allow_none=True)
+        check_int("chunk_size", self.chunk_size, minimum=1, allow_none=True)
         # one dtype rule for the core and the Lightning classes: a floating torch.dtype or its name ("float64")
         object.__setattr__(self, "dtype", as_dtype("dtype", self.dtype))
 
     def kernel_options(self) -> "KernelOptions":
         """Only the fields that define K (drops penalty fields)."""
         return KernelOptions(**{f.name: getattr(self, f.name) for f in fields(KernelOptions)})
+
+    def as_kwargs(self) -> dict:
+        """The fields as keyword arguments of :func:`mgs_torch.mgs_kernel` / :func:`mgs_torch.mgs_penalty`
+        (not ``dataclasses.asdict``, which would deep-copy the ``params`` selection)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True)
@@ -76,6 +94,5 @@ class PenaltyOptions(KernelOptions):
         check_choice("reduction", self.reduction, REDUCTIONS)
         if self.estimator == "hutchinson" and self.kind != "trace":
             raise ValueError("estimator='hutchinson' estimates the trace only; use kind='trace' or estimator='exact'")
-        _positive_int("num_probes", self.num_probes, allow_none=False)
-        if isinstance(self.jitter, bool) or not isinstance(self.jitter, (int, float)) or not math.isfinite(self.jitter) or self.jitter < 0:
-            raise ValueError(f"jitter must be a finite number ≥ 0 (added to K's diagonal), got {self.jitter!r}")
+        check_int("num_probes", self.num_probes, minimum=1)
+        check_float("jitter", self.jitter, minimum=0.0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from typing import Any
@@ -17,7 +16,6 @@ pl = pytest.importorskip("pytorch_lightning")
 from pytorch_lightning.loggers import Logger  # noqa: E402
 from pytorch_lightning.utilities.rank_zero import rank_zero_only  # noqa: E402
 
-from mgs_torch import _linalg  # noqa: E402
 from mgs_torch.lightning import MGSRegularizedMixin  # noqa: E402
 
 D, Q = 4, 3  # input features, classes
@@ -145,14 +143,3 @@ def assert_same_weights(a: dict, b: dict) -> None:
 def reference_logdet(K: torch.Tensor) -> float:
     sign, logabsdet = torch.linalg.slogdet(K.double())
     return float(logabsdet) if float(sign) > 0 else -math.inf
-
-
-def clone_net(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)
-
-
-@pytest.fixture
-def fresh_warnings(monkeypatch):
-    """Each test sees the once-per-process warnings afresh."""
-    monkeypatch.setattr(_linalg, "_warned", set())
-    yield

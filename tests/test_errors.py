@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import mlp
+from helpers import mlp
 from mgs_torch import NonFiniteOutputError, mgs_kernel, mgs_penalty, mgs_trace
 
 X = torch.randn(3, 4, dtype=torch.float64)
@@ -98,8 +98,8 @@ def test_warnings_point_at_the_callers_line():
     [
         ({"strategy": "fast"}, "strategy must be one of"),
         ({"outputs": "mean"}, "outputs must be one of"),
-        ({"chunk_size": 0}, "chunk_size must be a positive int"),
-        ({"chunk_size": 2.5}, "chunk_size must be a positive int"),
+        ({"chunk_size": 0}, "chunk_size must be an int >= 1 or None"),
+        ({"chunk_size": 2.5}, "chunk_size must be an int >= 1 or None"),
         ({"batch_norm": "train"}, "batch_norm must be one of"),
         ({"params": ["nope"]}, "matches no trainable parameter"),
         ({"params": lambda name, p: False}, "selects no trainable parameter"),
@@ -123,8 +123,10 @@ def test_bad_dtype_and_param_entries():
         ({"kind": "frobenius"}, "kind must be one of"),
         ({"estimator": "sketch"}, "estimator must be one of"),
         ({"kind": "logdet", "estimator": "hutchinson"}, "estimates the trace only"),
-        ({"estimator": "hutchinson", "num_probes": 0}, "num_probes must be a positive int"),
+        ({"estimator": "hutchinson", "num_probes": 0}, "num_probes must be an int >= 1"),
         ({"reduction": "none"}, "reduction must be one of"),
+        ({"jitter": -1.0}, "jitter must be a finite number >= 0.0"),
+        ({"jitter": float("nan")}, "jitter must be a finite number"),
     ],
 )
 def test_bad_penalty_options(kwargs, match):

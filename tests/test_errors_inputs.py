@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import mlp
+from helpers import mlp
 from mgs_torch import mgs_kernel, mgs_penalty, mgs_trace
 
 X = torch.randn(3, 4, dtype=torch.float64)

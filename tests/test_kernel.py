@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SmallCNN, assert_close, mlp, reference_kernel, small_cnn
+from helpers import SmallCNN, assert_close, mlp, reference_kernel, small_cnn
 from mgs_torch import mgs_kernel, mgs_trace
 
 STRATEGIES = ["jacobian", "structured", "auto"]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import reference_kernel
+from helpers import reference_kernel
 from lightning_helpers import PlainNet, RegNet, assert_same_weights, fit, loader, pl, reference_logdet, weights
 import mgs_torch.lightning.mixin as mixin_module
 from mgs_torch import mgs_penalty

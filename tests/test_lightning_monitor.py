@@ -11,13 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import reference_kernel
+from helpers import reference_kernel
 from lightning_helpers import (
     MemoryLogger,
     PlainNet,
     assert_same_weights,
     fit,
-    fresh_warnings,  # noqa: F401 - fixture
     loader,
     make_data,
     pl,
@@ -244,7 +243,7 @@ def test_epoch_end_only(tmp_path):
     assert [s for s, _ in t.logger.values("mgs/trace_epoch")] == [2, 4]
 
 
-def test_nothing_to_log_warns(tmp_path, fresh_warnings):
+def test_nothing_to_log_warns(tmp_path):
     with pytest.warns(RuntimeWarning, match="logs nothing"):
         fit(PlainNet(), tmp_path, loader(8, 8), callbacks=[MGSMonitor()], log_every_n_steps=0)
 
@@ -368,7 +367,7 @@ def test_singular_kernel_logs_minus_infinity(tmp_path):
     assert t.state.finished
 
 
-def test_a_failing_computation_warns_once_logs_nan_and_training_goes_on(tmp_path, fresh_warnings):
+def test_a_failing_computation_warns_once_logs_nan_and_training_goes_on(tmp_path):
     val = make_data(8, seed=1)
     val.tensors[0][0, 0] = float("nan")  # the probe's outputs are not finite: the core raises
     monitor = MGSMonitor(probe="val", max_samples=8)
@@ -401,7 +400,7 @@ def test_state_dict_round_trip(tmp_path):
     assert restored.state_key == monitor.state_key != MGSMonitor(probe="val").state_key
 
 
-def test_state_from_other_probe_settings_is_not_reused(tmp_path, fresh_warnings):
+def test_state_from_other_probe_settings_is_not_reused(tmp_path):
     monitor = MGSMonitor(probe="train", max_samples=4)
     fit(PlainNet(), tmp_path, loader(16, 8), callbacks=[monitor])
     other = MGSMonitor(probe="train", max_samples=6)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import reference_kernel
+from helpers import reference_kernel
 from lightning_helpers import RegNet, fit, loader, pl, reference_logdet
 from mgs_torch.lightning import MGSMonitor
 

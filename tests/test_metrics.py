@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import mlp
+from helpers import mlp
 from mgs_torch import MGSMetrics, kernel_target_alignment, mgs_kernel, mgs_metrics
 
 

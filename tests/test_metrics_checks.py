@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from conftest import mlp
 from mgs_torch import mgs_kernel, mgs_metrics
 
 

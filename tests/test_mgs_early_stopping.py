@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
-from lightning_helpers import PlainNet, fit, loader, pl
+from lightning_helpers import PlainNet, fit, loader
 from mgs_torch.lightning import MGSConfigurationError, MGSEarlyStopping, MGSMonitor
 from mgs_torch.stopping import GrowthPlateau, growth_plateau_stop
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_close, mlp, reference_kernel, small_cnn
+from helpers import assert_close, mlp, reference_kernel, small_cnn
 from mgs_torch import mgs_kernel, mgs_penalty, mgs_trace
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import mlp, reference_jacobian, reference_kernel
+from helpers import mlp, reference_jacobian, reference_kernel
 from mgs_torch import mgs_kernel, mgs_sample_scores, sample_scores_from_kernel
 
 

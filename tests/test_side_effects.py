@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import SmallCNN, assert_close, reference_kernel
+from helpers import SmallCNN, assert_close, reference_kernel
 from mgs_torch import mgs_kernel, mgs_penalty, mgs_trace
 
 STRATEGIES = ["jacobian", "structured"]

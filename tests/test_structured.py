@@ -5,12 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import assert_close, reference_kernel
+from helpers import assert_close, reference_kernel
 from model_zoo import Scale, ScaleRule
-from mgs_torch import LayerRule, mgs_kernel, mgs_trace, register_layer_rule
+from mgs_torch import mgs_kernel, mgs_trace, register_layer_rule
 from mgs_torch._problem import build_problem, preserved_state
 from mgs_torch.engines import LAYER_RULES, factors, structured
-from mgs_torch.engines.factors import DirectFactor
 
 
 def plan_of(model, x, **kw):

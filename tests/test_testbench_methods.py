@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import reference_kernel
+from helpers import reference_kernel
 from mgs_torch.testbench.methods import METHODS, PAPER_METHODS, make_method, method_names
 from mgs_torch.testbench.models import FCN, LeNet5, build_model
 from mgs_torch.testbench.runner import RunConfig, train_run

@@ -12,20 +12,22 @@ from torch import Tensor, nn
 
 try:  # the classic package name first (what pyproject depends on), then the unified one
     import pytorch_lightning as pl
+    from pytorch_lightning.utilities import rank_zero_warn
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 except ImportError:  # pragma: no cover - depends on the environment
     try:
         import lightning.pytorch as pl  # type: ignore[no-redef]
+        from lightning.pytorch.utilities import rank_zero_warn  # type: ignore[no-redef]
         from lightning.pytorch.utilities.exceptions import MisconfigurationException  # type: ignore[no-redef]
     except ImportError as err:
         raise ImportError(
             "mgs_torch.lightning needs PyTorch Lightning: pip install 'mgs-torch[lightning]'"
         ) from err
 
-from .._dtypes import as_dtype  # noqa: F401 - the core's rule, re-used by the callback and the mixin
-from .._problem import Inputs
+from .. import options
+from ..options import Inputs
 
-__all__ = ["pl", "MisconfigurationException", "MGSConfigurationError"]
+__all__ = ["pl", "MisconfigurationException", "MGSConfigurationError", "rank_zero_warn"]
 
 _INPUT_KEYS = ("x", "input", "inputs", "features")
 _TARGET_KEYS = ("y", "target", "targets", "label", "labels")
@@ -40,24 +42,35 @@ class MGSConfigurationError(MisconfigurationException, ValueError):
     """
 
 
+@contextlib.contextmanager
+def configuration_errors(prefix: str = "") -> Iterator[None]:
+    """Re-raise the core's validation errors as Lightning's: a ``ValueError`` becomes
+    :class:`MGSConfigurationError`, and ``prefix`` is put before the option name the message starts with."""
+    try:
+        yield
+    except MGSConfigurationError:
+        raise
+    except ValueError as err:
+        raise MGSConfigurationError(f"{prefix}{err}") from err
+    except TypeError as err:
+        if not prefix:
+            raise
+        raise TypeError(f"{prefix}{err}") from err
+
+
 def check_choice(name: str, value: Any, allowed: tuple) -> None:
-    if not isinstance(value, str) or value not in allowed:
-        raise MGSConfigurationError(f"{name} must be one of {allowed}, got {value!r}")
+    with configuration_errors():
+        options.check_choice(name, value, allowed)
 
 
 def check_int(name: str, value: Any, *, minimum: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        what = f"an int >= {minimum}" + (" or None" if allow_none else "")
-        raise MGSConfigurationError(f"{name} must be {what}, got {value!r}")
+    with configuration_errors():
+        options.check_int(name, value, minimum=minimum, allow_none=allow_none)
 
 
 def check_float(name: str, value: Any, *, minimum: float | None = None) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf")
-    if not ok or (minimum is not None and value < minimum):
-        bound = f" >= {minimum}" if minimum is not None else ""
-        raise MGSConfigurationError(f"{name} must be a finite number{bound}, got {value!r}")
+    with configuration_errors():
+        options.check_float(name, value, minimum=minimum)
 
 
 def default_inputs(batch: Any) -> Inputs:

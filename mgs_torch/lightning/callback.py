@@ -5,7 +5,6 @@ r"""MGSMonitor: log the MGS metrics of the model during ``Trainer.fit``.
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -15,25 +14,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._linalg import warn_once
-from .._problem import BATCH_NORM_POLICIES, OUTPUT_MODES, Inputs, ParamFilter
-from ..engines import STRATEGIES
 from ..kernel import mgs_kernel
 from ..metrics import MGSMetrics, mgs_metrics
+from ..options import Inputs, KernelOptions, ParamFilter
 from ..scores import SampleScores, sample_scores_from_kernel
+from .probe import draw_probe_batch
 from ._utils import (
     MGSConfigurationError,
+    rank_zero_warn,
     cap_samples,
     check_choice,
-    as_dtype,
     check_float,
     check_int,
+    configuration_errors,
     compute_dtype,
     default_inputs,
     default_targets,
     module_mode,
     pl,
-    preserved_global_rng,
 )
 
 __all__ = ["MGSMonitor", "METRIC_NAMES", "DEFAULT_METRICS", "PROBES"]
@@ -49,7 +47,9 @@ SAMPLE_SCORE_NAMES: tuple[str, ...] = tuple(
     f"sample_{score}_{stat}" for score in ("energy", "agreement") for stat in ("median", "min", "max")
 )
 MODEL_MODES: tuple[str, ...] = ("train", "eval")
-_DEFAULT_PROBE_SIZE = 64
+# what a metric computation may raise (bad outputs, a layer mgs_torch refuses, linear algebra, memory):
+# logged as NaN with a warning; anything else is a bug and is not swallowed
+_METRIC_ERRORS = (ValueError, TypeError, RuntimeError, ArithmeticError)
 
 
 class MGSMonitor(pl.Callback):
@@ -202,11 +202,8 @@ class MGSMonitor(pl.Callback):
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
         check_choice("model_mode", model_mode, MODEL_MODES)
-        check_choice("batch_norm", batch_norm, BATCH_NORM_POLICIES)
-        check_choice("outputs", outputs, OUTPUT_MODES)
-        check_choice("strategy", strategy, STRATEGIES)
-        check_int("chunk_size", chunk_size, minimum=1, allow_none=True)
-        dtype = as_dtype("dtype", dtype)
+        with configuration_errors():  # the kernel's own options, validated where the core validates them
+            kernel_options = KernelOptions(outputs, params, strategy, chunk_size, dtype, batch_norm)
         check_float("jitter", jitter, minimum=0.0)
         for name, fn in (("inputs_fn", inputs_fn), ("targets_fn", targets_fn)):
             if fn is not None and not callable(fn):
@@ -227,10 +224,9 @@ class MGSMonitor(pl.Callback):
         self.metrics = metrics
         self.prefix = prefix
         self.model_mode = model_mode
-        self.kernel_kwargs: dict[str, Any] = dict(
-            outputs=outputs, params=params, strategy=strategy, chunk_size=chunk_size, batch_norm=batch_norm
-        )
-        self.dtype = dtype
+        #: the options of every kernel this callback computes (``dtype`` is resolved per call, see above)
+        self.kernel_options = kernel_options
+        self.dtype = kernel_options.dtype
         self.jitter = float(jitter)
         self.log_spectrum = bool(log_spectrum)
         self.log_kernel_image = bool(log_kernel_image)
@@ -253,10 +249,9 @@ class MGSMonitor(pl.Callback):
         self._last_step: int = -1
         self._last_epoch: int = -1
         self._last_batch: Any = None
-        self._last_kernel: Tensor | None = None
-        self._last_num_samples: int = 0
         #: the per-sample scores of the last kernel (``log_sample_scores=True``, rank 0), or None
         self.last_sample_scores: SampleScores | None = None
+        self._warned: set[str] = set()
 
     # ------------------------------------------------------------------------------------------
     # Lightning plumbing
@@ -306,16 +301,22 @@ class MGSMonitor(pl.Callback):
         if self.module is not None:
             self._module(pl_module)  # a wrong attribute name fails now, not as NaN metrics later
         if (self.log_spectrum or self.log_kernel_image) and not self._tensorboard_loggers(trainer):
-            warn_once(
+            self._warn_once(
                 "MGSMonitor-no-tensorboard",
                 "MGSMonitor(log_spectrum/log_kernel_image=True) needs a TensorBoardLogger; histograms and images "
                 "are skipped with the Trainer's loggers",
             )
         if self._interval(trainer) == 0 and not self.log_on_epoch_end:
-            warn_once(
+            self._warn_once(
                 "MGSMonitor-nothing",
                 "MGSMonitor logs nothing: the step interval is 0 (log_every_n_steps) and log_on_epoch_end=False",
             )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        """``rank_zero_warn`` the first time this callback meets ``key`` (never once per step)."""
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message, category=RuntimeWarning)
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # every rank draws the same probe (cheap, and a missing data set fails on all ranks alike)
@@ -363,7 +364,7 @@ class MGSMonitor(pl.Callback):
             self._probe_inputs = state_dict.get("probe_inputs")
             self._probe_targets = state_dict.get("probe_targets")
         elif state_dict.get("probe_inputs") is not None:
-            warn_once(
+            self._warn_once(
                 "MGSMonitor-probe-changed",
                 "MGSMonitor: the checkpoint's probe was drawn with other settings (probe, max_samples, seed); "
                 "a new probe batch is drawn, so its curves do not continue the checkpoint's",
@@ -405,45 +406,9 @@ class MGSMonitor(pl.Callback):
     def _targets_of(self, batch: Any) -> Tensor | None:
         return self.targets_fn(batch) if self.targets_fn is not None else default_targets(batch)
 
-    def _loader(self, trainer: "pl.Trainer") -> Any:
-        """The training or validation loader, for its dataset and collate_fn."""
-        if self.probe == "train":
-            loaders = trainer.train_dataloader
-        else:
-            loaders = trainer.val_dataloaders
-            if loaders is None:  # validation data is loaded lazily (no sanity check ran yet)
-                source = getattr(getattr(trainer.fit_loop.epoch_loop, "val_loop", None), "_data_source", None)
-                if source is not None and source.is_defined():
-                    with preserved_global_rng():
-                        loaders = source.dataloader()
-        if isinstance(loaders, dict):
-            loaders = next(iter(loaders.values()), None)
-        if isinstance(loaders, (list, tuple)):
-            loaders = loaders[0] if loaders else None
-        if loaders is None:
-            where = "train_dataloaders" if self.probe == "train" else "val_dataloaders"
-            hook = "train_dataloader" if self.probe == "train" else "val_dataloader"
-            raise MGSConfigurationError(
-                f"MGSMonitor(probe={self.probe!r}) found no {self.probe} data: pass {where}= to trainer.fit, define "
-                f"{hook}() in the LightningModule or DataModule, or use probe='current'"
-            )
-        return loaders
-
     def _draw_probe(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """``max_samples`` samples of the train/val data set, drawn without touching the loaders."""
-        loader = self._loader(trainer)
-        dataset = getattr(loader, "dataset", None)
-        collate = getattr(loader, "collate_fn", None)
-        size = self.max_samples or getattr(loader, "batch_size", None) or _DEFAULT_PROBE_SIZE
-        with preserved_global_rng():  # random transforms in the dataset must not shift the run's streams
-            if dataset is not None and collate is not None and not isinstance(dataset, torch.utils.data.IterableDataset):
-                gen = torch.Generator().manual_seed(self.seed)
-                order = torch.randperm(len(dataset), generator=gen)[:size].tolist()
-                batch = collate([dataset[i] for i in order])
-            elif dataset is not None and collate is not None:
-                batch = collate(list(itertools.islice(iter(dataset), size)))
-            else:  # not a torch DataLoader: its first batch
-                batch = next(iter(loader))
+        batch, size = draw_probe_batch(trainer, self.probe, self.max_samples, self.seed)
         inputs = cap_samples(self._inputs_of(pl_module, batch), size)
         targets = self._targets_of(batch)
         self._probe_inputs = tuple(x.detach().cpu() for x in ((inputs,) if isinstance(inputs, Tensor) else inputs))
@@ -468,41 +433,44 @@ class MGSMonitor(pl.Callback):
         Leaves the module as it was. Raises what the core raises (e.g. ``ValueError`` for non-finite
         outputs); the Trainer hooks catch it and log NaN instead.
         """
+        return self._kernel_and_metrics(pl_module, batch)[1]
+
+    def _kernel_and_metrics(self, pl_module: "pl.LightningModule", batch: Any) -> tuple[Tensor, MGSMetrics, int]:
+        """K (detached), its metrics and the number of samples it was formed on."""
         inputs, targets = self._batch_inputs(pl_module, batch)
         module = self._module(pl_module)
         dtype = compute_dtype(module, getattr(pl_module, "_trainer", None), self.dtype)
         with torch.enable_grad(), module_mode(module, self.model_mode):
-            K = mgs_kernel(module, inputs, dtype=dtype, **self.kernel_kwargs)
+            K = mgs_kernel(module, inputs, **{**self.kernel_options.as_kwargs(), "dtype": dtype})
         want_targets = "alignment" in self.metrics and targets is not None
         metrics = mgs_metrics(K, targets=targets if want_targets else None, jitter=self.jitter, threads=self.spectrum_threads)
-        self._last_kernel = K.detach()
-        self._last_num_samples = int(inputs[0].shape[0] if isinstance(inputs, (tuple, list)) else inputs.shape[0])
-        return metrics
+        n = int(inputs[0].shape[0] if isinstance(inputs, (tuple, list)) else inputs.shape[0])
+        return K.detach(), metrics, n
 
     def _measure_and_log(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, *, step: int, suffix: str, stage: str
     ) -> None:
-        self._last_kernel = None
         result: MGSMetrics | None = None
+        K: Tensor | None = None
         payload: tuple[dict[str, float], float] | None = None
         if trainer.is_global_zero:  # computed once, on rank 0
             started = time.perf_counter()
             self.computations += 1
             try:
-                result = self.compute(pl_module, batch)
+                K, result, n = self._kernel_and_metrics(pl_module, batch)
                 values = result.as_dict()
-            except Exception as err:  # never stop training for a metric
-                warn_once(
+            except _METRIC_ERRORS as err:  # never stop training for a metric
+                self._warn_once(
                     f"MGSMonitor-failed-{type(err).__name__}",
                     f"MGSMonitor could not compute the MGS metrics at step {step} ({type(err).__name__}: {err}); NaN is "
                     f"logged and training continues. This warning is shown once.",
                 )
                 values = {}
             if "alignment" in self.metrics and result is not None and result.alignment is None:
-                warn_once("MGSMonitor-no-targets", "MGSMonitor: 'alignment' needs targets in the batch (targets_fn); NaN is logged")
+                self._warn_once("MGSMonitor-no-targets", "MGSMonitor: 'alignment' needs targets in the batch (targets_fn); NaN is logged")
             scalars = {f"{self.prefix}{name}{suffix}": float(values.get(name, math.nan)) for name in self.metrics}
             if self.log_sample_scores:
-                scalars.update(self._sample_score_scalars(suffix))
+                scalars.update(self._sample_score_scalars(K, n if K is not None else 0, suffix))
             payload = (scalars, time.perf_counter() - started)
         if trainer.world_size > 1:  # every rank reaches this hook at the same step: all agree on rank 0's values
             payload = trainer.strategy.broadcast(payload, src=0)
@@ -512,19 +480,19 @@ class MGSMonitor(pl.Callback):
             for logger in trainer.loggers:  # Lightning's own rows carry the epoch too
                 logger.log_metrics({**scalars, "epoch": trainer.current_epoch}, step=step)
             if result is not None:
-                self._log_tensorboard(trainer, result, step, suffix)
+                self._log_tensorboard(trainer, result, K, step, suffix)
         self._publish(pl_module, scalars, stage)
         record = {"step": step, "epoch": trainer.current_epoch, "stage": stage, **scalars, "seconds": seconds}
         self.history.append(record)
         self.last_metrics = record
 
-    def _sample_score_scalars(self, suffix: str) -> dict[str, float]:
+    def _sample_score_scalars(self, K: Tensor | None, n: int, suffix: str) -> dict[str, float]:
         self.last_sample_scores = None
-        if self._last_kernel is not None:
+        if K is not None:
             try:
-                self.last_sample_scores = sample_scores_from_kernel(self._last_kernel, self._last_num_samples)
-            except Exception as err:  # never stop training for a metric
-                warn_once(f"MGSMonitor-scores-{type(err).__name__}", f"MGSMonitor could not compute the per-sample scores ({err}); NaN is logged")
+                self.last_sample_scores = sample_scores_from_kernel(K, n)
+            except _METRIC_ERRORS as err:  # never stop training for a metric
+                self._warn_once(f"MGSMonitor-scores-{type(err).__name__}", f"MGSMonitor could not compute the per-sample scores ({err}); NaN is logged")
         summary = self.last_sample_scores.summary() if self.last_sample_scores is not None else {}
         return {f"{self.prefix}{name}{suffix}": float(summary.get(name, math.nan)) for name in SAMPLE_SCORE_NAMES}
 
@@ -536,7 +504,7 @@ class MGSMonitor(pl.Callback):
                 on_epoch=stage == "epoch", batch_size=1, sync_dist=False, rank_zero_only=False,
             )
 
-    def _log_tensorboard(self, trainer: "pl.Trainer", result: MGSMetrics, step: int, suffix: str) -> None:
+    def _log_tensorboard(self, trainer: "pl.Trainer", result: MGSMetrics, K: Tensor | None, step: int, suffix: str) -> None:
         if not (self.log_spectrum or self.log_kernel_image or self.log_sample_scores):
             return
         for logger in self._tensorboard_loggers(trainer):
@@ -550,8 +518,8 @@ class MGSMonitor(pl.Callback):
                 positive = eig[eig > 0]
                 if positive.numel():
                     writer.add_histogram(f"{self.prefix}log10_eigenvalues{suffix}", positive.log10(), global_step=step)
-            if self.log_kernel_image and self._last_kernel is not None:
-                K = self._last_kernel.double().abs().cpu()
-                scale = float(K.max())
-                image = (K / scale if scale > 0 else K).float()
+            if self.log_kernel_image and K is not None:
+                magnitude = K.double().abs().cpu()
+                scale = float(magnitude.max())
+                image = (magnitude / scale if scale > 0 else magnitude).float()
                 writer.add_image(f"{self.prefix}kernel{suffix}", image, global_step=step, dataformats="HW")

@@ -21,16 +21,14 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .._problem import BATCH_NORM_POLICIES, OUTPUT_MODES, Inputs, ParamFilter
-from ..engines import STRATEGIES
-from ..penalty import ESTIMATORS, KINDS, REDUCTIONS, mgs_penalty
+from ..options import Inputs, ParamFilter, PenaltyOptions
+from ..penalty import mgs_penalty
 from ._utils import (
     MGSConfigurationError,
     cap_samples,
-    check_choice,
-    as_dtype,
     check_float,
     check_int,
+    configuration_errors,
     compute_dtype,
     default_inputs,
     lightning_trainer,
@@ -204,43 +202,27 @@ class MGSRegularizedMixin:
             raise TypeError(
                 f"MGSRegularizedMixin is for LightningModules: class {type(self).__name__}(MGSRegularizedMixin, LightningModule)"
             )
-        check_choice("mgs_kind", mgs_kind, KINDS)
         check_float("mgs_alpha", mgs_alpha)
         if not isinstance(mgs_allow_negative_alpha, bool):
             raise TypeError(f"mgs_allow_negative_alpha must be True or False, got {mgs_allow_negative_alpha!r}")
         if mgs_alpha < 0 and not mgs_allow_negative_alpha:
             raise MGSConfigurationError(_negative_alpha_message(mgs_alpha))
-        check_choice("mgs_estimator", mgs_estimator, ESTIMATORS)
-        if mgs_estimator == "hutchinson" and mgs_kind != "trace":
-            raise MGSConfigurationError("mgs_estimator='hutchinson' estimates the trace only; use mgs_kind='trace' or mgs_estimator='exact'")
-        check_int("mgs_num_probes", mgs_num_probes, minimum=1)
-        check_choice("mgs_reduction", mgs_reduction, REDUCTIONS)
+        with configuration_errors(prefix="mgs_"):  # the penalty's options, validated where the core validates them
+            #: the penalty's options (kind, estimator, …); also readable as ``self.mgs_<field>``
+            self.mgs_options = PenaltyOptions(
+                outputs=mgs_outputs, params=mgs_params, strategy=mgs_strategy, chunk_size=mgs_chunk_size,
+                dtype=mgs_dtype, batch_norm=mgs_batch_norm, kind=mgs_kind, estimator=mgs_estimator,
+                num_probes=mgs_num_probes, reduction=mgs_reduction, jitter=mgs_jitter,
+            )
         check_int("mgs_warmup_steps", mgs_warmup_steps, minimum=0)
         check_int("mgs_warmup_epochs", mgs_warmup_epochs, minimum=0)
         check_int("mgs_max_samples", mgs_max_samples, minimum=1, allow_none=True)
-        check_choice("mgs_batch_norm", mgs_batch_norm, BATCH_NORM_POLICIES)
-        check_choice("mgs_outputs", mgs_outputs, OUTPUT_MODES)
-        check_choice("mgs_strategy", mgs_strategy, STRATEGIES)
-        check_int("mgs_chunk_size", mgs_chunk_size, minimum=1, allow_none=True)
-        check_float("mgs_jitter", mgs_jitter, minimum=0.0)
-        mgs_dtype = as_dtype("mgs_dtype", mgs_dtype)
         check_int("mgs_seed", mgs_seed, minimum=0)
 
-        self.mgs_kind = mgs_kind
         self.mgs_alpha = float(mgs_alpha)
-        self.mgs_estimator = mgs_estimator
-        self.mgs_num_probes = mgs_num_probes
-        self.mgs_reduction = mgs_reduction
         self.mgs_warmup_steps = mgs_warmup_steps
         self.mgs_warmup_epochs = mgs_warmup_epochs
         self.mgs_max_samples = mgs_max_samples
-        self.mgs_batch_norm = mgs_batch_norm
-        self.mgs_outputs = mgs_outputs
-        self.mgs_params = mgs_params
-        self.mgs_strategy = mgs_strategy
-        self.mgs_chunk_size = mgs_chunk_size
-        self.mgs_jitter = float(mgs_jitter)
-        self.mgs_dtype = mgs_dtype
         self.mgs_seed = mgs_seed
         self.mgs_log = bool(mgs_log)
         self.mgs_allow_negative_alpha = mgs_allow_negative_alpha
@@ -274,32 +256,36 @@ class MGSRegularizedMixin:
     # public
 
     def mgs_hparams(self) -> dict[str, Any]:
-        """The MGS settings as saved in ``hparams`` (``mgs_params`` only when it is names; dtype as a string)."""
-        params = self.mgs_params
+        """The MGS settings as saved in ``hparams``: ``mgs_<field>`` for every field of :attr:`mgs_options`
+        (``params`` only when it is names; dtype as a string) and the mixin's own settings."""
+        hparams = {f"mgs_{k}": v for k, v in self.mgs_options.as_kwargs().items()}
+        params = hparams["mgs_params"]
         if params is not None and not (isinstance(params, str) or (isinstance(params, (list, tuple)) and all(isinstance(p, str) for p in params))):
             params = None  # modules, tensors and callables are not hyperparameters
+        hparams["mgs_params"] = list(params) if isinstance(params, (list, tuple)) else params
+        dtype = hparams["mgs_dtype"]
+        hparams["mgs_dtype"] = None if dtype is None else str(dtype).replace("torch.", "")
         return {
-            "mgs_kind": self.mgs_kind, "mgs_alpha": self.mgs_alpha, "mgs_estimator": self.mgs_estimator,
-            "mgs_num_probes": self.mgs_num_probes, "mgs_reduction": self.mgs_reduction,
-            "mgs_warmup_steps": self.mgs_warmup_steps, "mgs_warmup_epochs": self.mgs_warmup_epochs,
-            "mgs_max_samples": self.mgs_max_samples, "mgs_batch_norm": self.mgs_batch_norm,
-            "mgs_outputs": self.mgs_outputs, "mgs_params": list(params) if isinstance(params, (list, tuple)) else params,
-            "mgs_strategy": self.mgs_strategy, "mgs_chunk_size": self.mgs_chunk_size, "mgs_jitter": self.mgs_jitter,
-            "mgs_dtype": None if self.mgs_dtype is None else str(self.mgs_dtype).replace("torch.", ""),
-            "mgs_seed": self.mgs_seed, "mgs_log": self.mgs_log, "mgs_allow_negative_alpha": self.mgs_allow_negative_alpha,
+            **hparams, "mgs_alpha": self.mgs_alpha, "mgs_warmup_steps": self.mgs_warmup_steps,
+            "mgs_warmup_epochs": self.mgs_warmup_epochs, "mgs_max_samples": self.mgs_max_samples, "mgs_seed": self.mgs_seed,
+            "mgs_log": self.mgs_log, "mgs_allow_negative_alpha": self.mgs_allow_negative_alpha,
         }
+
+    def __getattr__(self, name: str) -> Any:
+        # mgs_kind, mgs_strategy, …: the fields of mgs_options (nn.Module.__getattr__ for everything else)
+        options = self.__dict__.get("mgs_options")
+        if options is not None and name.startswith("mgs_") and hasattr(options, name[4:]):
+            return getattr(options, name[4:])
+        return super().__getattr__(name)
 
     def mgs_compute_penalty(self, batch: Any) -> Tensor:
         """g(K) on the batch's inputs, differentiable (no α, no schedule, no logging)."""
         module = self.mgs_module()
         inputs = cap_samples(self.mgs_inputs(batch), self.mgs_max_samples)
         trainer = lightning_trainer(self)  # type: ignore[arg-type]
-        return mgs_penalty(
-            module, inputs, kind=self.mgs_kind, estimator=self.mgs_estimator, num_probes=self.mgs_num_probes,
-            generator=self._mgs_probe_generator(), reduction=self.mgs_reduction, outputs=self.mgs_outputs,
-            params=self.mgs_params, strategy=self.mgs_strategy, chunk_size=self.mgs_chunk_size,
-            dtype=compute_dtype(module, trainer, self.mgs_dtype), batch_norm=self.mgs_batch_norm, jitter=self.mgs_jitter,
-        )
+        options = self.mgs_options.as_kwargs()
+        options["dtype"] = compute_dtype(module, trainer, options["dtype"])
+        return mgs_penalty(module, inputs, generator=self._mgs_probe_generator(), **options)
 
     def mgs_regularization(self, batch: Any) -> Tensor:
         """α_t·g(K) for the batch, to add to the loss (a zero tensor, not computed, while α_t = 0).
@@ -346,10 +332,8 @@ class MGSRegularizedMixin:
         rank, batches = 0, -1
         if trainer is not None:
             rank = int(getattr(trainer, "global_rank", 0))
-            try:
-                batches = int(trainer.fit_loop.epoch_loop.batch_progress.total.ready)
-            except AttributeError:  # pragma: no cover - other Lightning versions
-                batches = int(trainer.global_step)
+            # batches started so far (checkpointed by Lightning): total_batch_idx counts from 0
+            batches = int(trainer.fit_loop.epoch_loop.total_batch_idx) + 1
         key = (rank, batches)
         if trainer is not None and key == self._mgs_seed_key:
             self._mgs_calls += 1
