@@ -12,7 +12,7 @@ similar the model's per-sample gradients are; as a penalty α·g(K) they regular
 
 import importlib.util
 
-from ._problem import NonFiniteOutputError
+from ._validation import NonFiniteOutputError
 from .engines import LayerRule, layer_rule, register_layer_rule, unregister_layer_rule
 from .kernel import mgs_kernel, mgs_trace
 from .metrics import MGSMetrics, kernel_target_alignment, mgs_metrics

@@ -2,47 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
-import warnings
-from typing import Iterator
-
 import torch
 from torch import Tensor
 
-_warned: set[str] = set()
-
-
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` that points ``warnings.warn`` at the first frame outside mgs_torch."""
-    package = os.path.dirname(os.path.abspath(__file__))
-    frame, level = sys._getframe(2), 2  # skip this helper and warn_once
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def warn_once(key: str, message: str, category: type[Warning] = RuntimeWarning) -> None:
-    """``warnings.warn`` the first time ``key`` is seen in this process, never per step, pointing at
-    the user's line that called into mgs_torch."""
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, category, stacklevel=_caller_stacklevel())
-
-
-@contextlib.contextmanager
-def cpu_threads(n: int | None) -> Iterator[None]:
-    """At most ``n`` intra-op CPU threads for the duration (``None``: unchanged); restored after."""
-    old = torch.get_num_threads()
-    if n is None or n >= old:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+from ._warnings import warn_once
 
 
 def check_square(K: Tensor) -> None:

@@ -9,7 +9,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._problem import Inputs, ParamFilter, build_problem, preserved_state
+from ._guards import preserved_state
+
+from ._problem import build_problem
+
+from ._validation import Inputs, ParamFilter
 from .engines import engine_for
 from .estimators import default_generator, trace_from_rows
 from .op_fixes import explained_failures

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
-from ._linalg import check_square, cpu_threads
+from ._linalg import check_square
+from ._threads import cpu_threads
 
 __all__ = ["MGSMetrics", "mgs_metrics", "kernel_target_alignment"]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from ._dtypes import as_dtype
-from ._problem import BATCH_NORM_POLICIES, OUTPUT_MODES, Inputs, ParamFilter
+from ._validation import BATCH_NORM_POLICIES, OUTPUT_MODES, Inputs, ParamFilter
 from .engines import STRATEGIES
 from .estimators import ESTIMATORS, KINDS
 

@@ -6,7 +6,9 @@ import torch
 from torch import Tensor, nn
 
 from ._linalg import logdet_psd
-from ._problem import Inputs, KernelProblem, ParamFilter, build_problem, preserved_state, restore_rng_states, rng_states
+from ._guards import preserved_state, restore_rng_states, rng_states
+from ._problem import KernelProblem, build_problem
+from ._validation import Inputs, ParamFilter
 from .engines import engine_for
 from .estimators import ESTIMATORS, KINDS, default_generator, trace_cotangents, trace_from_rows
 from .op_fixes import explained_failures

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ._dtypes import as_dtype
 from ._linalg import check_square
-from ._problem import Inputs, as_input_tuple
+from ._validation import Inputs, as_input_tuple
 from .kernel import mgs_kernel
 
 __all__ = ["SampleScores", "mgs_sample_scores", "sample_scores_from_gram", "sample_scores_from_kernel", "LOSSES"]

@@ -16,7 +16,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ._problem import Inputs, as_input_tuple, build_problem, preserved_state
+from ._guards import preserved_state
+
+from ._problem import build_problem
+
+from ._validation import Inputs, as_input_tuple
 from .engines import engine_for, jacobian, structured
 from .kernel import mgs_kernel
 from .options import KernelOptions

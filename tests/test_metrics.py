@@ -128,8 +128,21 @@ def test_mismatched_targets_are_rejected():
         kernel_target_alignment(random_psd(6), torch.tensor([0, 1, 5]))
 
 
-def test_metrics_leave_the_thread_setting_as_it_was():
+def test_metrics_bound_the_eigensolver_threads_and_restore_them(monkeypatch):
+    seen = []
+    eigvalsh = torch.linalg.eigvalsh
+
+    def spy(K, *args, **kwargs):  # the thread count the eigensolver actually runs with
+        seen.append(torch.get_num_threads())
+        return eigvalsh(K, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", spy)
     before = torch.get_num_threads()
-    a, b = mgs_metrics(random_psd(30)), mgs_metrics(random_psd(30), threads=None)
-    assert torch.get_num_threads() == before
+    torch.set_num_threads(2)  # more than the default cap, so the cap is observable even where tests run one thread
+    try:
+        K = random_psd(30)
+        a, b = mgs_metrics(K), mgs_metrics(K, threads=None)
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     assert a.logdet == pytest.approx(b.logdet) and a.rank == b.rank

@@ -8,7 +8,8 @@ from torch import nn
 from helpers import assert_close, reference_kernel
 from model_zoo import Scale, ScaleRule
 from mgs_torch import mgs_kernel, mgs_trace, register_layer_rule
-from mgs_torch._problem import build_problem, preserved_state
+from mgs_torch._guards import preserved_state
+from mgs_torch._problem import build_problem
 from mgs_torch.engines import LAYER_RULES, factors, structured
 
 

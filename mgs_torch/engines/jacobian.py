@@ -22,7 +22,9 @@ import torch
 from torch import Tensor
 from torch.func import jacrev, vjp, vmap
 
-from .._problem import Cotangents, KernelProblem, restore_rng_states, rng_states
+from .._guards import restore_rng_states, rng_states
+
+from .._problem import Cotangents, KernelProblem
 
 
 def _single_sample_fn(problem: KernelProblem):

@@ -29,7 +29,9 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 from torch.overrides import TorchFunctionMode
 
-from .._problem import Cotangents, KernelProblem, cuda_devices, one_hot_cotangents, restore_rng_states, rng_states
+from .._guards import cuda_devices, restore_rng_states, rng_states
+
+from .._problem import Cotangents, KernelProblem, one_hot_cotangents
 from . import jacobian
 from .layers import LAYER_RULES, LayerRule
 

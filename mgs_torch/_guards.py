@@ -1,0 +1,63 @@
+"""Guards that keep an MGS computation free of side effects: random states, modes, autocast, warnings."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["BATCH_NORM_TYPES", "cuda_devices", "rng_states", "restore_rng_states", "preserved_state"]
+
+BATCH_NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+def cuda_devices(tensors: Iterable[Tensor]) -> list[int]:
+    """The CUDA device indices among ``tensors`` (what a random-state fork must cover)."""
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+
+
+def rng_states(model: nn.Module) -> list[tuple[str, int, Tensor]]:
+    """The random states a forward of ``model`` draws from: the CPU's and its CUDA devices'."""
+    states = [("cpu", 0, torch.get_rng_state())]
+    for index in cuda_devices(model.parameters()):
+        states.append(("cuda", index, torch.cuda.get_rng_state(index)))
+    return states
+
+
+def restore_rng_states(states: list[tuple[str, int, Tensor]]) -> None:
+    for kind, index, state in states:
+        torch.set_rng_state(state) if kind == "cpu" else torch.cuda.set_rng_state(state, index)
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module, batch_norm: str) -> Iterator[None]:
+    """Run a kernel computation without side effects on ``model`` or the global RNG.
+
+    Train/eval flags are restored, BatchNorm layers are in eval mode under ``batch_norm="eval"``,
+    autocast is off (the kernel is computed in the parameters' dtype or the requested one), and the
+    global random state (CPU and the model's CUDA device) is forked, so Dropout masks drawn here do
+    not shift the training run's random stream.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    flags = [(m, m.training) for m in model.modules()]
+    devices = cuda_devices(model.parameters())
+    try:
+        if batch_norm == "eval":
+            for m in model.modules():
+                if isinstance(m, BATCH_NORM_TYPES):
+                    m.eval()
+        with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as stack:
+            for dev in ("cpu", "cuda"):
+                if dev == "cpu" or devices:
+                    stack.enter_context(torch.autocast(dev, enabled=False))
+            stack.enter_context(warnings.catch_warnings())
+            # vmap's fallback for ops without a batching rule is correct, only slower: not the user's concern
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
+            yield
+    finally:
+        for m, flag in flags:
+            m.training = flag

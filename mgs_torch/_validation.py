@@ -1,0 +1,158 @@
+"""Validation of what a user passes to mgs_torch: inputs, the parameter selection, the model's outputs.
+
+Each check raises a ``ValueError``/``TypeError`` that says what was wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Iterable, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Inputs", "ParamFilter", "NonFiniteOutputError", "OUTPUT_MODES", "BATCH_NORM_POLICIES", "as_input_tuple",
+    "check_input_arity", "select_parameters", "check_outputs", "raise_integer_input_hint",
+]
+
+Inputs = Union[Tensor, Sequence[Tensor]]
+ParamFilter = Union[None, Callable[[str, nn.Parameter], bool], Iterable[Union[str, nn.Module, nn.Parameter]]]
+
+class NonFiniteOutputError(ValueError):
+    """The model produced NaN or inf on the batch, so the kernel is undefined (training diverged?)."""
+
+
+OUTPUT_MODES = ("full", "sum")
+BATCH_NORM_POLICIES = ("eval", "batch")
+
+def as_input_tuple(inputs: Inputs) -> tuple[Tensor, ...]:
+    """Validate ``inputs`` (a tensor or a tuple/list of tensors, batch on dim 0)."""
+    if isinstance(inputs, Tensor):
+        items: tuple = (inputs,)
+    elif isinstance(inputs, (tuple, list)) and len(inputs) > 0 and all(isinstance(x, Tensor) for x in inputs):
+        items = tuple(inputs)
+    else:
+        what = type(inputs).__name__
+        if isinstance(inputs, (tuple, list)):
+            what += " of " + ", ".join(sorted({type(x).__name__ for x in inputs})) if inputs else " (empty)"
+        raise TypeError(
+            f"inputs must be a torch.Tensor or a non-empty tuple of tensors with the batch on dim 0 "
+            f"(passed to the model as model(*inputs)); got {what}. If your data loader yields "
+            f"(inputs, targets), pass only the inputs."
+        )
+    for i, x in enumerate(items):
+        if x.dim() == 0:
+            raise ValueError(f"input {i} is a 0-dimensional tensor; inputs need the batch on dim 0, e.g. x.unsqueeze(0)")
+    n = items[0].shape[0]
+    if n == 0:
+        raise ValueError("the batch is empty (0 samples); the MGS kernel needs at least one sample")
+    for i, x in enumerate(items[1:], 1):
+        if x.shape[0] != n:
+            raise ValueError(f"inputs disagree on the batch size: input 0 has {n} samples, input {i} has {x.shape[0]}")
+    return items
+
+
+def check_input_arity(model: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+    """Raise a clear TypeError when ``model.forward`` cannot take ``len(inputs)`` positional inputs.
+
+    The common case: a data loader's ``(x, y)`` batch passed whole, where ``model(x, y)`` would fail with
+    Python's "takes 2 positional arguments but 3 were given".
+    """
+    forward = getattr(model, "forward", None)
+    try:
+        sig = inspect.signature(forward)
+    except (TypeError, ValueError):  # builtins, C++ modules: let the forward speak for itself
+        return
+    params = list(sig.parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return
+    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    if len(inputs) > len(positional):
+        raise TypeError(
+            f"{type(model).__name__}.forward takes {len(positional)} input(s) "
+            f"({', '.join(p.name for p in positional) or 'none'}) but {len(inputs)} tensors were given as inputs; "
+            f"a tuple is passed as model(*inputs). If your data loader yields (inputs, targets), pass only the inputs"
+        )
+
+
+def select_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str, nn.Parameter]:
+    """The trainable parameters (``requires_grad``) that ``params`` selects, by name.
+
+    ``params`` is ``None`` (all trainable parameters), a callable ``(name, parameter) -> bool``, or an
+    iterable mixing parameter names, name prefixes (``"fc1"`` selects ``"fc1.weight"``), submodules and
+    parameter objects.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameters (none with requires_grad=True); "
+            f"the MGS kernel is a Jacobian with respect to trainable parameters"
+        )
+    if params is None:
+        chosen = named
+    elif callable(params) and not isinstance(params, nn.Module):
+        chosen = [(k, p) for k, p in named if params(k, p)]
+    else:
+        items = list(params) if not isinstance(params, (str, nn.Module, nn.Parameter)) else [params]
+        ids: set[int] = set()
+        prefixes: list[str] = []
+        for item in items:
+            if isinstance(item, nn.Module):
+                ids.update(id(p) for p in item.parameters())
+            elif isinstance(item, Tensor):
+                ids.add(id(item))
+            elif isinstance(item, str):
+                prefixes.append(item)
+            else:
+                raise TypeError(f"params entries must be names, modules or parameters; got {type(item).__name__}")
+        known = [k for k, _ in named]
+        for pre in prefixes:
+            if not any(k == pre or k.startswith(pre + ".") for k in known):
+                raise ValueError(f"params names {pre!r}, which matches no trainable parameter; known: {known}")
+        chosen = [
+            (k, p) for k, p in named
+            if id(p) in ids or any(k == pre or k.startswith(pre + ".") for pre in prefixes)
+        ]
+    if not chosen:
+        raise ValueError("the params filter selects no trainable parameter; check the names, modules or callable")
+    return dict(chosen)
+
+
+def check_outputs(out: object, n: int) -> Tensor:
+    """Validate a batched model output and return it; ``q`` is its per-sample size."""
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"the model returned {type(out).__name__}, not a tensor; MGS needs the raw outputs (logits). "
+            f"Wrap the model so that forward returns one tensor of shape (batch, ...)"
+        )
+    if out.dim() == 0 or out.shape[0] != n:
+        raise ValueError(
+            f"the model output has shape {tuple(out.shape)}, expected the batch ({n}) on dim 0: "
+            f"shapes (n,), (n, q) or (n, *shape) are supported. Inputs need the batch on dim 0: for a single "
+            f"unbatched sample add it with x.unsqueeze(0) (shape (1, ...)), so a sample of 4 features is (1, 4), not (4,)"
+        )
+    if not out.is_floating_point():
+        raise TypeError(f"the model output has dtype {out.dtype}; raw floating-point outputs (logits) are needed")
+    if out[0].numel() == 0:
+        raise ValueError(f"the model output has shape {tuple(out.shape)}: zero outputs per sample")
+    bad = (~torch.isfinite(out)).sum()
+    if bad.item():
+        raise NonFiniteOutputError(
+            f"the model produced {int(bad)} non-finite outputs (NaN or inf) on this batch; "
+            f"the kernel is undefined. Check the inputs and the weights (diverged training?)"
+        )
+    return out
+
+
+def raise_integer_input_hint(inputs: tuple[Tensor, ...], err: RuntimeError) -> None:
+    """Turn torch's dtype error for an integer input into one that says what to do (else return)."""
+    ints = [(i, t.dtype) for i, t in enumerate(inputs) if not t.is_floating_point() and not t.is_complex()]
+    if ints and "dtype" in str(err).lower():
+        i, dtype = ints[0]
+        raise TypeError(
+            f"input {i} has the integer dtype {dtype} and the model's forward failed on it ({err}); convert it to "
+            f"floating point, e.g. x.float(). Integer inputs are only for models that take indices (nn.Embedding)"
+        ) from err
