@@ -17,6 +17,7 @@ from .engines import LayerRule, layer_rule, register_layer_rule, unregister_laye
 from .kernel import mgs_kernel, mgs_trace
 from .metrics import MGSMetrics, kernel_target_alignment, mgs_metrics
 from .op_fixes import UnsupportedLayerError
+from .options import KernelOptions, PenaltyOptions
 from .penalty import mgs_penalty
 from .scores import SampleScores, mgs_sample_scores, sample_scores_from_kernel
 from .verify import VerifyReport, verify
@@ -40,6 +41,8 @@ __all__ = [
     "NonFiniteOutputError",
     "UnsupportedLayerError",
     "verify",
+    "KernelOptions",
+    "PenaltyOptions",
     "VerifyReport",
     "__version__",
 ]
