@@ -432,6 +432,7 @@ case("conv2d_groups", lambda: _conv(nn.Conv2d(4, 4, 2, groups=2), (4, 3, 3), 4 *
 case("conv2d_reflect_stride", lambda: _conv(nn.Conv2d(1, 2, (3, 2), padding=1, padding_mode="reflect", stride=(1, 2)), (1, 5, 4), 2 * 5 * 3))
 case("conv2d_replicate_valid", lambda: _conv(nn.Conv2d(2, 2, 2, padding=1, padding_mode="replicate"), (2, 3, 3), 2 * 4 * 4))
 case("conv3d", lambda: _conv(nn.Conv3d(1, 2, 2), (1, 3, 3, 3), 2 * 2 * 2 * 2))
+case("conv2d_same_even_kernel_no_bias", lambda: _conv(nn.Conv2d(2, 2, (2, 4), padding="same", bias=False), (2, 3, 5), 2 * 3 * 5))
 case("convtranspose1d", lambda: _conv(nn.ConvTranspose1d(2, 3, 3, stride=2), (2, 3), 3 * 7))
 case("convtranspose2d", lambda: _conv(nn.ConvTranspose2d(2, 2, 2, stride=1, padding=0), (2, 2, 2), 2 * 3 * 3))
 # normalisation
@@ -449,6 +450,10 @@ case("layernorm_2d_shape", lambda: _conv(seq(nn.Conv1d(2, 2, 2), nn.LayerNorm((2
 case("layernorm_subclass", lambda: _conv(seq(nn.Linear(4, 4), LayerNormSub(4)), (4,), 4))
 case("layernorm_twice", lambda: (TwiceNorm(), (randn(N, 3),)))
 case("groupnorm", lambda: _conv(seq(nn.Conv1d(2, 4, 2), nn.GroupNorm(2, 4)), (2, 4), 4 * 3))
+case("norms_without_affine_or_bias", lambda: _conv(
+    seq(nn.Linear(4, 4), nn.LayerNorm(4, bias=False), nn.Linear(4, 4), nn.LayerNorm(4, elementwise_affine=False), nn.Linear(4, 4)),
+    (4,), 4,
+))
 case("rmsnorm", lambda: _conv(seq(nn.Linear(4, 4), nn.RMSNorm(4)), (4,), 4))
 # embeddings
 case("embedding_padding_idx", lambda: _embedding(padding_idx=0))
