@@ -8,7 +8,7 @@
 # Writes OUT_DIR/results-cuda.json, OUT_DIR/results-cuda.md and OUT_DIR/gpu_check.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="${PYTHONPATH:-.}"
+export PYTHONPATH="${PYTHONPATH:-.}:bench"  # the benchmark models come from the testbench (bench/)
 PY="${PYTHON:-python3}"
 OUT="${1:-benchmarks}"
 mkdir -p "$OUT"

@@ -3,33 +3,31 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch.nn.functional as F
 from torch import nn
 
 
-class LeNet5(nn.Module):
-    """LeNet-5 on 1×28×28 inputs: 61,706 parameters."""
-
-    def __init__(self, num_classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 6, 5, padding=2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1, self.fc2, self.fc3 = nn.Linear(400, 120), nn.Linear(120, 84), nn.Linear(84, num_classes)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2).flatten(1)
-        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+def LeNet5(num_classes: int = 10) -> nn.Module:
+    """LeNet-5 on 1×28×28 inputs: 61,706 parameters (the testbench's definition, mgs_bench.models)."""
+    return _bench_models().LeNet5((1, 28, 28), num_classes)
 
 
-def fcn(inputs: int = 784, hidden: int = 300, depth: int = 6, num_classes: int = 10) -> nn.Module:
-    """The paper's fully connected net: ``depth`` hidden ReLU layers of ``hidden`` units (690,010 parameters)."""
-    layers: list[nn.Module] = [nn.Flatten()]
-    width = inputs
-    for _ in range(depth):
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
-        width = hidden
-    return nn.Sequential(*layers, nn.Linear(width, num_classes))
+def fcn(num_classes: int = 10) -> nn.Module:
+    """The paper's fully connected net on 1×28×28 inputs: 6 hidden ReLU layers of 300 units (690,010 parameters)."""
+    return _bench_models().FCN((1, 28, 28), num_classes)
+
+
+def _bench_models():
+    """The testbench's model module: installed (pip install -e ./bench) or from the repository's bench/."""
+    try:
+        from mgs_bench import models
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+        from mgs_bench import models
+    return models
 
 
 class _Block(nn.Module):

@@ -4,10 +4,10 @@
 # Usage: bash examples/run_all.sh [lenet5|fcn|sizes|diabetes|circles|demo|stopping|scores|report|all]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=.
+export PYTHONPATH=.:bench  # the testbench (bench/) without installing it
 OUT=examples/testbench
 FIG=examples/figures
-mgs() { python -m mgs_torch.cli "$@"; }
+mgs() { python -m mgs_bench.cli "$@"; }
 part=${1:-all}
 
 # Table 1: motion-blurred digits (blur on training images only), 500 training samples, 4 label-noise
@@ -38,7 +38,7 @@ if [[ $part == all || $part == diabetes ]]; then
 fi
 
 # The README demo (two circles, 30 % flipped labels, all methods, TensorBoard + PNGs). Its hyper-parameters
-# (mgs_torch/cli.py DEMO_VALUES) were chosen by this tuning run, which also records the demo's runs.
+# (bench/mgs_bench/cli.py DEMO_VALUES) were chosen by this tuning run, which also records the demo's runs.
 if [[ $part == all || $part == circles ]]; then
   mgs testbench --dataset circles --model fcn --noise 0.3 --sizes 200 --methods all --seeds 0 --epochs 150 \
     --tune --tune-noise 0.3 --tune-size 200 --out $OUT --figures $FIG --quiet

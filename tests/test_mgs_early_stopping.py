@@ -60,7 +60,7 @@ def test_callback_stops_where_the_rule_says_on_the_logged_curve(tmp_path):
 
 
 def test_stopping_analysis_on_a_history():
-    from mgs_torch.testbench.stopping import stopping_points
+    from mgs_bench.stopping import stopping_points
 
     hist = [{"epoch": e, "test_acc": a, "val_loss": v, "mgs_trace": t, "mgs_size": 10}
             for e, (a, v, t) in enumerate([(0.1, 2.0, 10), (0.5, 1.0, 20), (0.8, 0.5, 30), (0.9, 0.6, 30.1),

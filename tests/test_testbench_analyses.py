@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from mgs_torch.cli import main
-from mgs_torch.testbench.flagging import SCORES, auroc, flagging_run, flagging_table
-from mgs_torch.testbench.runner import RunConfig, train_run
+from mgs_bench.cli import main
+from mgs_bench.flagging import SCORES, auroc, flagging_run, flagging_table
+from mgs_bench.runner import RunConfig, train_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = RunConfig(dataset="circles", model="fcn", hidden=(8, 8), train_size=40, epochs=4, eval_points=3, probe_size=8, noise=0.3)

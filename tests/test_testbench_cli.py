@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from mgs_torch.cli import build_parser, main
+from mgs_bench.cli import build_parser, main
 
 
 @pytest.fixture(autouse=True)
@@ -106,7 +106,7 @@ def test_version(capsys):
 
 
 def test_tensorboard_run_names_start_with_the_method(tmp_path):
-    from mgs_torch.testbench.runner import RunConfig
+    from mgs_bench.runner import RunConfig
 
     config = RunConfig(dataset="circles", model="fcn", method="mgs_trace", value=3e-4, noise=0.3, train_size=200)
     assert config.display_name.startswith("mgs_trace0.0003_noise0.3_n200_seed0_")

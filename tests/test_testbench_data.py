@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from mgs_torch.testbench import data as D
-from mgs_torch.testbench.data import (
+from mgs_bench import data as D
+from mgs_bench.data import (
     flip_labels,
     load_dataset,
     load_idx_pair,

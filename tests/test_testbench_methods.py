@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from helpers import reference_kernel
-from mgs_torch.testbench.methods import METHODS, PAPER_METHODS, make_method, method_names
-from mgs_torch.testbench.models import FCN, LeNet5, build_model
-from mgs_torch.testbench.runner import RunConfig, train_run
+from mgs_bench.methods import METHODS, PAPER_METHODS, make_method, method_names
+from mgs_bench.models import FCN, LeNet5, build_model
+from mgs_bench.runner import RunConfig, train_run
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from mgs_torch.testbench import plots, report, runner
-from mgs_torch.testbench.runner import RunConfig, eval_epochs, load_results, run_grid, run_path, summarise_history, train_run, tune
+from mgs_bench import plots, report, runner
+from mgs_bench.runner import RunConfig, eval_epochs, load_results, run_grid, run_path, summarise_history, train_run, tune
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -148,7 +148,7 @@ def test_curves_legend_fits_in_the_figure(monkeypatch, tmp_path):
     """The demo's curves figure (8 methods, one noise column) keeps its whole legend inside the figure."""
     from pathlib import Path
 
-    from mgs_torch.testbench.runner import load_results
+    from mgs_bench.runner import load_results
 
     results = load_results(Path(__file__).resolve().parents[1] / "examples" / "testbench", dataset="circles")
     assert len({r["config"]["method"] for r in results}) == 8

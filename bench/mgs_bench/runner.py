@@ -385,6 +385,11 @@ def load_results(out_dir: str | os.PathLike, **where: Any) -> list[dict[str, Any
     return results
 
 
+def tuned_path(out_dir: str | Path, dataset: str, model: str) -> Path:
+    """Where the tuning record of ``dataset`` × ``model`` lives: ``<out>/tuned_<data set>_<model>.json``."""
+    return Path(out_dir) / f"tuned_{dataset}_{model}.json"
+
+
 def tune(
     base: RunConfig,
     methods: Sequence[str],
@@ -436,5 +441,5 @@ def tune(
         "chosen": chosen,
         "scores": scores,
     }
-    _atomic_write(Path(out_dir) / f"tuned_{base.dataset}_{base.model}.json", json.dumps(record, indent=1))
+    _atomic_write(tuned_path(out_dir, base.dataset, base.model), json.dumps(record, indent=1))
     return record

@@ -1,6 +1,6 @@
 """How well per-sample MGS scores flag flipped training labels, next to the per-sample loss.
 
-One run trains like any testbench run (:func:`~mgs_torch.testbench.runner.train_run`, same seeds,
+One run trains like any testbench run (:func:`~mgs_bench.runner.train_run`, same seeds,
 same protocol) and, at every evaluation epoch, scores **every training sample** with the network of
 that epoch (eval mode) and the *noisy* labels it is trained on:
 

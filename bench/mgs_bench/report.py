@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .methods import METHODS
-from .runner import load_results
+from .runner import load_results, tuned_path
 
 __all__ = ["results_table", "claims_table", "memorised_table", "tuned_table", "runtime_table", "render_template", "full_report"]
 
@@ -158,7 +158,7 @@ def memorised_table(results: Sequence[dict[str, Any]]) -> str:
 
 def tuned_table(out_dir: str | Path, dataset: str, model: str) -> str:
     """The tuning record ``tuned_<dataset>_<model>.json``: grid scores and the chosen values."""
-    path = Path(out_dir) / f"tuned_{dataset}_{model}.json"
+    path = tuned_path(out_dir, dataset, model)
     if not path.exists():
         return f"_no tuning record {path.name}_\n"
     rec = json.loads(path.read_text())

@@ -1,4 +1,4 @@
-"""Figures from run results (the dicts :func:`~mgs_torch.testbench.runner.train_run` returns / writes).
+"""Figures from run results (the dicts :func:`~mgs_bench.runner.train_run` returns / writes).
 
 * :func:`plot_curves` — test metric, MGS trace and MGS log det vs epoch per method, one column per
   noise level (the paper's Figs 2–4); mean over seeds with a ±std band. Where K was singular
@@ -6,7 +6,7 @@
 * :func:`plot_heatmaps` — final test metric over noise × training size, one panel per method (Figs A.4–A.13).
 * :func:`plot_boundaries` — decision boundaries per method on two-dimensional data (Fig 2, top).
 
-matplotlib is imported lazily (``pip install "mgs-torch[examples]"``) with the Agg backend.
+matplotlib is imported lazily (installed with ``pip install -e ./bench``) with the Agg backend.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@
 ``mgs-torch stopping``   MGS early stopping vs validation-loss early stopping vs the last epoch, on finished runs.
 ``mgs-torch scores``     how well per-sample MGS scores flag flipped labels (AUROC), next to the per-sample loss.
 
-Run ``mgs-torch <command> --help`` for the options. Needs ``pip install "mgs-torch[examples]"``
+Run ``mgs-torch <command> --help`` for the options. Needs the testbench installed (``pip install -e ./bench``)
 (and tensorboard for ``--tensorboard``).
 """
 
@@ -50,12 +50,12 @@ def _common_training(p: argparse.ArgumentParser, epochs: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .testbench.data import DATASETS
-    from .testbench.methods import METHODS
-    from .testbench.models import MODELS
+    from .data import DATASETS
+    from .methods import METHODS
+    from .models import MODELS
 
     parser = argparse.ArgumentParser(prog="mgs-torch", description="Model Gradient Similarity (MGS) experiments for PyTorch.")
-    from . import __version__
+    from mgs_torch import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _values(pairs: Sequence[tuple[str, str]]) -> dict[str, float]:
-    from .testbench.methods import make_method
+    from .methods import make_method
 
     out = {}
     for k, v in pairs:
@@ -134,7 +134,7 @@ def _values(pairs: Sequence[tuple[str, str]]) -> dict[str, float]:
 
 
 def _base_config(args: argparse.Namespace, **kw: Any):
-    from .testbench.runner import RunConfig
+    from .runner import RunConfig
 
     return RunConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay,
                      eval_points=args.eval_points, probe_size=args.probe_size,
@@ -147,7 +147,7 @@ def _configs(base, methods: Sequence[str], values: dict[str, float | None], nois
 
 
 def _figures(results: list[dict], fig_dir: Path, stem: str, title: str) -> list[Path]:
-    from .testbench import plots
+    from . import plots
 
     written = []
     sizes = sorted({r["config"]["train_size"] for r in results})
@@ -176,8 +176,8 @@ DEMO_VALUES: dict[str, float] = {
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .testbench.methods import method_names
-    from .testbench.runner import run_grid
+    from .methods import method_names
+    from .runner import run_grid
 
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -190,7 +190,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     configs = _configs(base, methods, values, [args.noise], [args.train_size], [args.seed])
     results = run_grid(configs, out, tensorboard=not args.no_tensorboard, progress=not args.quiet, desc="demo")
     written = [] if args.no_plots else _figures(results, Path(args.figures or out / "figures"), "circles_fcn", "Two circles, FCN")
-    from .testbench.report import results_table
+    from .report import results_table
 
     print(results_table(results))
     for p in written:
@@ -208,9 +208,9 @@ def _middle(values: Sequence[float]) -> float:
 
 
 def cmd_testbench(args: argparse.Namespace) -> int:
-    from .testbench.methods import METHODS, method_names
-    from .testbench.report import coerce_value
-    from .testbench.runner import run_grid, run_path, tune
+    from .methods import METHODS, method_names
+    from .report import coerce_value
+    from .runner import run_grid, run_path, tune, tuned_path
 
     out = Path(args.out)
     methods = method_names(args.methods)
@@ -220,7 +220,7 @@ def cmd_testbench(args: argparse.Namespace) -> int:
     for model in args.model:
         base = _base_config(args, dataset=args.dataset, model=model, data_options=data_options)
         values: dict[str, float | None] = {}
-        tuned_path = out / f"tuned_{args.dataset}_{model}.json"
+        record_path = tuned_path(out, args.dataset, model)
         if args.tune and not args.dry_run:
             grids = {k: [float(x) for x in v.split(",")] for k, v in args.grid}
             tnoise = args.tune_noise if args.tune_noise is not None else _middle(args.noise)
@@ -228,10 +228,10 @@ def cmd_testbench(args: argparse.Namespace) -> int:
             rec = tune(base.with_(noise=tnoise, train_size=tsize), [m for m in methods if m not in fixed], out,
                        grids=grids, seeds=args.tune_seeds, progress=not args.quiet)
             values.update(rec["chosen"])
-            print(f"[{model}] tuned on noise {tnoise:g}, size {tsize}: {rec['chosen']}  ({tuned_path})")
-        elif tuned_path.exists():
-            values.update(json.loads(tuned_path.read_text())["chosen"])
-            print(f"[{model}] using tuned values from {tuned_path}: {values}")
+            print(f"[{model}] tuned on noise {tnoise:g}, size {tsize}: {rec['chosen']}  ({record_path})")
+        elif record_path.exists():
+            values.update(json.loads(record_path.read_text())["chosen"])
+            print(f"[{model}] using tuned values from {record_path}: {values}")
         values.update(fixed)
         missing = [m for m in methods if METHODS[m][0] is not None and m not in values]
         if missing:
@@ -247,7 +247,7 @@ def cmd_testbench(args: argparse.Namespace) -> int:
             for p in _figures(results, Path(args.figures or out / "figures"), f"{args.dataset}_{model}", f"{args.dataset}, {model}"):
                 print(f"figure: {p}")
         if args.report:
-            from .testbench.report import claims_table, results_table
+            from .report import claims_table, results_table
 
             for sz in args.sizes:
                 runs = [r for r in results if r["config"]["train_size"] == sz]
@@ -269,14 +269,14 @@ def _require_runs(out: str | Path) -> Path:
 
 
 def cmd_stopping(args: argparse.Namespace) -> int:
-    from .testbench.runner import load_results
-    from .testbench.stopping import stopping_table
+    from .runner import load_results
+    from .stopping import stopping_table
 
     _require_runs(args.out)
     results = load_results(args.out)
     rules = [{"threshold": t, "patience": args.patience, "window": args.window, "min_checks": args.min_epochs} for t in args.threshold]
     if args.select_on:
-        from .testbench.stopping import rule_selection_table
+        from .stopping import rule_selection_table
 
         grid = [{"threshold": t, "patience": p, "window": w, "min_checks": args.min_epochs}
                 for t in (0.005, 0.01, 0.02, 0.05, 0.1) for w in (1, 5) for p in (3, 5)]
@@ -295,8 +295,8 @@ def cmd_stopping(args: argparse.Namespace) -> int:
 
 
 def cmd_scores(args: argparse.Namespace) -> int:
-    from .testbench.flagging import flagging_run, flagging_table
-    from .testbench.report import coerce_value
+    from .flagging import flagging_run, flagging_table
+    from .report import coerce_value
 
     data_options = tuple(sorted((k, coerce_value(v)) for k, v in args.data_option))
     records = []
@@ -315,7 +315,7 @@ def cmd_scores(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .testbench.report import full_report, render_template
+    from .report import full_report, render_template
 
     _require_runs(args.out)
     text = render_template(Path(args.template).read_text(), args.out) if args.template else full_report(args.out)
@@ -342,5 +342,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":  # python -m mgs_torch.cli
+if __name__ == "__main__":  # python -m mgs_bench.cli
     sys.exit(main())
