@@ -5,7 +5,7 @@ Modules: :mod:`.data` (data sets, label noise, stratified subsets, IDX loader), 
 (training loop, resumable grids, tuning), :mod:`.plots` (figures), :mod:`.report` (tables).
 
 The core package never imports this one. It needs the ``examples`` extra for data and figures
-(scikit-learn, matplotlib, mnist1d, tqdm) and tensorboard for logging:
+(scikit-learn, matplotlib, mnist1d, mlxtend, tqdm) and tensorboard for logging:
 ``pip install "mgs-torch[examples]"``.
 """
 

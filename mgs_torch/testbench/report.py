@@ -7,6 +7,14 @@
 * :func:`memorised_table` — how much of the label noise each method's final model has memorised.
 * :func:`render_template` — fills ``{{table key=value ...}}``, ``{{claims ...}}``, ``{{memorised ...}}``,
   ``{{tuned ...}}`` and ``{{runtime ...}}`` markers in a markdown template with the tables for the matching runs.
+
+Two definitions of *final* and *max* (``definition=``; every table says which it uses):
+
+* ``"testbench"`` (default): final = mean of the last 5 evaluations of each run, max = the mean over
+  seeds of each run's maximum during training;
+* ``"paper"``: the paper's — final = mean over the last 5 % of training
+  (:func:`~mgs_torch.testbench.runner.paper_final`), max = the maximum of the seed-averaged curve
+  (never above the testbench's max, so |max − final| is smaller or equal).
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from .methods import METHODS
-from .runner import load_results
+from .runner import load_results, paper_final
+
+DEFINITIONS = ("testbench", "paper")
 
 __all__ = ["results_table", "claims_table", "memorised_table", "tuned_table", "runtime_table", "render_template", "full_report"]
 
@@ -50,24 +60,67 @@ def _order(methods) -> list[str]:
     return sorted(methods, key=lambda m: list(METHODS).index(m) if m in METHODS else 99)
 
 
-def _stats(runs: list[dict], higher: bool) -> tuple[float | None, float | None, float | None, int, int]:
-    finals = [r["summary"]["final"] for r in runs]
-    bests = [r["summary"]["best"] for r in runs if r["summary"]["best"] is not None]
+def _check(definition: str) -> None:
+    if definition not in DEFINITIONS:
+        raise ValueError(f"definition must be one of {DEFINITIONS}, got {definition!r}")
+
+
+def _key(r: dict) -> str:
+    return "test_acc" if r["summary"]["higher_is_better"] else "test_loss"
+
+
+def run_final(r: dict, definition: str = "testbench") -> float | None:
+    """One run's final test metric under ``definition`` (``None`` for a diverged run)."""
+    _check(definition)
+    if r["summary"]["final"] is None:
+        return None
+    if definition == "testbench":
+        return r["summary"]["final"]
+    return paper_final(r["history"], _key(r), r["config"]["epochs"])
+
+
+def _curve_best(runs: list[dict], higher: bool) -> float | None:
+    """Max (min) over epochs of the seed-averaged test curve, over the epochs every run evaluated."""
+    runs = [r for r in runs if r["summary"]["final"] is not None]
+    if not runs:
+        return None
+    key = _key(runs[0])
+    curves = [{h["epoch"]: h[key] for h in r["history"] if h.get(key) is not None} for r in runs]
+    common = sorted(set.intersection(*(set(c) for c in curves)))
+    mean = [float(np.mean([c[e] for c in curves])) for e in common]
+    return (max(mean) if higher else min(mean)) if mean else None
+
+
+def _stats(runs: list[dict], higher: bool, definition: str = "testbench") -> tuple[float | None, float | None, float | None, int, int]:
+    finals = [run_final(r, definition) for r in runs]
     ok = [f for f in finals if f is not None]
     diverged = len(finals) - len(ok)
     mean = float(np.mean(ok)) if ok else None
     std = float(np.std(ok)) if ok else None
-    best = float(np.mean(bests)) if bests else None
+    if definition == "paper":
+        best = _curve_best(runs, higher)
+    else:
+        bests = [r["summary"]["best"] for r in runs if r["summary"]["best"] is not None]
+        best = float(np.mean(bests)) if bests else None
     return mean, std, best, len(runs), diverged
 
 
-def results_table(results: Sequence[dict[str, Any]]) -> str:
+def _definition_note(definition: str, higher: bool) -> str:
+    word = "max" if higher else "min"
+    if definition == "paper":
+        return f"the paper's definitions: final = mean over the last 5 % of training, {word} = {word} of the seed-averaged curve"
+    return f"testbench definitions: final = mean of the last 5 evaluations, {word} = mean over seeds of each run's {word}"
+
+
+def results_table(results: Sequence[dict[str, Any]], definition: str = "testbench") -> str:
     """Rows = methods, columns = noise levels, cells ``final ± std (max)`` over seeds (Table 1 / 2 shape).
 
-    final = mean of the last 5 evaluations of the test metric; max (min for MSE) = best evaluation
-    during training, averaged over seeds; std over seeds of final. Accuracy in %. A cell notes how
-    many seeds diverged (their final is excluded).
+    ``definition="testbench"``: final = mean of the last 5 evaluations of the test metric; max (min
+    for MSE) = best evaluation during training, averaged over seeds. ``"paper"``: final = mean over the
+    last 5 % of training, max = max of the seed-averaged curve. std over seeds of final. Accuracy in %.
+    A cell notes how many seeds diverged (their final is excluded). The caption names the definition.
     """
+    _check(definition)
     if not results:
         return "_no runs found_\n"
     by, noises, higher = _group(results)
@@ -76,7 +129,7 @@ def results_table(results: Sequence[dict[str, Any]]) -> str:
     lines = [head, "|" + "---|" * (len(noises) + 1)]
     best_final = {n: None for n in noises}
     for n in noises:
-        finals = [_stats(by[m][n], higher)[0] for m in by if by[m].get(n)]
+        finals = [_stats(by[m][n], higher, definition)[0] for m in by if by[m].get(n)]
         finals = [f for f in finals if f is not None]
         if finals:
             best_final[n] = max(finals) if higher else min(finals)
@@ -88,7 +141,7 @@ def results_table(results: Sequence[dict[str, Any]]) -> str:
             if not runs:
                 cells.append("–")
                 continue
-            mean, std, best, k, div = _stats(runs, higher)
+            mean, std, best, k, div = _stats(runs, higher, definition)
             if mean is None:
                 cells.append(f"diverged ({div}/{k})")
                 continue
@@ -103,15 +156,21 @@ def results_table(results: Sequence[dict[str, Any]]) -> str:
     seeds = sorted({r["config"]["seed"] for r in results})
     lines.append("")
     unit = "test accuracy in %" if higher else "test MSE (targets in units of their std)"
+    note = "" if definition == "testbench" else f" ({_definition_note(definition, higher)})"
     if len(seeds) > 1:
-        lines.append(f"Cells: final ± std over {len(seeds)} seeds ({best_word} during training); {unit}; bold = best final per column.")
+        lines.append(f"Cells: final ± std over {len(seeds)} seeds ({best_word} during training); {unit}; bold = best final per column{note}.")
     else:
-        lines.append(f"Cells: final ({best_word} during training), one seed; {unit}; bold = best final per column.")
+        lines.append(f"Cells: final ({best_word} during training), one seed; {unit}; bold = best final per column{note}.")
     return "\n".join(lines) + "\n"
 
 
-def claims_table(results: Sequence[dict[str, Any]], method: str = "mgs_trace") -> str:
-    """Per noise level: best method by final metric, ``method``'s rank, and every method's max − final gap."""
+def claims_table(results: Sequence[dict[str, Any]], method: str = "mgs_trace", definition: str = "testbench") -> str:
+    """Per noise level: best method by final metric, ``method``'s rank, and every method's max − final gap.
+
+    ``definition="testbench"``: gap = mean over seeds of |max − final| of each run; ``"paper"``:
+    gap = |max of the seed-averaged curve − mean final|.
+    """
+    _check(definition)
     if not results:
         return "_no runs found_\n"
     by, noises, higher = _group(results)
@@ -119,19 +178,24 @@ def claims_table(results: Sequence[dict[str, Any]], method: str = "mgs_trace") -
     lines = ["| noise | best final | " + f"rank of {METHODS[method][3]} | " + " | ".join(f"gap {METHODS[m][3]}" for m in methods) + " |",
              "|" + "---|" * (3 + len(methods))]
     for n in noises:
-        finals = {m: _stats(by[m][n], higher)[0] for m in methods if by[m].get(n)}
+        finals = {m: _stats(by[m][n], higher, definition)[0] for m in methods if by[m].get(n)}
         ranked = sorted([m for m in finals if finals[m] is not None], key=lambda m: finals[m], reverse=higher)
         rank = f"{ranked.index(method) + 1} of {len(ranked)}" if method in ranked else "–"
         gaps = []
         for m in methods:
             runs = by[m].get(n, [])
+            if definition == "paper":
+                mean, _, best, _, _ = _stats(runs, higher, definition) if runs else (None, None, None, 0, 0)
+                gaps.append(_fmt(abs(best - mean), higher) if mean is not None and best is not None else "–")
+                continue
             g = [abs(r["summary"]["best"] - r["summary"]["final"]) for r in runs if r["summary"]["final"] is not None]
             gaps.append(_fmt(float(np.mean(g)), higher) if g else "–")
         best = METHODS[ranked[0]][3] if ranked else "–"
         lines.append(f"| {100 * n:g}% | {best} | {rank} | " + " | ".join(gaps) + " |" if higher else
                      f"| σ={n:g} | {best} | {rank} | " + " | ".join(gaps) + " |")
-    lines += ["", f"gap = |{'max' if higher else 'min'} − final| of the test {'accuracy (points of %)' if higher else 'MSE'}, mean over seeds: "
-              "small = the method does not overfit late in training."]
+    how = "mean over seeds" if definition == "testbench" else "of the seed means"
+    lines += ["", f"gap = |{'max' if higher else 'min'} − final| of the test {'accuracy (points of %)' if higher else 'MSE'}, {how}: "
+              f"small = the method does not overfit late in training; {_definition_note(definition, higher)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -206,26 +270,31 @@ def render_template(template: str, out_dir: str | Path) -> str:
 
     ``kind``: ``table`` (:func:`results_table`), ``claims`` (:func:`claims_table`), ``tuned``
     (:func:`tuned_table`, keys ``dataset`` and ``model``) or ``runtime`` (:func:`runtime_table`).
-    Keys filter the run configs (``dataset``, ``model``, ``train_size``, ``epochs``, ``method``...).
+    Keys filter the run configs (``dataset``, ``model``, ``train_size``, ``epochs``, ``method``...),
+    except ``definition=testbench|paper`` (final/max definitions, for ``table`` and ``claims``).
     """
     cache: dict[tuple, list] = {}
 
     def sub(match: re.Match) -> str:
         kind = match.group(1)
         where = {k: coerce_value(v) for k, v in (kv.split("=", 1) for kv in match.group(2).split())}
+        definition = str(where.pop("definition", "testbench"))
         if kind == "tuned":
             return tuned_table(out_dir, where["dataset"], where["model"]).rstrip("\n")
         key = tuple(sorted(where.items()))
         if key not in cache:
             cache[key] = load_results(out_dir, **where)
         res = cache[key]
-        fn = {"table": results_table, "claims": claims_table, "runtime": runtime_table, "memorised": memorised_table}[kind]
+        if kind in ("table", "claims"):
+            fn = results_table if kind == "table" else claims_table
+            return fn(res, definition=definition).rstrip("\n")
+        fn = {"runtime": runtime_table, "memorised": memorised_table}[kind]
         return fn(res).rstrip("\n")
 
     return _MARKER.sub(sub, template)
 
 
-def full_report(out_dir: str | Path) -> str:
+def full_report(out_dir: str | Path, definition: str = "testbench") -> str:
     """Every (data set, model, training size) group under ``out_dir`` as a Table-1-shaped table plus claims."""
     results = load_results(out_dir)
     groups: dict[tuple, list] = defaultdict(list)
@@ -235,9 +304,9 @@ def full_report(out_dir: str | Path) -> str:
     parts = []
     for (ds, model, size, epochs), runs in sorted(groups.items()):
         parts.append(f"## {ds} / {model} / {size} training samples / {epochs} epochs\n")
-        parts.append(results_table(runs))
+        parts.append(results_table(runs, definition))
         if any(r["config"]["method"] == "mgs_trace" for r in runs):
-            parts.append(claims_table(runs))
+            parts.append(claims_table(runs, definition=definition))
     if results:
         parts.append("## Run time\n")
         parts.append(runtime_table(results))
