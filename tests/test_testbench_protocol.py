@@ -209,3 +209,25 @@ def test_new_run_options_keep_old_run_ids_and_change_training():
     a = train_run(TINY.with_(fixed_split=True, seed=0), return_model=False)
     b = train_run(TINY.with_(fixed_split=True, seed=1), return_model=False)
     assert a["data_meta"]["fixed_split"] is True and a["data"]["flipped"] == b["data"]["flipped"]
+
+
+def test_report_rows_per_variant_and_any_of_template_filters(tmp_path):
+    import json
+
+    runs = [_fake_run("mgs_trace", 0, [0.1] + [0.5] * 40, 40), _fake_run("mgs_trace", 0, [0.1] + [0.7] * 40, 40),
+            _fake_run("unreg", 0, [0.1] + [0.2] * 40, 40)]
+    runs[0]["config"].update(value=0.01, alpha_warmup=0)
+    runs[1]["config"].update(value=0.01, alpha_warmup=10)
+    for r, name in zip(runs, ("a", "b", "c")):
+        r["method"].update(label=r["config"]["method"], hyper="alpha" if r["config"]["method"] != "unreg" else None,
+                           value=r["config"].get("value"))
+        r["config"].update(dataset="mnist", seconds=1.0)
+        r["seconds"] = 1.0
+        (tmp_path / "runs").mkdir(exist_ok=True)
+        (tmp_path / "runs" / f"{name}.json").write_text(json.dumps(r))
+    text = report.results_table(runs)
+    assert "α warm-up 10 ep." in text and text.count("| mgs_trace (alpha=0.01") == 2  # one row per variant
+    claims = report.claims_table(runs)
+    assert "MGS tr K (alpha=0.01, warm-up 10)" in claims and "2 (alpha=0.01), 1 (alpha=0.01, warm-up 10) of 3" in claims
+    only = report.render_template("{{table dataset=mnist method=unreg,weight_decay}}", tmp_path)
+    assert "unreg" in only and "mgs_trace" not in only

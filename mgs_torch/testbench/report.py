@@ -39,13 +39,40 @@ def _fmt(v: float, higher: bool) -> str:
     return f"{100 * v:.1f}" if higher else f"{v:.3f}"
 
 
+def _variant(r: dict) -> tuple[str, float | None, int]:
+    c = r["config"]
+    return c["method"], c.get("value"), int(c.get("alpha_warmup") or 0)
+
+
+def _variant_key(method: str, value: float | None, warmup: int) -> str:
+    """``method``, or ``method=value`` (+ ``~wN`` for an α warm-up of N epochs) when a method has several variants."""
+    key = method if value is None else f"{method}={value:g}"
+    return key + (f"~w{warmup}" if warmup else "")
+
+
 def _group(results: Sequence[dict[str, Any]]) -> tuple[dict[str, dict[float, list[dict]]], list[float], bool]:
+    """Runs by row key and noise. A row is a method; a method run with several hyper-parameter values or
+    α warm-ups gets one row per variant (key ``method=value[~wN]``)."""
+    variants: dict[str, set] = defaultdict(set)
+    for r in results:
+        variants[r["config"]["method"]].add(_variant(r))
     by: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
-        by[r["config"]["method"]][r["config"]["noise"]].append(r)
+        m = r["config"]["method"]
+        key = m if len(variants[m]) == 1 else _variant_key(*_variant(r))
+        by[key][r["config"]["noise"]].append(r)
     noises = sorted({r["config"]["noise"] for r in results})
     higher = bool(results[0]["summary"]["higher_is_better"]) if results else True
     return by, noises, higher
+
+
+def _base_method(key: str) -> str:
+    return key.split("=")[0].split("~")[0]
+
+
+def _warmup_note(runs: list[dict]) -> str:
+    w = sorted({int(r["config"].get("alpha_warmup") or 0) for r in runs} - {0})
+    return f", α warm-up {', '.join(map(str, w))} ep." if w else ""
 
 
 def _method_label(runs: list[dict]) -> str:
@@ -53,11 +80,28 @@ def _method_label(runs: list[dict]) -> str:
     values = sorted({r["method"]["value"] for r in runs if r["method"]["value"] is not None})
     if not values:
         return m["label"]
-    return f"{m['label']} ({m['hyper']}={', '.join(f'{v:g}' for v in values)})"
+    return f"{m['label']} ({m['hyper']}={', '.join(f'{v:g}' for v in values)}{_warmup_note(runs)})"
+
+
+def _short_label(key: str) -> str:
+    """The registry label, plus the variant (α value, warm-up) when the key names one."""
+    base = _base_method(key)
+    label = METHODS[base][3] if base in METHODS else base
+    rest = key[len(base):]
+    if not rest:
+        return label
+    value, _, warm = rest.lstrip("=").partition("~w")
+    parts = ([f"{METHODS[base][0] if base in METHODS else 'value'}={value}"] if value else []) + ([f"warm-up {warm}"] if warm else [])
+    return f"{label} ({', '.join(parts)})"
 
 
 def _order(methods) -> list[str]:
-    return sorted(methods, key=lambda m: list(METHODS).index(m) if m in METHODS else 99)
+    def rank(key: str):
+        base = _base_method(key)
+        value, _, warm = key[len(base):].lstrip("=").partition("~w")
+        return (list(METHODS).index(base) if base in METHODS else 99, float(value) if value else 0.0, int(warm or 0))
+
+    return sorted(methods, key=rank)
 
 
 def _check(definition: str) -> None:
@@ -175,12 +219,17 @@ def claims_table(results: Sequence[dict[str, Any]], method: str = "mgs_trace", d
         return "_no runs found_\n"
     by, noises, higher = _group(results)
     methods = _order(by)
-    lines = ["| noise | best final | " + f"rank of {METHODS[method][3]} | " + " | ".join(f"gap {METHODS[m][3]}" for m in methods) + " |",
+    targets = [m for m in methods if _base_method(m) == method]
+    lines = ["| noise | best final | " + f"rank of {METHODS[method][3]} | " + " | ".join(f"gap {_short_label(m)}" for m in methods) + " |",
              "|" + "---|" * (3 + len(methods))]
     for n in noises:
         finals = {m: _stats(by[m][n], higher, definition)[0] for m in methods if by[m].get(n)}
         ranked = sorted([m for m in finals if finals[m] is not None], key=lambda m: finals[m], reverse=higher)
-        rank = f"{ranked.index(method) + 1} of {len(ranked)}" if method in ranked else "–"
+        ranks = [(t, ranked.index(t) + 1) for t in targets if t in ranked]
+        if len(targets) == 1:
+            rank = f"{ranks[0][1]} of {len(ranked)}" if ranks else "–"
+        else:
+            rank = ", ".join(f"{k} ({_short_label(t)[len(METHODS[method][3]) + 2:-1]})" for t, k in ranks) + f" of {len(ranked)}" if ranks else "–"
         gaps = []
         for m in methods:
             runs = by[m].get(n, [])
@@ -190,7 +239,7 @@ def claims_table(results: Sequence[dict[str, Any]], method: str = "mgs_trace", d
                 continue
             g = [abs(r["summary"]["best"] - r["summary"]["final"]) for r in runs if r["summary"]["final"] is not None]
             gaps.append(_fmt(float(np.mean(g)), higher) if g else "–")
-        best = METHODS[ranked[0]][3] if ranked else "–"
+        best = _short_label(ranked[0]) if ranked else "–"
         lines.append(f"| {100 * n:g}% | {best} | {rank} | " + " | ".join(gaps) + " |" if higher else
                      f"| σ={n:g} | {best} | {rank} | " + " | ".join(gaps) + " |")
     how = "mean over seeds" if definition == "testbench" else "of the seed means"
@@ -215,7 +264,7 @@ def memorised_table(results: Sequence[dict[str, Any]]) -> str:
             vals = [r["history"][-1].get("memorised") for r in by[m].get(n, []) if not r["diverged"]]
             vals = [v for v in vals if v is not None]
             cells.append(f"{100 * np.mean(vals):.0f}" if vals else "–")
-        lines.append(f"| {METHODS[m][3]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_short_label(m)} | " + " | ".join(cells) + " |")
     lines += ["", "Memorised = % of the flipped training labels that the final model predicts as given (the wrong class)."]
     return "\n".join(lines) + "\n"
 
@@ -245,7 +294,7 @@ def runtime_table(results: Sequence[dict[str, Any]]) -> str:
     for r in results:
         by[r["config"]["method"]].append(r["seconds"])
     lines = ["| method | runs | mean s/run | total s |", "|---|---|---|---|"]
-    for m in _order(by):
+    for m in _order(by):  # by method name (all variants together)
         lines.append(f"| {METHODS[m][3]} | {len(by[m])} | {np.mean(by[m]):.1f} | {np.sum(by[m]):.0f} |")
     total = sum(sum(v) for v in by.values())
     lines.append(f"| **all** | {sum(len(v) for v in by.values())} | | **{total:.0f}** ({total / 3600:.2f} h) |")
@@ -271,7 +320,8 @@ def render_template(template: str, out_dir: str | Path) -> str:
     ``kind``: ``table`` (:func:`results_table`), ``claims`` (:func:`claims_table`), ``tuned``
     (:func:`tuned_table`, keys ``dataset`` and ``model``) or ``runtime`` (:func:`runtime_table`).
     Keys filter the run configs (``dataset``, ``model``, ``train_size``, ``epochs``, ``method``...),
-    except ``definition=testbench|paper`` (final/max definitions, for ``table`` and ``claims``).
+    except ``definition=testbench|paper`` (final/max definitions, for ``table`` and ``claims``); a
+    comma-separated value matches any of its items (``method=unreg,mgs_trace``).
     """
     cache: dict[tuple, list] = {}
 
@@ -283,7 +333,9 @@ def render_template(template: str, out_dir: str | Path) -> str:
             return tuned_table(out_dir, where["dataset"], where["model"]).rstrip("\n")
         key = tuple(sorted(where.items()))
         if key not in cache:
-            cache[key] = load_results(out_dir, **where)
+            exact = {k: v for k, v in where.items() if not (isinstance(v, str) and "," in v)}
+            any_of = {k: {coerce_value(x) for x in v.split(",")} for k, v in where.items() if k not in exact}
+            cache[key] = [r for r in load_results(out_dir, **exact) if all(r["config"].get(k) in vs for k, vs in any_of.items())]
         res = cache[key]
         if kind in ("table", "claims"):
             fn = results_table if kind == "table" else claims_table
