@@ -231,3 +231,20 @@ def test_report_rows_per_variant_and_any_of_template_filters(tmp_path):
     assert "MGS tr K (alpha=0.01, warm-up 10)" in claims and "2 (alpha=0.01), 1 (alpha=0.01, warm-up 10) of 3" in claims
     only = report.render_template("{{table dataset=mnist method=unreg,weight_decay}}", tmp_path)
     assert "unreg" in only and "mgs_trace" not in only
+
+
+def test_cli_passes_the_protocol_options(tmp_path, capsys):
+    from mgs_torch import cli
+
+    args = cli.build_parser().parse_args(["testbench", "--dataset", "npz", "--data-option", "path=x.npz", "--fixed-split",
+                                          "--alpha-warmup", "5", "--methods", "paper-exact"])
+    cfg = cli._base_config(args, dataset=args.dataset, model="fcn")
+    assert cfg.fixed_split and cfg.alpha_warmup == 5
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((60, 2)).astype(np.float32), y=np.repeat([0, 1], 30))
+    assert cli.main(["testbench", "--dataset", "npz", "--data-option", f"path={tmp_path / 'd.npz'}", "--model", "fcn",
+                     "--hidden", "4", "--noise", "0.2", "--sizes", "20", "--methods", "unreg", "--seeds", "0", "--epochs", "2",
+                     "--eval-points", "3", "--probe-size", "4", "--fixed-split", "--out", str(tmp_path / "o"),
+                     "--no-tensorboard", "--no-plots", "--quiet"]) == 0
+    assert cli.main(["report", "--out", str(tmp_path / "o"), "--definition", "paper"]) == 0
+    assert "paper's definitions" in capsys.readouterr().out
