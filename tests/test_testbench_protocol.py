@@ -248,3 +248,12 @@ def test_cli_passes_the_protocol_options(tmp_path, capsys):
                      "--no-tensorboard", "--no-plots", "--quiet"]) == 0
     assert cli.main(["report", "--out", str(tmp_path / "o"), "--definition", "paper"]) == 0
     assert "paper's definitions" in capsys.readouterr().out
+
+
+def test_report_keeps_initialisations_apart():
+    a = _fake_run("unreg", 0, [0.1] + [0.5] * 40, 40)
+    b = _fake_run("unreg", 0, [0.1] + [0.7] * 40, 40)
+    a["config"]["init"], b["config"]["init"] = "auto", "xavier"
+    text = report.results_table([a, b])
+    assert "| unreg (xavier init) |" in text and "| unreg |" in text
+    assert "unregularised (xavier init)" in report.claims_table([a, b], method="unreg")

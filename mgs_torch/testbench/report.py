@@ -39,15 +39,25 @@ def _fmt(v: float, higher: bool) -> str:
     return f"{100 * v:.1f}" if higher else f"{v:.3f}"
 
 
-def _variant(r: dict) -> tuple[str, float | None, int]:
+def _variant(r: dict) -> tuple[str, float | None, int, str]:
     c = r["config"]
-    return c["method"], c.get("value"), int(c.get("alpha_warmup") or 0)
+    return c["method"], c.get("value"), int(c.get("alpha_warmup") or 0), str(c.get("init") or "auto")
 
 
-def _variant_key(method: str, value: float | None, warmup: int) -> str:
-    """``method``, or ``method=value`` (+ ``~wN`` for an α warm-up of N epochs) when a method has several variants."""
+def _variant_key(method: str, value: float | None, warmup: int, init: str = "auto") -> str:
+    """``method``, or ``method=value`` (+ ``~wN`` for an α warm-up of N epochs, ``~i<init>`` for a
+    non-default initialisation) when a method has several variants."""
     key = method if value is None else f"{method}={value:g}"
-    return key + (f"~w{warmup}" if warmup else "")
+    return key + (f"~w{warmup}" if warmup else "") + (f"~i{init}" if init != "auto" else "")
+
+
+def _parse_key(key: str) -> tuple[str, str, str, str]:
+    """(base method, value, warm-up epochs, init) of a row key ('' where absent)."""
+    head, *tokens = key.split("~")
+    base, _, value = head.partition("=")
+    warm = next((t[1:] for t in tokens if t.startswith("w")), "")
+    init = next((t[1:] for t in tokens if t.startswith("i")), "")
+    return base, value, warm, init
 
 
 def _group(results: Sequence[dict[str, Any]]) -> tuple[dict[str, dict[float, list[dict]]], list[float], bool]:
@@ -67,39 +77,37 @@ def _group(results: Sequence[dict[str, Any]]) -> tuple[dict[str, dict[float, lis
 
 
 def _base_method(key: str) -> str:
-    return key.split("=")[0].split("~")[0]
+    return _parse_key(key)[0]
 
 
 def _warmup_note(runs: list[dict]) -> str:
     w = sorted({int(r["config"].get("alpha_warmup") or 0) for r in runs} - {0})
-    return f", α warm-up {', '.join(map(str, w))} ep." if w else ""
+    inits = sorted({str(r["config"].get("init") or "auto") for r in runs} - {"auto"})
+    return (f", α warm-up {', '.join(map(str, w))} ep." if w else "") + (f", {', '.join(inits)} init" if inits else "")
 
 
 def _method_label(runs: list[dict]) -> str:
     m = runs[0]["method"]
     values = sorted({r["method"]["value"] for r in runs if r["method"]["value"] is not None})
     if not values:
-        return m["label"]
+        note = _warmup_note(runs)
+        return m["label"] + (f" ({note[2:]})" if note else "")
     return f"{m['label']} ({m['hyper']}={', '.join(f'{v:g}' for v in values)}{_warmup_note(runs)})"
 
 
 def _short_label(key: str) -> str:
     """The registry label, plus the variant (α value, warm-up) when the key names one."""
-    base = _base_method(key)
+    base, value, warm, init = _parse_key(key)
     label = METHODS[base][3] if base in METHODS else base
-    rest = key[len(base):]
-    if not rest:
-        return label
-    value, _, warm = rest.lstrip("=").partition("~w")
-    parts = ([f"{METHODS[base][0] if base in METHODS else 'value'}={value}"] if value else []) + ([f"warm-up {warm}"] if warm else [])
-    return f"{label} ({', '.join(parts)})"
+    parts = ([f"{METHODS[base][0] if base in METHODS else 'value'}={value}"] if value else []) + ([f"warm-up {warm}"] if warm else []) \
+        + ([f"{init} init"] if init else [])
+    return f"{label} ({', '.join(parts)})" if parts else label
 
 
 def _order(methods) -> list[str]:
     def rank(key: str):
-        base = _base_method(key)
-        value, _, warm = key[len(base):].lstrip("=").partition("~w")
-        return (list(METHODS).index(base) if base in METHODS else 99, float(value) if value else 0.0, int(warm or 0))
+        base, value, warm, init = _parse_key(key)
+        return (list(METHODS).index(base) if base in METHODS else 99, float(value) if value else 0.0, int(warm or 0), init)
 
     return sorted(methods, key=rank)
 
@@ -229,7 +237,7 @@ def claims_table(results: Sequence[dict[str, Any]], method: str = "mgs_trace", d
         if len(targets) == 1:
             rank = f"{ranks[0][1]} of {len(ranked)}" if ranks else "–"
         else:
-            rank = ", ".join(f"{k} ({_short_label(t)[len(METHODS[method][3]) + 2:-1]})" for t, k in ranks) + f" of {len(ranked)}" if ranks else "–"
+            rank = ", ".join(f"{k} ({_short_label(t)[len(METHODS[method][3]) + 2:-1] or 'default'})" for t, k in ranks) + f" of {len(ranked)}" if ranks else "–"
         gaps = []
         for m in methods:
             runs = by[m].get(n, [])
