@@ -34,9 +34,12 @@ mgs $E100 --noise 0.8 --methods mgs_trace_hutchinson --set mgs_trace_hutchinson=
 mgs $E40 --noise 0.6 --methods mgs_trace --set mgs_trace=0.01 --alpha-warmup 10
 mgs $E40 --noise 0.6 --methods mgs_trace --set mgs_trace=0.01 --init xavier
 mgs $E40 --noise 0.6 --methods mgs_trace --set mgs_trace=0.003
-# 10. the log-det penalty (forms K, 320x320, and back-propagates through its Cholesky factor)
+# 10. fairness: the baselines with Glorot init too; the two helpful changes together at 80 % noise
+mgs $E40 --noise 0.6 0.8 --methods weight_decay dropout --set weight_decay=0.01 --set dropout=0.5 --init xavier
+mgs $E40 --noise 0.8 --methods mgs_trace --set mgs_trace=0.003 --alpha-warmup 10
+# 11. the log-det penalty (forms K, 320x320, and back-propagates through its Cholesky factor)
 mgs --epochs 20 --eval-points 21 --noise 0.6 --methods mgs_logdet --set mgs_logdet=0.001
-# 11. 0 % and 30 % noise
+# 12. 0 % and 30 % noise
 mgs $E40 --noise 0 0.3 --methods unreg weight_decay --set weight_decay=0.01
 mgs $E40 --noise 0 0.3 --methods mgs_trace --set mgs_trace=0.01
 # figures (examples/figures/mnist/)
