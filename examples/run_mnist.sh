@@ -25,7 +25,9 @@ PY=${PYTHON:-python}
 OUT=${OUT:-examples/testbench}
 EPOCHS=${EPOCHS:-100}
 SEEDS=${SEEDS:-"0 1"}
-EVAL=$(( EPOCHS <= 100 ? EPOCHS + 1 : 101 ))
+# evaluations: every 2 epochs up to 200 epochs, 101 in all beyond (≥ 3 inside the last 5 % either way);
+# RESULTS.template.md's Table 1 / A.1 markers select epochs=100 eval_points=51 — change them with EPOCHS.
+EVAL=$(( EPOCHS / 2 < 100 ? EPOCHS / 2 + 1 : 101 ))
 for model in ${MODELS:-lenet5 fcn}; do
   $PY -m mgs_torch.cli testbench --dataset mnist --fixed-split --model "$model" --sizes 3000 \
     --noise 0 0.3 0.6 0.8 --methods paper-exact adam --seeds $SEEDS --epochs "$EPOCHS" --eval-points "$EVAL" \
