@@ -42,5 +42,7 @@ mgs --epochs 20 --eval-points 21 --noise 0.6 --methods mgs_logdet --set mgs_logd
 # 12. 0 % and 30 % noise
 mgs $E40 --noise 0 0.3 --methods unreg weight_decay --set weight_decay=0.01
 mgs $E40 --noise 0 0.3 --methods mgs_trace --set mgs_trace=0.01
+# 13. a stronger log-det penalty
+mgs --epochs 20 --eval-points 21 --noise 0.6 --methods mgs_logdet --set mgs_logdet=0.03
 # figures (examples/figures/mnist/)
 $PY examples/mnist_figures.py
