@@ -44,5 +44,7 @@ mgs $E40 --noise 0 0.3 --methods unreg weight_decay --set weight_decay=0.01
 mgs $E40 --noise 0 0.3 --methods mgs_trace --set mgs_trace=0.01
 # 13. a stronger log-det penalty
 mgs --epochs 20 --eval-points 21 --noise 0.6 --methods mgs_logdet --set mgs_logdet=0.03
+# 14. Glorot init and the smaller alpha together at 80 % noise
+mgs $E40 --noise 0.8 --methods mgs_trace --set mgs_trace=0.003 --init xavier
 # figures (examples/figures/mnist/)
 $PY examples/mnist_figures.py
