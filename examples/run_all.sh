@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Every number and figure in examples/RESULTS.md comes from these commands (then `report`, below).
 # Resumable: a finished run's JSON is never recomputed, so rerunning continues where it stopped.
-# Usage: bash examples/run_all.sh [lenet5|fcn|sizes|diabetes|circles|demo|stopping|scores|report|all]   (default: all)
+# Usage: bash examples/run_all.sh [lenet5|fcn|sizes|diabetes|circles|demo|stopping|scores|report|all]   (default: all: the stand-in data)
+#        bash examples/run_all.sh mnist-investigation   real MNIST, the short runs in RESULTS.md Part 1 (~2 h of one core)
+#        bash examples/run_all.sh mnist                 real MNIST, the full Table 1 / A.1 grid (~1-2 days of one core)
+# ("all" runs neither MNIST part: start them on their own; both are resumable.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.:bench  # the testbench (bench/) without installing it
@@ -57,6 +60,12 @@ fi
 if [[ $part == all || $part == scores ]]; then
   mgs scores --dataset digits --model fcn lenet5 --noise 0.3 0.6 --sizes 500 --seeds 0 1 2 \
     --epochs 100 --eval-points 6 --out examples/scores --quiet
+fi
+if [[ $part == mnist-investigation ]]; then
+  bash examples/mnist_investigation.sh
+fi
+if [[ $part == mnist ]]; then
+  bash examples/run_mnist.sh
 fi
 
 if [[ $part == all || $part == report ]]; then

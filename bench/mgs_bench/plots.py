@@ -27,6 +27,7 @@ __all__ = ["plot_curves", "plot_heatmaps", "plot_boundaries", "METHOD_COLORS"]
 METHOD_COLORS = {
     "unreg": "#000000", "weight_decay": "#1f77b4", "dropout": "#2ca02c", "gradnorm_params": "#9467bd",
     "gradnorm_inputs": "#8c564b", "mgs_trace": "#d62728", "mgs_logdet": "#ff7f0e", "adam": "#7f7f7f",
+    "gradnorm_params_norm": "#e377c2", "mgs_trace_hutchinson": "#bcbd22",
 }
 DPI = 80
 

@@ -17,6 +17,10 @@ and a ``.csv`` of the history beside it, and optionally TensorBoard scalars (``m
 
 Summary: ``final`` = mean of the last 5 evaluations of the test metric, ``best`` = its maximum
 (accuracy) or minimum (error) over training; the same for validation (``final_val``, ``best_val``).
+``final_paper`` / ``final_paper_val``: the paper's definition, the mean over the evaluations in the
+last 5 % of training (epoch ≥ 0.95·epochs; at least the last one) — evaluate often enough near the
+end (``eval_points = epochs + 1`` evaluates every epoch) for it to average more than one point. The
+paper's *max* (the maximum of the seed-averaged curve) needs all seeds and is computed by the report.
 """
 
 from __future__ import annotations
@@ -42,10 +46,15 @@ from .data import DATASETS, Dataset, load_dataset
 from .methods import METHODS, default_grid, make_method
 from .models import INITS, MODELS, build_model
 
-__all__ = ["RunConfig", "train_run", "run_grid", "run_path", "load_results", "tune", "summarise_history", "FINAL_WINDOW"]
+__all__ = ["RunConfig", "train_run", "run_grid", "run_path", "load_results", "tune", "summarise_history", "FINAL_WINDOW",
+           "PAPER_FINAL_FRACTION", "paper_final"]
 
 FINAL_WINDOW = 5  # final = mean of the last 5 evaluations
+PAPER_FINAL_FRACTION = 0.05  # the paper's final = mean over the last 5 % of training
 SCHEMA = 1
+# Fields added after runs were committed: left out of the run id's hash while at their default, so the
+# ids (and resumability) of every earlier run stay as they were.
+_HASH_IF_SET = {"fixed_split": False, "alpha_warmup": 0}
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,8 @@ class RunConfig:
     hidden: tuple[int, ...] | None = None
     init: str = "auto"
     data_options: tuple[tuple[str, Any], ...] = ()
+    fixed_split: bool = False
+    alpha_warmup: int = 0
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -79,13 +90,16 @@ class RunConfig:
             raise ValueError(f"unknown init {self.init!r}; choose one of {INITS}")
         if self.epochs < 1 or self.batch_size < 1 or self.eval_points < 2 or self.probe_size < 1:
             raise ValueError("epochs, batch_size and probe_size must be ≥ 1 and eval_points ≥ 2")
+        if self.alpha_warmup < 0:
+            raise ValueError(f"alpha_warmup is a number of epochs ≥ 0, got {self.alpha_warmup}")
         if not (self.lr > 0 and 0 < self.lr_decay <= 1):
             raise ValueError(f"lr must be positive and lr_decay in (0, 1], got {self.lr}, {self.lr_decay}")
 
     @property
     def run_id(self) -> str:
         """Readable stem plus a hash of the whole config (so changed settings never reuse a result)."""
-        blob = json.dumps(asdict(self), sort_keys=True, default=str)
+        fields = {k: v for k, v in asdict(self).items() if not (k in _HASH_IF_SET and v == _HASH_IF_SET[k])}
+        blob = json.dumps(fields, sort_keys=True, default=str)
         digest = hashlib.sha1(blob.encode()).hexdigest()[:8]
         value = "" if self.value is None else f"{self.value:g}"
         return f"noise{self.noise:g}_n{self.train_size}_seed{self.seed}_{self.method}{value}_{digest}"
@@ -146,8 +160,22 @@ def _mgs(model: nn.Module, probe: Tensor) -> dict[str, Any]:
     }
 
 
+def paper_final(history: Sequence[dict[str, Any]], key: str, epochs: int | None = None) -> float | None:
+    """The paper's final value: mean of ``key`` over the evaluations at epoch ≥ (1 − 5 %)·epochs.
+
+    ``epochs`` defaults to the last evaluated epoch; at least the last evaluation is used. ``None``
+    when a value in the window is missing or not finite (a diverged run).
+    """
+    if not history or any(h.get(key) is None for h in history):
+        return None
+    ep = [h.get("epoch", i) for i, h in enumerate(history)]  # epoch 0 = initialisation
+    end = epochs if epochs is not None else ep[-1]
+    window = [h[key] for e, h in zip(ep, history) if e >= (1 - PAPER_FINAL_FRACTION) * end] or [history[-1][key]]
+    return float(np.mean(window)) if all(math.isfinite(v) for v in window) else None
+
+
 def summarise_history(history: Sequence[dict[str, Any]], classification: bool) -> dict[str, Any]:
-    """final (mean of the last :data:`FINAL_WINDOW` evaluations) and best (max acc / min error)."""
+    """final (mean of the last :data:`FINAL_WINDOW` evaluations), final_paper (last 5 % of training) and best (max acc / min error)."""
     key = "acc" if classification else "loss"
     better = max if classification else min
     out: dict[str, Any] = {"metric": "accuracy" if classification else "mse", "higher_is_better": classification}
@@ -157,6 +185,7 @@ def summarise_history(history: Sequence[dict[str, Any]], classification: bool) -
         suffix = "" if split == "test" else "_val"
         out["final" + suffix] = float(np.mean(vals[-FINAL_WINDOW:])) if len(finite) == len(vals) and vals else None
         out["best" + suffix] = float(better(finite)) if finite else None
+        out["final_paper" + suffix] = paper_final(history, f"{split}_{key}") if vals else None
     last = history[-1] if history else {}
     out["final_mgs_trace"] = last.get("mgs_trace")
     out["final_mgs_logdet"] = last.get("mgs_logdet")
@@ -224,7 +253,8 @@ def train_run(
     t0 = time.perf_counter()
     method = make_method(config.method, config.value)
     if data is None:
-        data = load_dataset(config.dataset, train_size=config.train_size, noise=config.noise, seed=config.seed, **dict(config.data_options))
+        data = load_dataset(config.dataset, train_size=config.train_size, noise=config.noise, seed=config.seed,
+                            fixed_split=config.fixed_split, **dict(config.data_options))
     classification = data.is_classification
     torch.manual_seed(config.seed)
     model = build_model(config.model, data.input_shape, data.num_outputs, dropout=method.dropout(), hidden=config.hidden, init=config.init)
@@ -234,6 +264,8 @@ def train_run(
     order_gen = torch.Generator().manual_seed(config.seed)
     probe_idx = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(config.seed + 10_007))[: config.probe_size]
     probe = data.x_train[probe_idx]
+    hutchinson_gen = torch.Generator().manual_seed(config.seed + 20_011)  # Hutchinson probes, per run
+    warmup_steps = config.alpha_warmup * math.ceil(len(data.x_train) / config.batch_size)
     writer = None
     if tensorboard:
         tb = require("torch.utils.tensorboard", "TensorBoard logging (pip install tensorboard)")
@@ -290,8 +322,9 @@ def train_run(
             try:
                 if not torch.isfinite(loss):
                     raise FloatingPointError
-                pen = method.penalty(model, x, y, loss_fn, loss)
-                total = loss + method.alpha * pen if pen is not None else loss
+                pen = method.penalty(model, x, y, loss_fn, loss, generator=hutchinson_gen)
+                alpha = method.alpha * (min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)  # linear α warm-up
+                total = loss + alpha * pen if pen is not None else loss
                 if not torch.isfinite(total):
                     raise FloatingPointError
             except (FloatingPointError, NonFiniteOutputError):  # the penalty saw NaN/inf outputs
@@ -327,6 +360,7 @@ def train_run(
         "seconds": round(time.perf_counter() - t0, 3),
         "torch_threads": torch.get_num_threads(),
         "notes": "mgs_logdet is null where K was numerically singular (log det = -inf, see mgs_singular/mgs_rank)",
+        "data_meta": {k: v for k, v in data.meta.items() if isinstance(v, (int, float, str, bool))},
     }
     if evaluate_hook is not None:
         result["extras"] = extras
