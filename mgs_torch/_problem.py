@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Union
 
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ._dtypes import as_dtype
-from ._guards import BATCH_NORM_TYPES, cuda_devices
+from ._guards import BATCH_NORM_TYPES, cuda_devices, restore_rng_states, rng_states
 from ._validation import Inputs, ParamFilter, as_input_tuple, check_input_arity, check_outputs, raise_integer_input_hint, select_parameters
 from .op_fixes import ExactOps
 
@@ -43,6 +44,9 @@ class KernelProblem:
             that vmap met: the engines then retry with a stochastic copy of the problem).
         strict_randomness: raise, rather than retry as stochastic, when vmap meets a random op
             (the structured engine's fallback, whose masks must match its own forward's).
+        outputs_checked: the outputs of this very batch were validated by :func:`build_problem`;
+            False when ``q`` came from the cache of output shapes, and then the engine validates the
+            outputs of its own forward (:meth:`check_outputs`).
     """
 
     model: nn.Module
@@ -58,6 +62,19 @@ class KernelProblem:
     buffer_names: frozenset[str] = frozenset()
     signature: tuple = ()
     strict_randomness: bool = False
+    outputs_checked: bool = True
+
+    def check_outputs(self, out: Tensor) -> None:
+        """Validate the (n, q') outputs of an engine's forward when :func:`build_problem` did not.
+
+        Raises :class:`StaleOutputShape` when q' is not the cached q (the forward changed since),
+        :class:`~mgs_torch.NonFiniteOutputError` for NaN/inf outputs.
+        """
+        if self.outputs_checked:
+            return
+        if out.dim() != 2 or out.shape[1] != self.q:
+            raise StaleOutputShape
+        check_outputs(out.detach(), self.n)
 
     def forward(
         self, params: dict[str, Tensor] | None = None, inputs: tuple[Tensor, ...] | None = None, fresh_buffers: bool = False
@@ -106,6 +123,7 @@ def build_problem(
     create_graph: bool = False,
     batch_norm: str = "eval",
     values: dict[str, Tensor] | None = None,
+    revalidate: bool = False,
 ) -> KernelProblem:
     """Validate the model and inputs and assemble a :class:`KernelProblem`; call inside :func:`preserved_state`
     with options already checked by :class:`~mgs_torch.options.KernelOptions`.
@@ -113,6 +131,7 @@ def build_problem(
     With ``create_graph=False`` every tensor is detached (no autograd graph is built); otherwise the
     selected and frozen parameters stay connected to the model's parameters, so the kernel can be
     back-propagated to all of them. ``values`` substitutes tensors for parameters by name.
+    The validation forward that fixes ``q`` runs once per (model, signature); ``revalidate`` forces it.
     """
     dtype = as_dtype("dtype", dtype)  # a name ("float64") as a torch.dtype: the one rule, see options.py
     selected = select_parameters(model, params)
@@ -169,8 +188,35 @@ def build_problem(
     )
     n = x[0].shape[0]
     draft = KernelProblem(model, x, chosen, frozen, n, 0, (), per_sample, stochastic, owners, buffers, signature)
-    output_shape = validated_output_shape(draft)
-    return dataclasses.replace(draft, q=max(1, math.prod(output_shape)), output_shape=output_shape)
+    shapes = _OUTPUT_SHAPES.setdefault(model, {})
+    output_shape = None if revalidate else shapes.get(signature)
+    checked = output_shape is None
+    if checked:
+        output_shape = shapes[signature] = validated_output_shape(draft)
+        if len(shapes) > _MAX_SHAPES_PER_MODEL:
+            shapes.pop(next(iter(shapes)))
+    return dataclasses.replace(draft, q=max(1, math.prod(output_shape)), output_shape=output_shape, outputs_checked=checked)
+
+
+class StaleOutputShape(Exception):
+    """An engine's forward returned another number of outputs than the cached shape says: rebuild."""
+
+
+# The per-sample output shape of a model, per problem signature: the validation forward runs once per
+# shape (as the structured plans are cached); later calls validate the outputs of the engine's own forward.
+_OUTPUT_SHAPES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[int, ...]]]" = weakref.WeakKeyDictionary()
+_MAX_SHAPES_PER_MODEL = 16
+
+
+def with_fresh_outputs(model: nn.Module, compute):
+    """``compute(revalidate)``: first with cached output shapes, again (from the same random state) with
+    a fresh validation forward if an engine found the cached shape stale."""
+    rng = rng_states(model)
+    try:
+        return compute(False)
+    except StaleOutputShape:
+        restore_rng_states(rng)
+        return compute(True)
 
 
 def validated_output_shape(problem: KernelProblem) -> tuple[int, ...]:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ._guards import preserved_state
 
-from ._problem import build_problem
+from ._problem import build_problem, with_fresh_outputs
 
 from ._validation import Inputs, ParamFilter
 from .engines import engine_for
@@ -63,9 +63,15 @@ def mgs_kernel(
     n·q per-sample backward passes, n·q·p memory for J, (n·q)²·p for the contraction.
     """
     opts = KernelOptions(outputs, params, strategy, chunk_size, dtype, batch_norm)
-    with preserved_state(model, batch_norm), explained_failures(model, strategy):
-        problem = build_problem(model, inputs, params=params, dtype=opts.dtype, create_graph=create_graph, batch_norm=batch_norm)
+
+    def compute(revalidate: bool) -> Tensor:
+        problem = build_problem(
+            model, inputs, params=params, dtype=opts.dtype, create_graph=create_graph, batch_norm=batch_norm, revalidate=revalidate
+        )
         return engine_for(opts.strategy, problem).kernel(problem, outputs=outputs, chunk_size=chunk_size)
+
+    with preserved_state(model, batch_norm), explained_failures(model, strategy):
+        return with_fresh_outputs(model, compute)
 
 
 def mgs_trace(
@@ -91,9 +97,15 @@ def mgs_trace(
     """
     opts = PenaltyOptions(params=params, strategy=strategy, chunk_size=chunk_size, dtype=dtype, batch_norm=batch_norm,
                           estimator=estimator, num_probes=num_probes)
-    with preserved_state(model, batch_norm), explained_failures(model, strategy):
-        problem = build_problem(model, inputs, params=params, dtype=opts.dtype, create_graph=create_graph, batch_norm=batch_norm)
+
+    def compute(revalidate: bool) -> Tensor:
+        problem = build_problem(
+            model, inputs, params=params, dtype=opts.dtype, create_graph=create_graph, batch_norm=batch_norm, revalidate=revalidate
+        )
         return trace_from_rows(
             problem, engine_for(strategy, problem), estimator=estimator, num_probes=num_probes,
             generator=generator if generator is not None else default_generator(), chunk_size=chunk_size,
         )
+
+    with preserved_state(model, batch_norm), explained_failures(model, strategy):
+        return with_fresh_outputs(model, compute)

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ._linalg import logdet_psd
 from ._guards import preserved_state, restore_rng_states, rng_states
-from ._problem import KernelProblem, build_problem
+from ._problem import KernelProblem, build_problem, with_fresh_outputs
 from ._validation import Inputs, ParamFilter
 from .engines import engine_for
 from .estimators import ESTIMATORS, KINDS, default_generator, trace_cotangents, trace_from_rows
@@ -54,12 +54,14 @@ def _trace_in_chunks(
     Returns the value and the (graph-free) problem it was computed on."""
     rng = rng_states(model)
 
-    def problem_for(values: dict[str, Tensor] | None) -> KernelProblem:
+    def problem_for(values: dict[str, Tensor] | None, revalidate: bool = False) -> KernelProblem:
         restore_rng_states(rng)
-        return build_problem(model, inputs, create_graph=values is not None, batch_norm=batch_norm, values=values, **build)
+        return build_problem(
+            model, inputs, create_graph=values is not None, batch_norm=batch_norm, values=values, revalidate=revalidate, **build
+        )
 
     with preserved_state(model, batch_norm), explained_failures(model, "chunked"):
-        problem = problem_for(None)
+        problem = problem_for(None, revalidate=True)  # its q sizes the cotangents of every chunk
         # drawn once: every chunk and its recomputation slice the same probes
         cotangents = trace_cotangents(estimator, num_probes, generator)(problem)
 
@@ -125,15 +127,20 @@ def mgs_penalty(
         if estimator == "hutchinson":
             value = value / num_probes
     else:
-        with preserved_state(model, batch_norm), explained_failures(model, strategy):
-            problem = build_problem(model, inputs, params=params, dtype=dtype, create_graph=True, batch_norm=batch_norm)
+
+        def compute(revalidate: bool) -> tuple[Tensor, KernelProblem]:
+            problem = build_problem(
+                model, inputs, params=params, dtype=dtype, create_graph=True, batch_norm=batch_norm, revalidate=revalidate
+            )
             engine = engine_for(strategy, problem)
             if kind == "trace":
-                value = trace_from_rows(
+                return trace_from_rows(
                     problem, engine, estimator=estimator, num_probes=num_probes, generator=generator, chunk_size=chunk_size,
-                )
-            else:
-                value = logdet_psd(engine.kernel(problem, outputs=outputs, chunk_size=chunk_size), jitter)
+                ), problem
+            return logdet_psd(engine.kernel(problem, outputs=outputs, chunk_size=chunk_size), jitter), problem
+
+        with preserved_state(model, batch_norm), explained_failures(model, strategy):
+            value, problem = with_fresh_outputs(model, compute)
     if reduction == "mean":
         value = value / (problem.n * problem.q if outputs == "full" else problem.n)
     return value

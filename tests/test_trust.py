@@ -211,3 +211,56 @@ def test_activation_checkpointing_is_refused_with_advice():
 
     with pytest.raises(UnsupportedLayerError, match="chunk_size"):
         mgs_kernel(Checkpointed(), torch.randn(3, 4), strategy="jacobian")
+
+
+# ----------------------------------------------------------------------------------- cached output shapes
+
+
+class Heads(nn.Module):
+    """A Python flag switches between a 2-output and a 3-output head (same parameters, same signature)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.two, self.three = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(4, 3)
+        self.wide = False
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return self.three(h) if self.wide else self.two(h)
+
+
+@pytest.mark.parametrize("strategy", ["jacobian", "structured"])
+def test_a_cached_output_shape_is_rebuilt_when_the_forward_changes(strategy):
+    torch.manual_seed(0)
+    model = Heads().double()
+    x = torch.randn(3, 3, dtype=torch.float64)
+    for wide in (False, True, False, True):
+        model.wide = wide
+        expected = kernel_loop(model, x)
+        assert close(mgs_kernel(model, x, strategy=strategy), expected)
+        assert close(mgs_trace(model, x, strategy=strategy), expected.trace())
+        value = mgs_penalty(model, x, strategy=strategy, reduction="sum")
+        assert torch.isclose(value, expected.trace())
+        assert mgs_trace(model, x, strategy=strategy, estimator="hutchinson").isfinite()
+
+
+@pytest.mark.parametrize("strategy", ["jacobian", "structured"])
+def test_the_validation_forward_runs_once_per_shape_and_outputs_are_still_checked(strategy):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(3, 3, dtype=torch.float64)
+    from mgs_torch import _problem
+
+    calls = []
+    real = _problem.validated_output_shape
+    try:
+        _problem.validated_output_shape = lambda problem: calls.append(1) or real(problem)
+        for _ in range(3):
+            mgs_kernel(model, x, strategy=strategy)
+    finally:
+        _problem.validated_output_shape = real
+    assert len(calls) <= 1  # the first call of this test may find the shape cached by an earlier one
+    with torch.no_grad():
+        model[2].bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite"):  # the engine validates its own forward's outputs
+        mgs_kernel(model, x, strategy=strategy)

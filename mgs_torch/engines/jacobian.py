@@ -24,7 +24,7 @@ from torch.func import jacrev, vjp, vmap
 
 from .._guards import restore_rng_states, rng_states
 
-from .._problem import Cotangents, KernelProblem
+from .._problem import Cotangents, KernelProblem, StaleOutputShape
 
 
 def _single_sample_fn(problem: KernelProblem):
@@ -62,6 +62,16 @@ def retry_if_random(compute):
     return run
 
 
+def _with_outputs(f):
+    """``f`` returning ``(out, out)``: the second, detached, comes back from ``jacrev(..., has_aux=True)``."""
+
+    def g(*args):
+        out = f(*args)
+        return out, out.detach()
+
+    return g
+
+
 def _contract(jac: dict[str, Tensor], n: int, q: int, outputs: str) -> Tensor:
     """K from per-parameter Jacobians of shape (n·q, *param_shape), rows ordered (sample, output)."""
     K = None
@@ -81,13 +91,15 @@ def jacobian_rows(problem: KernelProblem, *, chunk_size: int | None = None) -> d
     """J as ``{name: (n·q, *param_shape)}``, rows ordered (sample, output)."""
     n, q = problem.n, problem.q
     if problem.per_sample:
-        f = _single_sample_fn(problem)
+        f = _with_outputs(_single_sample_fn(problem))
         in_dims = (None,) + (0,) * len(problem.inputs)
-        jac = vmap(jacrev(f), in_dims=in_dims, chunk_size=chunk_size, randomness=_randomness(problem))(
+        jac, out = vmap(jacrev(f, has_aux=True), in_dims=in_dims, chunk_size=chunk_size, randomness=_randomness(problem))(
             problem.params, *problem.inputs
         )
+        problem.check_outputs(out)
         return {k: v.reshape(n * q, *v.shape[2:]) for k, v in jac.items()}
     out, vjp_fn = vjp(lambda p: problem.forward(p, fresh_buffers=True).reshape(-1), problem.params)
+    problem.check_outputs(out.reshape(n, -1))
     eye = torch.eye(n * q, dtype=out.dtype, device=out.device)
     return vmap(vjp_fn, chunk_size=chunk_size)(eye)[0]
 
@@ -113,18 +125,22 @@ def row_sq_norms(problem: KernelProblem, cotangents: Cotangents, *, chunk_size: 
     if problem.per_sample:
         f = _single_sample_fn(problem)
 
-        def one_sample(params: dict[str, Tensor], c: Tensor, *xs: Tensor) -> Tensor:
-            _, vjp_fn = vjp(lambda p: f(p, *xs), params)
+        def one_sample(params: dict[str, Tensor], c: Tensor, *xs: Tensor) -> tuple[Tensor, Tensor]:
+            out, vjp_fn = vjp(lambda p: f(p, *xs), params)
+            if out.shape != c.shape[1:]:  # the cached q no longer fits this forward: rebuild
+                raise StaleOutputShape
             grads = vmap(vjp_fn)(c)[0]
-            return sum((g.reshape(c.shape[0], -1) ** 2).sum(1) for g in grads.values())
+            return sum((g.reshape(c.shape[0], -1) ** 2).sum(1) for g in grads.values()), out.detach()
 
         in_dims = (None, 1) + (0,) * len(problem.inputs)
-        norms = vmap(one_sample, in_dims=in_dims, chunk_size=chunk_size, randomness=_randomness(problem))(
+        norms, out = vmap(one_sample, in_dims=in_dims, chunk_size=chunk_size, randomness=_randomness(problem))(
             problem.params, cotangents, *problem.inputs
         )
+        problem.check_outputs(out)
         return norms.T
     # whole batch: probe (k, i) is the cotangent c[k, i] on sample i and zero elsewhere
     out, vjp_fn = vjp(lambda p: problem.forward(p, fresh_buffers=True), problem.params)
+    problem.check_outputs(out)
     eye = torch.eye(n, dtype=out.dtype, device=out.device)
     cots = torch.einsum("kia,ij->kija", cotangents.to(out.dtype), eye).reshape(k * n, n, q)
     grads = vmap(vjp_fn, chunk_size=chunk_size)(cots)[0]

@@ -337,6 +337,7 @@ def _layer_gradients(problem: KernelProblem, p: Plan, cotangents: Cotangents, ch
             raise _StalePlan
     else:
         out, vjp_fn, saved = vjp(forward, taps, has_aux=True)
+    problem.check_outputs(out)
     cot = (cotangents(problem) if callable(cotangents) else cotangents).to(dtype)
     if cot.shape[0] == 1:  # a single probe needs no vmap
         grads = tuple(g.unsqueeze(0) for g in vjp_fn(cot[0])[0])
