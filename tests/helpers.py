@@ -68,3 +68,16 @@ def small_cnn(q: int = 3) -> nn.Module:
 
 def assert_close(actual, expected, rtol=1e-9, atol=1e-10):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+def eigensolver_threads(monkeypatch) -> list[int]:
+    """A list that records the torch thread count of every ``torch.linalg.eigvalsh`` call from now on."""
+    seen: list[int] = []
+    eigvalsh = torch.linalg.eigvalsh
+
+    def spy(K, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return eigvalsh(K, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", spy)
+    return seen

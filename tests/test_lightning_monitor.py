@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import reference_kernel
+from helpers import eigensolver_threads, reference_kernel
 from lightning_helpers import (
     MemoryLogger,
     PlainNet,
@@ -257,14 +257,7 @@ def test_once_per_optimizer_step_under_gradient_accumulation(tmp_path):
 
 @pytest.mark.parametrize("threads, expected", [(1, 1), (None, 2)])
 def test_the_spectrum_runs_with_bounded_threads_and_restores_them(tmp_path, monkeypatch, threads, expected):
-    seen = []
-    eigvalsh = torch.linalg.eigvalsh
-
-    def spy(K, *args, **kwargs):  # the thread count the eigensolver actually runs with
-        seen.append(torch.get_num_threads())
-        return eigvalsh(K, *args, **kwargs)
-
-    monkeypatch.setattr(torch.linalg, "eigvalsh", spy)
+    seen = eigensolver_threads(monkeypatch)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

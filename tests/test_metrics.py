@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import mlp
+from helpers import eigensolver_threads, mlp
 from mgs_torch import MGSMetrics, kernel_target_alignment, mgs_kernel, mgs_metrics
 
 
@@ -129,14 +129,7 @@ def test_mismatched_targets_are_rejected():
 
 
 def test_metrics_bound_the_eigensolver_threads_and_restore_them(monkeypatch):
-    seen = []
-    eigvalsh = torch.linalg.eigvalsh
-
-    def spy(K, *args, **kwargs):  # the thread count the eigensolver actually runs with
-        seen.append(torch.get_num_threads())
-        return eigvalsh(K, *args, **kwargs)
-
-    monkeypatch.setattr(torch.linalg, "eigvalsh", spy)
+    seen = eigensolver_threads(monkeypatch)
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # more than the default cap, so the cap is observable even where tests run one thread
     try:
