@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_zoo import Scale, ScaleRule, by_name, build
+from model_zoo import Lambda, LayerNormSub, Scale, ScaleRule, by_name, build
 from reference import kernel_loop
 from mgs_torch import (
     LayerRule, UnsupportedLayerError, layer_rule, mgs_kernel, mgs_penalty, mgs_trace, register_layer_rule, unregister_layer_rule,
@@ -264,3 +264,28 @@ def test_the_validation_forward_runs_once_per_shape_and_outputs_are_still_checke
         model[2].bias.fill_(float("nan"))
     with pytest.raises(ValueError, match="non-finite"):  # the engine validates its own forward's outputs
         mgs_kernel(model, x, strategy=strategy)
+
+
+def test_only_provably_row_wise_sequentials_skip_the_per_sample_vmap():
+    from mgs_torch._guards import preserved_state
+    from mgs_torch._problem import build_problem
+    from mgs_torch.engines import structured
+
+    def plan(model, x):
+        with preserved_state(model, "eval"):
+            return structured.plan(build_problem(model, x))
+
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    rowwise = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                            nn.Dropout(0.2), nn.Linear(8, 3)).double().eval()
+    assert plan(rowwise, x).rowwise
+    assert not structured._is_rowwise(nn.Sequential(nn.Flatten(0), nn.Linear(48, 3)))  # would fold the batch
+    assert not structured._is_rowwise(nn.Sequential(LayerNormSub(4)))  # a subclass may do anything
+    permuting = nn.Sequential(nn.Flatten(), Lambda(lambda h: h.flip(0)), nn.Linear(16, 3)).double()
+    assert not plan(permuting, x).rowwise  # an unknown module: the vmapped forward, which is exact
+    assert close(mgs_kernel(permuting, x), kernel_loop(permuting, x))
+    hooked = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).double()
+    hooked[0].register_forward_hook(lambda m, a, out: out.flip(0))
+    assert not plan(hooked, x).rowwise
+    assert close(mgs_kernel(hooked, x), kernel_loop(hooked, x))
+    assert close(mgs_kernel(rowwise, x), kernel_loop(rowwise, x))

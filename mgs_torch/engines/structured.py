@@ -54,6 +54,7 @@ class Plan:
     layers: list[_Layer]
     fallback: dict[str, str] = field(default_factory=dict)  # full parameter name -> reason
     registry_version: int = 0
+    rowwise: bool = False  # the model provably keeps sample i in row i everywhere: the plain forward suffices
 
     def routes(self) -> dict[str, str]:
         """Parameter name -> how it is computed: ``"rule:<Type>"`` or ``"reference: <reason>"``."""
@@ -127,6 +128,31 @@ def _module_reason(module: nn.Module) -> str | None:
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return "global module forward hooks are registered"
     return None
+
+
+# Module types that map row i of their input to row i of their output and nothing else (the batch on
+# dim 0, every sample alone): a plain nn.Sequential of these keeps every layer's rows sample-aligned.
+_ROWWISE_TYPES = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm,
+    nn.GroupNorm, nn.Identity, nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU,
+    nn.Softplus, nn.Mish, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
+    nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+)
+
+
+def _is_rowwise(module: nn.Module) -> bool:
+    """True when ``module`` provably treats every row (sample) of its input on its own, by construction:
+    an ``nn.Sequential`` (exact type) of such modules, :data:`_ROWWISE_TYPES` (exact types) and
+    ``nn.Flatten`` keeping dim 0, with no hooks and no patched ``forward``. A static proof, so the
+    structured engine may then skip its per-sample vmap (see :func:`_layer_gradients`)."""
+    if module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module):
+        return False
+    kind = type(module)
+    if kind is nn.Sequential:
+        return all(_is_rowwise(child) for child in module)
+    if kind is nn.Flatten:
+        return module.start_dim >= 1
+    return kind in _ROWWISE_TYPES
 
 
 def _per_sample(problem: KernelProblem, body):
@@ -231,7 +257,12 @@ def plan(problem: KernelProblem) -> Plan:
             fallback.update({full: reason for full in layer.names.values()})
             continue
         layers.append(layer)
-    return Plan(layers, fallback, version)
+    rowwise = (
+        len(problem.inputs) == 1 and not nn.modules.module._global_forward_hooks
+        and not nn.modules.module._global_forward_pre_hooks and _is_rowwise(model)
+        and all(layer.out_shape[:1] == (1,) for layer in layers)
+    )
+    return Plan(layers, fallback, version, rowwise)
 
 
 # Plans are cached per model and problem signature (parameter identities, train/eval flags, input
@@ -293,7 +324,9 @@ def _layer_gradients(problem: KernelProblem, p: Plan, cotangents: Cotangents, ch
     dtype = next(iter(problem.params.values())).dtype
     device = problem.inputs[0].device
     n = problem.n
-    taps = tuple(torch.zeros((), dtype=dtype, device=device).expand(n, *layer.out_shape) for layer in p.layers)
+    # a row-wise model (Plan.rowwise) runs as one plain batched forward: row i of every layer is sample i
+    shape_of = (lambda layer: layer.out_shape[1:]) if p.rowwise else (lambda layer: layer.out_shape)
+    taps = tuple(torch.zeros((), dtype=dtype, device=device).expand(n, *shape_of(layer)) for layer in p.layers)
     layers = {layer.name: layer for layer in p.layers}
 
     def forward(taps):
@@ -304,7 +337,8 @@ def _layer_gradients(problem: KernelProblem, p: Plan, cotangents: Cotangents, ch
 
             def make_hook(i, layer):
                 def hook(mod, args, kwargs, out):
-                    if saved[i] is not None or not isinstance(out, Tensor) or tuple(out.shape) != layer.out_shape:
+                    expected = (n, *shape_of(layer)) if p.rowwise else layer.out_shape
+                    if saved[i] is not None or not isinstance(out, Tensor) or tuple(out.shape) != expected:
                         raise _StalePlan
                     xs = _layer_input(args, kwargs)
                     if layer.clone_input:
@@ -328,6 +362,10 @@ def _layer_gradients(problem: KernelProblem, p: Plan, cotangents: Cotangents, ch
             body.taps = tap
             return body(tuple(x.unsqueeze(0) for x in xs))
 
+        if p.rowwise:
+            body.taps = taps
+            out, saved = body(problem.inputs)
+            return out.reshape(n, -1), saved
         return vmap(one, randomness=jacobian._randomness(problem))(taps, *problem.inputs)
 
     if check:
@@ -345,7 +383,7 @@ def _layer_gradients(problem: KernelProblem, p: Plan, cotangents: Cotangents, ch
         grads = vmap(vjp_fn, chunk_size=chunk_size)(cot)[0]
     out_saved, out_grads = [], []
     for layer, s, g in zip(p.layers, saved, grads):
-        if layer.squeeze:  # (n, 1, ...) -> (n, ...): the layer's own batch of one sample
+        if layer.squeeze and not p.rowwise:  # (n, 1, ...) -> (n, ...): the layer's own batch of one sample
             s = tuple(t.squeeze(1) if isinstance(t, Tensor) and t.dim() > 1 else t for t in s)
             g = g.squeeze(2)
         out_saved.append(s)
