@@ -368,7 +368,7 @@ def _layer_gradients(problem: KernelProblem, p: Plan, cotangents: Cotangents, ch
             return out.reshape(n, -1), saved
         return vmap(one, randomness=jacobian._randomness(problem))(taps, *problem.inputs)
 
-    if check:
+    if check and not p.rowwise:  # a row-wise Sequential runs only its own modules: no foreign use possible
         with _watch_parameter_use(problem.model, problem, layers) as monitor:
             out, vjp_fn, saved = vjp(forward, taps, has_aux=True)
         if monitor.foreign:
