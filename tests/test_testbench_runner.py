@@ -7,7 +7,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from mgs_bench import plots, report, runner
 from mgs_bench.runner import RunConfig, eval_epochs, load_results, run_grid, run_path, summarise_history, train_run, tune
