@@ -16,8 +16,9 @@ def LeNet5(num_classes: int = 10) -> nn.Module:
 
 
 def fcn(num_classes: int = 10) -> nn.Module:
-    """The paper's fully connected net on 1×28×28 inputs: 6 hidden ReLU layers of 300 units (690,010 parameters)."""
-    return _bench_models().FCN((1, 28, 28), num_classes)
+    """The paper's fully connected net on 1×28×28 inputs: 6 hidden ReLU layers of 300 units (690,010 parameters),
+    as the bare ``nn.Sequential`` inside the testbench's FCN (what this benchmark has always timed)."""
+    return _bench_models().FCN((1, 28, 28), num_classes).net
 
 
 def _bench_models():
