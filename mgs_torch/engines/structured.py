@@ -145,7 +145,7 @@ def _is_rowwise(module: nn.Module) -> bool:
     an ``nn.Sequential`` (exact type) of such modules, :data:`_ROWWISE_TYPES` (exact types) and
     ``nn.Flatten`` keeping dim 0, with no hooks and no patched ``forward``. A static proof, so the
     structured engine may then skip its per-sample vmap (see :func:`_layer_gradients`)."""
-    if module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module):
+    if _module_reason(module) is not None:  # hooks (its own or global) or a patched forward
         return False
     kind = type(module)
     if kind is nn.Sequential:
@@ -156,7 +156,10 @@ def _is_rowwise(module: nn.Module) -> bool:
 
 
 def _per_sample(problem: KernelProblem, body):
-    """``vmap`` over samples of ``body(x_batch_of_one)``: each sample runs through the model alone.
+    """``vmap`` over samples of ``body(extra, x_batch_of_one)``: each sample runs through the model alone.
+
+    The returned function takes ``(extra, *inputs)``; ``extra`` (``None`` or tensors with the samples on
+    dim 0, e.g. the taps) is vmapped along with the inputs.
 
     This is what makes the layer rules sound whatever the model does with the batch dimension
     (reshapes that fold a sequence into it, time-major layouts, permutations of the batch): inside
@@ -164,10 +167,14 @@ def _per_sample(problem: KernelProblem, body):
     vmap returns what the hooks captured sample-major. No shape comparison is involved.
     """
 
-    def one(*xs):
-        return body(tuple(x.unsqueeze(0) for x in xs))
+    def one(extra, *xs):
+        return body(extra, tuple(x.unsqueeze(0) for x in xs))
 
-    return vmap(one, randomness=jacobian._randomness(problem))
+    def run(extra, *inputs):
+        in_dims = (None if extra is None else 0,) + (0,) * len(inputs)
+        return vmap(one, in_dims=in_dims, randomness=jacobian._randomness(problem))(extra, *inputs)
+
+    return run
 
 
 def plan(problem: KernelProblem) -> Plan:
@@ -216,7 +223,7 @@ def plan(problem: KernelProblem) -> Plan:
                 seen[name] = (tuple(x[0].shape), tuple(out.shape), x[0], x[0]._version)
         return hook
 
-    def body(x):
+    def body(_, x):
         problem.raw_forward(None, x)
         return torch.zeros(())
 
@@ -226,7 +233,7 @@ def plan(problem: KernelProblem) -> Plan:
             handles.append(layer.module.register_forward_hook(record(name), with_kwargs=True, prepend=True))
         with torch.no_grad(), torch.random.fork_rng(devices=devices), _watch_parameter_use(model, problem, candidates) as monitor:
             calls.clear()
-            _per_sample(problem, body)(*problem.inputs)
+            _per_sample(problem, body)(None, *problem.inputs)
         per_sample_calls = dict(calls)
     finally:
         for h in handles:
@@ -257,11 +264,7 @@ def plan(problem: KernelProblem) -> Plan:
             fallback.update({full: reason for full in layer.names.values()})
             continue
         layers.append(layer)
-    rowwise = (
-        len(problem.inputs) == 1 and not nn.modules.module._global_forward_hooks
-        and not nn.modules.module._global_forward_pre_hooks and _is_rowwise(model)
-        and all(layer.out_shape[:1] == (1,) for layer in layers)
-    )
+    rowwise = len(problem.inputs) == 1 and _is_rowwise(model) and all(layer.out_shape[:1] == (1,) for layer in layers)
     return Plan(layers, fallback, version, rowwise)
 
 
@@ -330,8 +333,7 @@ def _layer_gradients(problem: KernelProblem, p: Plan, cotangents: Cotangents, ch
     layers = {layer.name: layer for layer in p.layers}
 
     def forward(taps):
-        def body(x):
-            tap = body.taps
+        def body(tap, x):
             saved: list = [None] * len(tap)
             handles = []
 
@@ -358,15 +360,10 @@ def _layer_gradients(problem: KernelProblem, p: Plan, cotangents: Cotangents, ch
                 raise _StalePlan
             return out.reshape(-1), tuple(saved)
 
-        def one(tap, *xs):
-            body.taps = tap
-            return body(tuple(x.unsqueeze(0) for x in xs))
-
         if p.rowwise:
-            body.taps = taps
-            out, saved = body(problem.inputs)
+            out, saved = body(taps, problem.inputs)
             return out.reshape(n, -1), saved
-        return vmap(one, randomness=jacobian._randomness(problem))(taps, *problem.inputs)
+        return _per_sample(problem, body)(taps, *problem.inputs)
 
     if check and not p.rowwise:  # a row-wise Sequential runs only its own modules: no foreign use possible
         with _watch_parameter_use(problem.model, problem, layers) as monitor:
