@@ -63,15 +63,9 @@ def mgs_kernel(
     n·q per-sample backward passes, n·q·p memory for J, (n·q)²·p for the contraction.
     """
     opts = KernelOptions(outputs, params, strategy, chunk_size, dtype, batch_norm)
-
-    def compute(revalidate: bool) -> Tensor:
-        problem = build_problem(
-            model, inputs, params=params, dtype=opts.dtype, create_graph=create_graph, batch_norm=batch_norm, revalidate=revalidate
-        )
-        return engine_for(opts.strategy, problem).kernel(problem, outputs=outputs, chunk_size=chunk_size)
-
-    with preserved_state(model, batch_norm), explained_failures(model, strategy):
-        return with_fresh_outputs(model, compute)
+    return on_problem(
+        model, inputs, opts, create_graph, lambda problem, engine: engine.kernel(problem, outputs=outputs, chunk_size=chunk_size)
+    )
 
 
 def mgs_trace(
@@ -97,15 +91,29 @@ def mgs_trace(
     """
     opts = PenaltyOptions(params=params, strategy=strategy, chunk_size=chunk_size, dtype=dtype, batch_norm=batch_norm,
                           estimator=estimator, num_probes=num_probes)
+    generator = generator if generator is not None else default_generator()
+    return on_problem(
+        model, inputs, opts, create_graph,
+        lambda problem, engine: trace_from_rows(
+            problem, engine, estimator=estimator, num_probes=num_probes, generator=generator, chunk_size=chunk_size
+        ),
+    )
 
-    def compute(revalidate: bool) -> Tensor:
+
+def on_problem(model: nn.Module, inputs: Inputs, opts: KernelOptions, create_graph: bool, compute):
+    """``compute(problem, engine)`` on the validated problem of one call, without side effects.
+
+    The shared shape of every entry point: guards (:func:`~mgs_torch._guards.preserved_state`),
+    raw torch.func failures explained, and a rebuild with a fresh validation forward if an engine
+    finds the cached output shape stale.
+    """
+
+    def attempt(revalidate: bool):
         problem = build_problem(
-            model, inputs, params=params, dtype=opts.dtype, create_graph=create_graph, batch_norm=batch_norm, revalidate=revalidate
+            model, inputs, params=opts.params, dtype=opts.dtype, create_graph=create_graph, batch_norm=opts.batch_norm,
+            revalidate=revalidate,
         )
-        return trace_from_rows(
-            problem, engine_for(strategy, problem), estimator=estimator, num_probes=num_probes,
-            generator=generator if generator is not None else default_generator(), chunk_size=chunk_size,
-        )
+        return compute(problem, engine_for(opts.strategy, problem))
 
-    with preserved_state(model, batch_norm), explained_failures(model, strategy):
-        return with_fresh_outputs(model, compute)
+    with preserved_state(model, opts.batch_norm), explained_failures(model, opts.strategy):
+        return with_fresh_outputs(model, attempt)

@@ -7,11 +7,12 @@ from torch import Tensor, nn
 
 from ._linalg import logdet_psd
 from ._guards import preserved_state, restore_rng_states, rng_states
-from ._problem import KernelProblem, build_problem, with_fresh_outputs
+from ._problem import KernelProblem, build_problem
 from ._validation import Inputs, ParamFilter
 from .engines import engine_for
 from .estimators import ESTIMATORS, KINDS, default_generator, trace_cotangents, trace_from_rows
 from .op_fixes import explained_failures
+from .kernel import on_problem
 from .options import REDUCTIONS, PenaltyOptions
 
 __all__ = ["mgs_penalty", "default_generator", "KINDS", "ESTIMATORS", "REDUCTIONS"]
@@ -117,7 +118,8 @@ def mgs_penalty(
     trace): one forward + one backward at batch q·n, and about twice that again for the double
     backward of ``loss.backward()`` — about a plain training step at batch q·n.
     """
-    dtype = PenaltyOptions(outputs, params, strategy, chunk_size, dtype, batch_norm, kind, estimator, num_probes, reduction, jitter).dtype
+    opts = PenaltyOptions(outputs, params, strategy, chunk_size, dtype, batch_norm, kind, estimator, num_probes, reduction, jitter)
+    dtype = opts.dtype
     generator = generator if generator is not None else default_generator()
     if kind == "trace" and chunk_size is not None:
         value, problem = _trace_in_chunks(
@@ -128,19 +130,14 @@ def mgs_penalty(
             value = value / num_probes
     else:
 
-        def compute(revalidate: bool) -> tuple[Tensor, KernelProblem]:
-            problem = build_problem(
-                model, inputs, params=params, dtype=dtype, create_graph=True, batch_norm=batch_norm, revalidate=revalidate
-            )
-            engine = engine_for(strategy, problem)
+        def compute(problem: KernelProblem, engine) -> tuple[Tensor, KernelProblem]:
             if kind == "trace":
                 return trace_from_rows(
                     problem, engine, estimator=estimator, num_probes=num_probes, generator=generator, chunk_size=chunk_size,
                 ), problem
             return logdet_psd(engine.kernel(problem, outputs=outputs, chunk_size=chunk_size), jitter), problem
 
-        with preserved_state(model, batch_norm), explained_failures(model, strategy):
-            value, problem = with_fresh_outputs(model, compute)
+        value, problem = on_problem(model, inputs, opts, True, compute)
     if reduction == "mean":
         value = value / (problem.n * problem.q if outputs == "full" else problem.n)
     return value
