@@ -188,13 +188,11 @@ def build_problem(
     )
     n = x[0].shape[0]
     draft = KernelProblem(model, x, chosen, frozen, n, 0, (), per_sample, stochastic, owners, buffers, signature)
-    shapes = _OUTPUT_SHAPES.setdefault(model, {})
-    output_shape = None if revalidate else shapes.get(signature)
+    output_shape = None if revalidate else _OUTPUT_SHAPES.get(model, signature)
     checked = output_shape is None
     if checked:
-        output_shape = shapes[signature] = validated_output_shape(draft)
-        if len(shapes) > _MAX_SHAPES_PER_MODEL:
-            shapes.pop(next(iter(shapes)))
+        output_shape = validated_output_shape(draft)
+        _OUTPUT_SHAPES.put(model, signature, output_shape)
     return dataclasses.replace(draft, q=max(1, math.prod(output_shape)), output_shape=output_shape, outputs_checked=checked)
 
 
@@ -202,10 +200,29 @@ class StaleOutputShape(Exception):
     """An engine's forward returned another number of outputs than the cached shape says: rebuild."""
 
 
+class PerModelCache:
+    """Values per model (held weakly) and key, at most ``size`` keys per model (the oldest goes first)."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self._store: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+    def get(self, model: nn.Module, key):
+        return self._store.get(model, {}).get(key)
+
+    def put(self, model: nn.Module, key, value) -> None:
+        entries = self._store.setdefault(model, {})
+        if key not in entries and len(entries) >= self.size:
+            entries.pop(next(iter(entries)))
+        entries[key] = value
+
+    def pop(self, model: nn.Module, key) -> None:
+        self._store.get(model, {}).pop(key, None)
+
+
 # The per-sample output shape of a model, per problem signature: the validation forward runs once per
 # shape (as the structured plans are cached); later calls validate the outputs of the engine's own forward.
-_OUTPUT_SHAPES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[int, ...]]]" = weakref.WeakKeyDictionary()
-_MAX_SHAPES_PER_MODEL = 16
+_OUTPUT_SHAPES = PerModelCache()
 
 
 def with_fresh_outputs(model: nn.Module, compute):

@@ -21,7 +21,6 @@ computation goes to the reference engine instead.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from .._guards import cuda_devices, restore_rng_states, rng_states
 
-from .._problem import Cotangents, KernelProblem, one_hot_cotangents
+from .._problem import Cotangents, KernelProblem, PerModelCache, one_hot_cotangents
 from . import jacobian
 from .layers import LAYER_RULES, LayerRule
 
@@ -273,8 +272,7 @@ def plan(problem: KernelProblem) -> Plan:
 # once). A cached plan is re-checked on every use: each planned layer must run exactly once per
 # sample with its planned output shape and its parameters must be used nowhere else, otherwise the
 # plan is rebuilt (a forward whose structure depends on a Python flag).
-_PLANS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Plan]]" = weakref.WeakKeyDictionary()
-_MAX_PLANS_PER_MODEL = 16
+_PLANS = PerModelCache()
 
 
 class _StalePlan(Exception):
@@ -283,15 +281,12 @@ class _StalePlan(Exception):
 
 def cached_plan(problem: KernelProblem) -> tuple[Plan, bool]:
     """The plan for ``problem`` (built on first use) and whether it came from the cache."""
-    plans = _PLANS.setdefault(problem.model, {})
     key = (problem.signature, LAYER_RULES.version)
-    p = plans.get(key)
+    p = _PLANS.get(problem.model, key)
     if p is not None:
         return p, True
     p = plan(problem)
-    if len(plans) >= _MAX_PLANS_PER_MODEL:
-        plans.pop(next(iter(plans)))
-    plans[key] = p
+    _PLANS.put(problem.model, key, p)
     return p, False
 
 
@@ -302,7 +297,7 @@ def _with_plan(problem: KernelProblem, compute):
     try:
         return compute(p, cached)
     except _StalePlan:
-        _PLANS[problem.model].pop((problem.signature, LAYER_RULES.version), None)
+        _PLANS.pop(problem.model, (problem.signature, LAYER_RULES.version))
         restore_rng_states(rng)
         return compute(cached_plan(problem)[0], False)
 
