@@ -38,6 +38,13 @@ def test_verify_reports_errors_routes_and_replaced_ops():
     assert "OK" in text and "rule:LayerNorm" in text
 
 
+def test_verify_checks_k_alone_where_pytorch_has_no_double_backward():
+    model, x = build(by_name("embedding_bag_sum"))
+    report = verify(model, x)
+    assert report.ok and report.kernel_error < 1e-12 and report.gradient_error is None
+    assert any("penalty gradient not checked" in note for note in report.notes)
+
+
 def test_verify_catches_a_wrong_rule():
     class WrongLinearRule(LayerRule):  # forgets the bias entirely and doubles the weight's gradient
         params = ("weight", "bias")
