@@ -88,7 +88,7 @@ def naive_logdet(model, x, jitter=1e-6):
 
 def naive_hutchinson(model, x, out):
     """‖Jᵀv‖² for one Rademacher v (one backward with create_graph)."""
-    v = torch.randint(0, 2, out.shape, dtype=out.dtype) * 2 - 1
+    v = torch.randint(0, 2, out.shape, dtype=out.dtype, device=out.device) * 2 - 1
     grads = torch.autograd.grad(out, list(model.parameters()), v, create_graph=True)
     return sum((g**2).sum() for g in grads)
 
@@ -320,10 +320,13 @@ def main(argv=None) -> None:
         "dtype": "float32", "alpha": ALPHA,
     }
     print(f"# {machine['device']}, torch {machine['torch']}")
+    out = Path(args.json or f"bench-results-{device.type}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     results = []
     for name in args.models:
         for n in args.batch:
             results += run_config(name, n, args.repeats, device, not args.skip_slow, measure_here)
+            if measure_here != "memory":  # what is measured so far survives a run cut short by a time limit
+                out.write_text(json.dumps({"machine": machine, "results": results, "hutchinson": [], "partial": True}, indent=1))
     if measure_here == "time" and args.measure == "both":
         peaks = cpu_peaks_in_subprocess(args)
         for r in results:
@@ -336,7 +339,6 @@ def main(argv=None) -> None:
     print()
     print(markdown(results))
     print_quality(quality)
-    out = Path(args.json or f"bench-results-{device.type}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.write_text(json.dumps({"machine": machine, "results": results, "hutchinson": quality}, indent=1))
     print(f"\nraw numbers: {out}")
 

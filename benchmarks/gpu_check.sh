@@ -3,14 +3,18 @@
 #   1. the CUDA tests (K, tr K and penalty gradients against the float64 reference, no side effects
 #      incl. the CUDA RNG, chunk_size bounding GPU memory, a Lightning fit in bf16-mixed);
 #   2. the benchmark on the GPU (CUDA-event timing, max_memory_allocated) for LeNet-5, the residual CNN
-#      and the 1.1 M-parameter CIFAR-sized CNN at n = 32, 128 and 512.
+#      and the 1.1 M-parameter CIFAR-sized CNN at n = 32, 128 and 512;
+#   3. penalty steps eager against replayed from a CUDA graph (benchmarks/cuda_graphs.py).
+# Each part has its own time limit (seconds; env TESTS_S, BENCH_S, GRAPHS_S), and what a part measured
+# before its limit is kept.
 # Usage: PYTHONPATH=. bash benchmarks/gpu_check.sh [OUT_DIR]   (default: benchmarks/)
-# Writes OUT_DIR/results-cuda.json, OUT_DIR/results-cuda.md and OUT_DIR/gpu_check.log.
+# Writes OUT_DIR/results-cuda.json, OUT_DIR/results-cuda.md, OUT_DIR/results-cuda-graphs.json and OUT_DIR/gpu_check.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PYTHONPATH:-.}:bench"  # the benchmark models come from the testbench (bench/)
 PY="${PYTHON:-python3}"
 OUT="${1:-benchmarks}"
+export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "gpu_check: no CUDA device is visible to torch here ($("$PY" -c 'import torch; print("torch", torch.__version__)' 2>&1)); nothing to run."
@@ -22,14 +26,17 @@ fi
   "$PY" -c "import torch; print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
   echo "## CUDA tests"
   if "$PY" -c "import pytest" 2>/dev/null; then
-    timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
+    timeout "${TESTS_S:-240}" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
   else
-    timeout 240 "$PY" tests/test_cuda.py
+    timeout "${TESTS_S:-240}" "$PY" tests/test_cuda.py
   fi
   echo "tests exit code: $?"
   echo "## benchmark"
-  timeout 300 "$PY" benchmarks/bench_mgs.py --device cuda --models lenet5 resnet cifar_cnn --batch 32 128 512 \
+  timeout "${BENCH_S:-300}" "$PY" benchmarks/bench_mgs.py --device cuda --models lenet5 resnet cifar_cnn --batch 32 128 512 \
     --repeats 5 --skip-slow --json "$OUT/results-cuda.json" > "$OUT/results-cuda.md"
   echo "benchmark exit code: $?"
   cat "$OUT/results-cuda.md"
+  echo "## CUDA graphs"
+  timeout "${GRAPHS_S:-150}" "$PY" benchmarks/cuda_graphs.py --json "$OUT/results-cuda-graphs.json"
+  echo "cuda_graphs exit code: $?"
 } 2>&1 | tee "$OUT/gpu_check.log"

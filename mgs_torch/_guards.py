@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BATCH_NORM_TYPES", "cuda_devices", "rng_states", "restore_rng_states", "preserved_state"]
+__all__ = ["BATCH_NORM_TYPES", "capturing_cuda_graph", "cuda_devices", "rng_states", "restore_rng_states", "preserved_state"]
 
 BATCH_NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
@@ -17,6 +17,11 @@ BATCH_NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 def cuda_devices(tensors: Iterable[Tensor]) -> list[int]:
     """The CUDA device indices among ``tensors`` (what a random-state fork must cover)."""
     return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+
+
+def capturing_cuda_graph(tensor: Tensor) -> bool:
+    """True while ``tensor``'s CUDA stream is being captured into a CUDA graph (no host sync allowed)."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def rng_states(model: nn.Module) -> list[tuple[str, int, Tensor]]:
@@ -39,12 +44,14 @@ def preserved_state(model: nn.Module, batch_norm: str) -> Iterator[None]:
     Train/eval flags are restored, BatchNorm layers are in eval mode under ``batch_norm="eval"``,
     autocast is off (the kernel is computed in the parameters' dtype or the requested one), and the
     global random state (CPU and the model's CUDA device) is forked, so Dropout masks drawn here do
-    not shift the training run's random stream.
+    not shift the training run's random stream. While a CUDA graph is being captured the CUDA random
+    state cannot be read or set: it is not forked then, and the graph's own random offsets advance.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     flags = [(m, m.training) for m in model.modules()]
-    devices = cuda_devices(model.parameters())
+    params = list(model.parameters())
+    devices = [] if params and capturing_cuda_graph(params[0]) else cuda_devices(params)
     try:
         if batch_norm == "eval":
             for m in model.modules():
@@ -52,7 +59,7 @@ def preserved_state(model: nn.Module, batch_norm: str) -> Iterator[None]:
                     m.eval()
         with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as stack:
             for dev in ("cpu", "cuda"):
-                if dev == "cpu" or devices:
+                if dev == "cpu" or any(p.is_cuda for p in params):
                     stack.enter_context(torch.autocast(dev, enabled=False))
             stack.enter_context(warnings.catch_warnings())
             # vmap's fallback for ops without a batching rule is correct, only slower: not the user's concern

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._guards import capturing_cuda_graph
 from ._warnings import warn_once
 
 
@@ -21,9 +22,16 @@ def logdet_psd(K: Tensor, jitter: float = 0.0, max_tries: int = 6) -> Tensor:
     ε starts at ``jitter``; if K + εI is not numerically positive definite, ε grows from
     1e-10·mean(diag K) by factors of 100 (at most ``max_tries`` times) and a warning is issued once.
     Raises ``ValueError`` if no such ε works (K has non-finite entries or is far from PSD).
+
+    While a CUDA graph is being captured, where no host sync is allowed, ε stays at ``jitter`` and
+    the result is NaN (not an error) when K + εI is not numerically positive definite.
     """
     check_square(K)
     eye = torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
+    if capturing_cuda_graph(K):
+        L, info = torch.linalg.cholesky_ex(K + jitter * eye if jitter else K)
+        value = 2.0 * torch.log(L.diagonal()).sum()
+        return torch.where(info == 0, value, torch.full_like(value, float("nan")))
     scale = float(K.detach().diagonal().mean().abs()) or 1.0
     first = max(float(jitter), 1e-10 * scale)
     schedule = [float(jitter)] + [first * 100.0**i for i in range(max_tries)]

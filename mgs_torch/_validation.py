@@ -11,6 +11,8 @@ from typing import Callable, Iterable, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ._guards import capturing_cuda_graph
+
 __all__ = [
     "Inputs", "ParamFilter", "NonFiniteOutputError", "OUTPUT_MODES", "BATCH_NORM_POLICIES", "as_input_tuple",
     "check_input_arity", "select_parameters", "check_outputs", "raise_integer_input_hint",
@@ -138,6 +140,8 @@ def check_outputs(out: object, n: int) -> Tensor:
         raise TypeError(f"the model output has dtype {out.dtype}; raw floating-point outputs (logits) are needed")
     if out[0].numel() == 0:
         raise ValueError(f"the model output has shape {tuple(out.shape)}: zero outputs per sample")
+    if capturing_cuda_graph(out):  # counting NaNs needs a host sync, which graph capture forbids
+        return out
     bad = (~torch.isfinite(out)).sum()
     if bad.item():
         raise NonFiniteOutputError(

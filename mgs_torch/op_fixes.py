@@ -275,6 +275,7 @@ def _make_rnn_cell(kind: str):
 
 
 _VF = torch._C._VariableFunctions
+_DATA_PTR = torch.Tensor.data_ptr
 
 REPLACED_OPS: dict = {
     F.layer_norm: layer_norm,
@@ -328,6 +329,11 @@ class ExactOps(TorchFunctionMode):
 
     def __torch_function__(self, func, types_=(), args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is _DATA_PTR and torch._C._functorch.is_functorch_wrapped_tensor(args[0]):
+            # A torch.func wrapper has no storage. nn.LSTM/GRU/RNN on CUDA read the pointers of their
+            # weights (flatten_parameters) only to see whether they alias; equal pointers make them
+            # leave the weights as they are, which is what a functional call needs.
+            return 0
         fix = REPLACED_OPS.get(func)
         if fix is not None:
             name = getattr(func, "__name__", str(func))

@@ -18,6 +18,7 @@ import torch
 from model_zoo import CASES, Case, build
 from reference import kernel_loop, penalty_grad_fd, penalty_grad_loop, relative_error, trainable
 from mgs_torch import mgs_kernel, mgs_penalty, mgs_trace
+from mgs_torch.engines import factors
 
 STRATEGIES = ("jacobian", "structured", "auto")
 TOL = 1e-9
@@ -78,6 +79,10 @@ def penalty_gradient(model, x, kind, strategy, kwargs, fd: bool):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_matches_the_autograd_loop(case: Case, strategy: str):
+    audit(case, strategy)
+
+
+def audit(case: Case, strategy: str) -> None:
     model, x = build(case)
     kw = case.kernel_kwargs
     before = snapshot(model)
@@ -104,6 +109,22 @@ def test_matches_the_autograd_loop(case: Case, strategy: str):
     assert_unchanged(model, before)
     bad = {k: f"{v:.2e}" for k, v in errors.items() if not v <= tol[k]}
     assert not bad, f"{case.name} with strategy={strategy!r}: relative errors {bad}"
+
+
+def _has_convolution(case: Case) -> bool:
+    return case.refused is None and any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in build(case)[0].modules())
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if _has_convolution(c)], ids=lambda c: c.name)
+def test_unfolded_convolution_gradients_match_the_loop(case: Case, monkeypatch):
+    """The CUDA route for materialised per-sample convolution gradients (unfolded patches and a
+    batched matmul), forced on the CPU so that every convolution case checks it here too."""
+    monkeypatch.setattr(factors.ConvFactor, "ghost_is_cheaper", lambda self, quantity: False)
+    monkeypatch.setattr(
+        factors.ConvFactor, "materialize",
+        lambda self: self.materialize_unfolded() if len(self.kernel_size) <= 2 else self.materialize_grouped(),
+    )
+    audit(case, "structured")
 
 
 OPTION_CASES = ["folded_sequence", "permuted_batch", "lstm_tm_tagger", "encoder_layer_default", "batchnorm2d_batch", "layernorm_twice", "tied_weights"]

@@ -296,3 +296,21 @@ def test_only_provably_row_wise_sequentials_skip_the_per_sample_vmap():
     assert not plan(hooked, x).rowwise
     assert close(mgs_kernel(hooked, x), kernel_loop(hooked, x))
     assert close(mgs_kernel(rowwise, x), kernel_loop(rowwise, x))
+
+
+def test_rnn_weight_pointers_are_readable_inside_mgs_computations():
+    """nn.LSTM/GRU/RNN on CUDA call ``data_ptr()`` on their (functionally swapped) weights in
+    flatten_parameters; a torch.func wrapper has no storage and raised there (seen on an H200).
+    Inside ExactOps the pointer of a wrapper reads as 0, so the aliasing check leaves them alone."""
+    from torch.func import grad, vmap
+
+    from mgs_torch.op_fixes import ExactOps
+
+    weights = torch.randn(3, 2)
+    with pytest.raises(RuntimeError, match="storage"):
+        vmap(lambda w: torch.tensor(float(w.data_ptr())))(weights)
+    with ExactOps():
+        pointers = vmap(lambda w: torch.tensor(float(w.data_ptr())))(weights)
+        inner = grad(lambda w: (w * w.data_ptr()).sum())(weights[0])
+    assert pointers.eq(0).all() and inner.eq(0).all()
+    assert weights.data_ptr() != 0  # plain tensors keep their real pointer

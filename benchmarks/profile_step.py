@@ -1,0 +1,50 @@
+"""Where the time of one MGS training step goes: torch.profiler's operator table (CPU or CUDA).
+
+    PYTHONPATH=. python benchmarks/profile_step.py --model cifar_cnn --n 128 --variant trace [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cuda_graphs import make_step  # noqa: E402
+from models import INPUT_SHAPES, MODELS  # noqa: E402
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="cifar_cnn", choices=list(MODELS))
+    ap.add_argument("--n", type=int, default=128)
+    ap.add_argument("--variant", default="trace", choices=["plain", "trace", "hutchinson", "logdet"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--rows", type=int, default=30)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = MODELS[args.model]().to(device)
+    x = torch.randn(args.n, *INPUT_SHAPES[args.model], device=device)
+    y = torch.randint(0, 10, (args.n,), device=device)
+    step = make_step(model, torch.optim.SGD(model.parameters(), lr=1e-6), x, y, args.variant)
+    for _ in range(3):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"# {args.model} n={args.n} {args.variant} on {args.device}, 3 steps")
+    print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
