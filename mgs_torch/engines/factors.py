@@ -152,8 +152,8 @@ class ConvFactor(OuterFactor):
 
     ``a`` must already carry any non-zero or asymmetric padding; ``padding`` is the remaining
     symmetric zero padding. Materialised per-sample gradients (cost k·n·T·O·I, double-differentiable)
-    come on the CPU from one ``convolution_backward`` with the samples as groups (as Opacus and
-    functorch do), on CUDA from the unfolded patches (1-D and 2-D); the ghost route unfolds too.
+    come from one ``convolution_backward`` with the samples as groups (as Opacus and functorch do),
+    on CUDA with several cotangents from the unfolded patches (1-D and 2-D); the ghost route unfolds too.
     """
 
     def __init__(self, a: Tensor, g: Tensor, kernel_size, stride, padding, dilation, groups: int):
@@ -186,9 +186,11 @@ class ConvFactor(OuterFactor):
         return self._operands
 
     def materialize(self) -> Tensor:
-        if self.raw_a.is_cuda and len(self.kernel_size) <= 2:
-            # cuDNN runs a convolution with n·k groups as many small launches (26 ms for one layer of a
-            # 1 M-parameter CNN at n = 128 on an H200): unfolded patches and one batched matmul are faster
+        if self.raw_a.is_cuda and len(self.kernel_size) <= 2 and self.raw_g.shape[0] > 1:
+            # cuDNN runs a convolution with n·k groups as hundreds of small launches: with k = q = 10
+            # cotangents unfolded patches and one batched matmul were faster on an H200 (exact trace step
+            # of the residual CNN 106 → 79 ms at n = 128); with k = 1 (Hutchinson) the grouped one was
+            # faster and smaller, so it stays (benchmarks/RESULTS.md, GPU section)
             return self.materialize_unfolded()
         return self.materialize_grouped()
 
