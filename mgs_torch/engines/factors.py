@@ -25,13 +25,37 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+class _SymmetricGram(torch.autograd.Function):
+    """X Xᵀ for X (..., m, d) whose backward is one product, (Ḡ + Ḡᵀ) X, where autograd's matmul
+    backward takes two (Ḡ X and Ḡᵀ X); the backward is itself differentiable."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x @ x.mT
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return (grad + grad.mT) @ x
+
+
+def symmetric_gram(x: Tensor) -> Tensor:
+    """X Xᵀ over the last two dimensions (batched), with a one-product backward."""
+    return _SymmetricGram.apply(x)
+
+
 def _gram_rows(G: Tensor, outputs: str) -> Tensor:
     """Gram of per-sample gradients G (k, n, P): (n·k)² ordered (sample, output), or n×n summed over k."""
     k, n, _ = G.shape
     if outputs == "full":
-        flat = G.transpose(0, 1).reshape(n * k, -1)
-        return flat @ flat.T
-    return torch.einsum("kip,kjp->ij", G, G)
+        return symmetric_gram(G.transpose(0, 1).reshape(n * k, -1))
+    return symmetric_gram(G.transpose(0, 1).reshape(n, -1))
 
 
 class DirectFactor:
@@ -108,11 +132,11 @@ class OuterFactor:
             A = A[..., 0, 0].permute(2, 0, 1)  # (G, n, n)
             g0 = g[:, :, :, 0].permute(2, 1, 0, 3)  # (G, n, k, O)
             if outputs == "full":
-                flat = g0.reshape(G, n * k, -1)
-                B = (flat @ flat.transpose(1, 2)).view(G, n, k, n, k)
-                return (B * A.view(G, n, 1, n, 1)).sum(0).reshape(n * k, n * k)
-            flat = g0.reshape(G, n, -1)
-            return (A * (flat @ flat.transpose(1, 2))).sum(0)
+                B = symmetric_gram(g0.reshape(G, n * k, -1)).view(G, n, k, n, k)
+                K = B * A.view(G, n, 1, n, 1)
+                return (K.squeeze(0) if G == 1 else K.sum(0)).reshape(n * k, n * k)
+            K = A * symmetric_gram(g0.reshape(G, n, -1))
+            return K.squeeze(0) if G == 1 else K.sum(0)
         if outputs == "full":
             K = torch.einsum("kigto,ljgso,ijgts->ikjl", g, g, A)
             return K.reshape(n * k, n * k)

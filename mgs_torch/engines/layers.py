@@ -67,18 +67,23 @@ def _sum_positions(t: Tensor) -> Tensor:
 
 
 class LinearRule(LayerRule):
-    """y = x Wᵀ + b on (n, *, I): grad W = Σ_t g_t a_tᵀ over the * positions, grad b = Σ_t g_t."""
+    """y = x Wᵀ + b on (n, *, I): grad W = Σ_t g_t a_tᵀ over the * positions, grad b = Σ_t g_t;
+    together, grad [W b] = Σ_t g_t [a_t 1]ᵀ."""
 
     leading_dims_are_positions = True
 
     def factors(self, module, saved, grad, names):
         (a,) = saved
         k, n = grad.shape[:2]
+        g = grad.reshape(k, n, 1, -1, grad.shape[-1])
+        a = a.reshape(n, 1, -1, a.shape[-1])
+        if {"weight", "bias"} <= names:  # [W b] acts on [a 1]: one factor, one Gram instead of two
+            return {"weight+bias": OuterFactor(torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1), g)}
         out = {}
         if "weight" in names:
-            out["weight"] = OuterFactor(a.reshape(n, 1, -1, a.shape[-1]), grad.reshape(k, n, 1, -1, grad.shape[-1]))
+            out["weight"] = OuterFactor(a, g)
         if "bias" in names:
-            out["bias"] = DirectFactor(grad.reshape(k, n, -1, grad.shape[-1]).sum(2))
+            out["bias"] = DirectFactor(g.sum(3).squeeze(2))
         return out
 
 
