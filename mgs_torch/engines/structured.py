@@ -32,6 +32,7 @@ from .._guards import cuda_devices, restore_rng_states, rng_states
 
 from .._problem import Cotangents, KernelProblem, PerModelCache, one_hot_cotangents
 from . import jacobian
+from .factors import DirectFactor
 from .layers import LAYER_RULES, LayerRule
 
 
@@ -392,6 +393,16 @@ def _factors(problem, p, cotangents, chunk_size, check) -> tuple[list, Tensor]:
     return factors, cot
 
 
+def _merge_direct(factors: list) -> list:
+    """Explicit per-sample gradients (biases, normalisation affines) side by side in one factor: the
+    sum of their Grams is the Gram of their concatenation, one product instead of one per parameter."""
+    direct = [f for f in factors if type(f) is DirectFactor]
+    if len(direct) < 2:
+        return factors
+    merged = DirectFactor(torch.cat([f.grads.flatten(2) for f in direct], -1))
+    return [f for f in factors if type(f) is not DirectFactor] + [merged]
+
+
 # Random ops that no Dropout module announced make the fallback (a strict sub-problem) raise; the
 # shared retry then marks the problem stochastic and starts again, now on the reference alone, so
 # covered and fallback parameters never see different masks.
@@ -425,7 +436,7 @@ def kernel(problem: KernelProblem, *, outputs: str = "full", chunk_size: int | N
         if _needs_reference(problem, p):
             return jacobian.kernel(problem, outputs=outputs, chunk_size=chunk_size)
         factors, _ = _factors(problem, p, one_hot_cotangents, chunk_size, cached)
-        total = sum(f.kernel(outputs) for f in factors)
+        total = sum(f.kernel(outputs) for f in _merge_direct(factors))
         if p.fallback:
             total = total + jacobian.kernel(_fallback_problem(problem, p), outputs=outputs, chunk_size=chunk_size)
         return total
