@@ -4,11 +4,13 @@
 #      incl. the CUDA RNG, chunk_size bounding GPU memory, a Lightning fit in bf16-mixed);
 #   2. the benchmark on the GPU (CUDA-event timing, max_memory_allocated) for LeNet-5, the residual CNN
 #      and the 1.1 M-parameter CIFAR-sized CNN at n = 32, 128 and 512;
-#   3. penalty steps eager against replayed from a CUDA graph (benchmarks/cuda_graphs.py).
-# Each part has its own time limit (seconds; env TESTS_S, BENCH_S, GRAPHS_S), and what a part measured
-# before its limit is kept.
+#   3. penalty steps eager against replayed from a CUDA graph (benchmarks/cuda_graphs.py);
+#   4. where the time of the CIFAR CNN's exact trace step goes (torch.profiler, benchmarks/profile_step.py).
+# Each part has its own time limit (seconds; env TESTS_S, BENCH_S, GRAPHS_S, PROFILE_S), and what a part
+# measured before its limit is kept. On an H200 (2026-11-27) the parts took about 25, 170, 200 and 30 s.
 # Usage: PYTHONPATH=. bash benchmarks/gpu_check.sh [OUT_DIR]   (default: benchmarks/)
-# Writes OUT_DIR/results-cuda.json, OUT_DIR/results-cuda.md, OUT_DIR/results-cuda-graphs.json and OUT_DIR/gpu_check.log.
+# Writes OUT_DIR/results-cuda.json, OUT_DIR/results-cuda.md, OUT_DIR/results-cuda-graphs.json,
+# OUT_DIR/profile.txt and OUT_DIR/gpu_check.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PYTHONPATH:-.}:bench"  # the benchmark models come from the testbench (bench/)
@@ -37,6 +39,9 @@ fi
   echo "benchmark exit code: $?"
   cat "$OUT/results-cuda.md"
   echo "## CUDA graphs"
-  timeout "${GRAPHS_S:-150}" "$PY" benchmarks/cuda_graphs.py --json "$OUT/results-cuda-graphs.json"
+  timeout "${GRAPHS_S:-240}" "$PY" benchmarks/cuda_graphs.py --json "$OUT/results-cuda-graphs.json"
   echo "cuda_graphs exit code: $?"
+  echo "## profile"
+  timeout "${PROFILE_S:-60}" "$PY" benchmarks/profile_step.py --model cifar_cnn --n 128 --variant trace --rows 25 > "$OUT/profile.txt" 2>&1
+  echo "profile exit code: $?"
 } 2>&1 | tee "$OUT/gpu_check.log"
