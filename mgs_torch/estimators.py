@@ -36,7 +36,13 @@ def default_generator() -> torch.Generator:
 
 def rademacher_probes(num_probes: int, n: int, q: int, generator: torch.Generator | None, device) -> Tensor:
     """Independent ±1 entries, shape (num_probes, n, q), drawn on the generator's device."""
-    gen_device = generator.device if generator is not None else "cpu"
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    if torch.device(device).type == "cuda" and gen_device.type != "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "Hutchinson probes from a CPU generator cannot be captured into a CUDA graph (a replay would "
+            "not draw new ones): pass generator=torch.Generator(device='cuda') and register it with "
+            "graph.register_generator_state(generator) before capturing"
+        )
     bits = torch.randint(0, 2, (num_probes, n, q), generator=generator, device=gen_device)
     return (2.0 * bits - 1.0).to(device)
 

@@ -212,3 +212,14 @@ def test_symmetric_gram_matches_matmul_to_second_order():
         plain = torch.autograd.grad(X @ X.mT, X, cot)[0]
         assert torch.allclose(symmetric_gram(X), X @ X.mT) and torch.allclose(ours, plain, rtol=1e-13, atol=1e-13)
         assert torch.autograd.gradcheck(symmetric_gram, (X,)) and torch.autograd.gradgradcheck(symmetric_gram, (X,))
+
+
+def test_hutchinson_probes_from_a_cpu_generator_are_refused_inside_cuda_graph_capture(monkeypatch):
+    """A captured CPU draw would be replayed as it is: the error says to pass a registered CUDA generator.
+    (Capture itself needs a GPU; it is simulated here, before any CUDA call is made.)"""
+    from mgs_torch.estimators import rademacher_probes
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="register_generator_state"):
+        rademacher_probes(1, 2, 3, torch.Generator(), "cuda")
+    assert rademacher_probes(1, 2, 3, torch.Generator(), "cpu").abs().eq(1).all()  # the CPU path is untouched
