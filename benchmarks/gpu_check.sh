@@ -5,7 +5,8 @@
 #   2. the benchmark on the GPU (CUDA-event timing, max_memory_allocated) for LeNet-5, the residual CNN
 #      and the 1.1 M-parameter CIFAR-sized CNN at n = 32, 128 and 512;
 #   3. penalty steps eager against replayed from a CUDA graph (benchmarks/cuda_graphs.py);
-#   4. where the time of the CIFAR CNN's exact trace step goes (torch.profiler, benchmarks/profile_step.py).
+#   4. where the time of the CIFAR CNN's exact trace step goes (torch.profiler, benchmarks/profile_step.py),
+#      with and without the opt-in transposed-convolution backward (mgs_torch.op_fixes).
 # Each part has its own time limit (seconds; env TESTS_S, BENCH_S, GRAPHS_S, PROFILE_S), and what a part
 # measured before its limit is kept. On an H200 (2026-11-27) the parts took about 25, 170, 200 and 30 s.
 # Usage: PYTHONPATH=. bash benchmarks/gpu_check.sh [OUT_DIR]   (default: benchmarks/)
@@ -42,6 +43,9 @@ fi
   timeout "${GRAPHS_S:-240}" "$PY" benchmarks/cuda_graphs.py --json "$OUT/results-cuda-graphs.json"
   echo "cuda_graphs exit code: $?"
   echo "## profile"
-  timeout "${PROFILE_S:-60}" "$PY" benchmarks/profile_step.py --model cifar_cnn --n 128 --variant trace --rows 25 > "$OUT/profile.txt" 2>&1
-  echo "profile exit code: $?"
+  for flag in "" --transposed-conv; do  # A/B of the opt-in convolution replacement (mgs_torch.op_fixes)
+    timeout "${PROFILE_S:-60}" "$PY" benchmarks/profile_step.py --model cifar_cnn --n 128 --variant trace --rows 25 $flag >> "$OUT/profile.txt" 2>&1
+    echo "profile $flag exit code: $?"
+  done
+  grep "median of 10 steps" "$OUT/profile.txt"
 } 2>&1 | tee "$OUT/gpu_check.log"

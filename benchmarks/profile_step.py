@@ -1,12 +1,17 @@
 """Where the time of one MGS training step goes: torch.profiler's operator table (CPU or CUDA).
 
     PYTHONPATH=. python benchmarks/profile_step.py --model cifar_cnn --n 128 --variant trace [--device cuda]
+        [--transposed-conv]    (the opt-in convolution of mgs_torch.op_fixes, for an A/B)
+
+Prints the median time of 10 steps, then the operator table of 3 profiled steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +23,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cuda_graphs import make_step  # noqa: E402
 from models import INPUT_SHAPES, MODELS  # noqa: E402
 
+from mgs_torch.op_fixes import use_transposed_convolution_backward  # noqa: E402
+
+
+def median_step_ms(step, device: torch.device, repeats: int = 10) -> float:
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,7 +46,9 @@ def main(argv=None) -> None:
     ap.add_argument("--variant", default="trace", choices=["plain", "trace", "hutchinson", "logdet"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--transposed-conv", action="store_true", help="use_transposed_convolution_backward(True)")
     args = ap.parse_args(argv)
+    use_transposed_convolution_backward(args.transposed_conv)
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = MODELS[args.model]().to(device)
@@ -35,6 +57,8 @@ def main(argv=None) -> None:
     step = make_step(model, torch.optim.SGD(model.parameters(), lr=1e-6), x, y, args.variant)
     for _ in range(3):
         step()
+    label = f"{args.model} n={args.n} {args.variant} on {args.device}" + (", transposed-conv" if args.transposed_conv else "")
+    print(f"# {label}: median of 10 steps {median_step_ms(step, device):.2f} ms")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(3):
@@ -42,7 +66,7 @@ def main(argv=None) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"# {args.model} n={args.n} {args.variant} on {args.device}, 3 steps")
+    print(f"# {label}, 3 steps")
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
 
 

@@ -19,6 +19,7 @@ from model_zoo import CASES, Case, build
 from reference import kernel_loop, penalty_grad_fd, penalty_grad_loop, relative_error, trainable
 from mgs_torch import mgs_kernel, mgs_penalty, mgs_trace
 from mgs_torch.engines import factors
+from mgs_torch.op_fixes import use_transposed_convolution_backward
 
 STRATEGIES = ("jacobian", "structured", "auto")
 TOL = 1e-9
@@ -125,6 +126,18 @@ def test_unfolded_convolution_gradients_match_the_loop(case: Case, monkeypatch):
         lambda self: self.materialize_unfolded() if len(self.kernel_size) <= 2 else self.materialize_grouped(),
     )
     audit(case, "structured")
+
+
+@pytest.mark.parametrize("strategy", ["jacobian", "structured"])
+@pytest.mark.parametrize("case", [c for c in CASES if _has_convolution(c)], ids=lambda c: c.name)
+def test_transposed_convolution_backward_matches_the_loop(case: Case, strategy: str):
+    """The opt-in convolution replacement (a transposed convolution as input-gradient) on every
+    convolution case, both strategies: K, tr K and both penalty gradients against the loop."""
+    use_transposed_convolution_backward(True)
+    try:
+        audit(case, strategy)
+    finally:
+        use_transposed_convolution_backward(False)
 
 
 OPTION_CASES = ["folded_sequence", "permuted_batch", "lstm_tm_tagger", "encoder_layer_default", "batchnorm2d_batch", "layernorm_twice", "tied_weights"]

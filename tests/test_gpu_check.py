@@ -42,3 +42,4 @@ def test_profile_script_prints_the_operator_table_on_the_cpu():
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "# lenet5 n=4 trace on cpu, 3 steps" in result.stdout and "aten::" in result.stdout
+    assert "# lenet5 n=4 trace on cpu: median of 10 steps" in result.stdout

@@ -314,3 +314,29 @@ def test_rnn_weight_pointers_are_readable_inside_mgs_computations():
         inner = grad(lambda w: (w * w.data_ptr()).sum())(weights[0])
     assert pointers.eq(0).all() and inner.eq(0).all()
     assert weights.data_ptr() != 0  # plain tensors keep their real pointer
+
+
+@pytest.mark.parametrize(
+    "dims, x_shape, w_shape, options",
+    [
+        (2, (2, 4, 7, 6), (6, 2, 3, 2), dict(stride=2, padding=1, groups=2)),
+        (2, (2, 3, 8, 8), (4, 3, 2, 2), dict(padding="same", dilation=2)),
+        (2, (2, 3, 8, 8), (4, 3, 3, 3), dict(padding="valid", stride=(2, 1))),
+        (1, (2, 3, 9), (5, 3, 4), dict(stride=3, padding=2, dilation=2)),
+        (3, (1, 2, 5, 4, 4), (3, 2, 2, 3, 2), dict(stride=(1, 2, 1), padding=(1, 0, 1))),
+        (2, (3, 7, 7), (2, 3, 3, 3), dict(padding=1)),  # unbatched input
+    ],
+)
+def test_transposed_convolution_backward_is_the_convolution_to_second_order(dims, x_shape, w_shape, options):
+    """The opt-in convolution of op_fixes: F.convNd's values, and first and second derivatives that
+    match finite differences (gradcheck, gradgradcheck), for strides, 'same'/'valid', dilation, groups."""
+    from mgs_torch.op_fixes import _convolution
+
+    torch.manual_seed(0)
+    x = torch.randn(*x_shape, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(*w_shape, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(w_shape[0], dtype=torch.float64, requires_grad=True)
+    ours = lambda x, w, b: _convolution(dims)(x, w, b, **options)  # noqa: E731
+    reference = getattr(torch.nn.functional, f"conv{dims}d")
+    assert torch.allclose(ours(x, w, b), reference(x, w, b, **options), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(ours, (x, w, b)) and torch.autograd.gradgradcheck(ours, (x, w, b))
