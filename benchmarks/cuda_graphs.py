@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,11 +30,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_mgs import median_ms  # noqa: E402
 from models import INPUT_SHAPES, MODELS  # noqa: E402
 
 from mgs_torch import mgs_penalty  # noqa: E402
 
 ALPHA = 1e-3
+CUDA = torch.device("cuda")
 
 
 def make_step(model, opt, x, y, variant: str, generator=None):
@@ -52,18 +53,6 @@ def make_step(model, opt, x, y, variant: str, generator=None):
         loss.backward()
         opt.step()
     return step
-
-
-def timed_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def host_syncs(step) -> list[str]:
@@ -108,10 +97,10 @@ def run(name: str, n: int, variant: str, repeats: int) -> dict:
     for _ in range(3):
         eager()
     row["host_syncs_per_eager_step"] = host_syncs(eager)
-    row["eager_ms"] = timed_ms(eager, repeats)
+    row["eager_ms"] = median_ms(eager, repeats, CUDA, warmup=0)
     try:
         replay = graphed(make_step(graph_model, torch.optim.SGD(graph_model.parameters(), lr=1e-3), x, y, variant, gen_g), gen_g)
-        row["graph_ms"] = timed_ms(replay, repeats)
+        row["graph_ms"] = median_ms(replay, repeats, CUDA, warmup=1)
         # same start, same number of steps: the weights must agree (float32, up to summation order)
         fresh_e, fresh_g = copy.deepcopy(base), copy.deepcopy(base)
         gen2_e, gen2_g = ((torch.Generator(device="cuda").manual_seed(2) for _ in range(2)) if gen_e is not None else (None, None))

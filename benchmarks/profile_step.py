@@ -9,9 +9,7 @@ Prints the median time of 10 steps, then the operator table of 3 profiled steps.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,23 +18,11 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_mgs import median_ms  # noqa: E402
 from cuda_graphs import make_step  # noqa: E402
 from models import INPUT_SHAPES, MODELS  # noqa: E402
 
 from mgs_torch.op_fixes import use_transposed_convolution_backward  # noqa: E402
-
-
-def median_step_ms(step, device: torch.device, repeats: int = 10) -> float:
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
 
 
 def main(argv=None) -> None:
@@ -55,10 +41,8 @@ def main(argv=None) -> None:
     x = torch.randn(args.n, *INPUT_SHAPES[args.model], device=device)
     y = torch.randint(0, 10, (args.n,), device=device)
     step = make_step(model, torch.optim.SGD(model.parameters(), lr=1e-6), x, y, args.variant)
-    for _ in range(3):
-        step()
     label = f"{args.model} n={args.n} {args.variant} on {args.device}" + (", transposed-conv" if args.transposed_conv else "")
-    print(f"# {label}: median of 10 steps {median_step_ms(step, device):.2f} ms")
+    print(f"# {label}: median of 10 steps {median_ms(step, 10, device, warmup=3):.2f} ms")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(3):
