@@ -117,6 +117,11 @@ def mgs_penalty(
     train/eval flags, buffers and the global RNG are left untouched. Cost (structured engine, exact
     trace): one forward + one backward at batch q·n, and about twice that again for the double
     backward of ``loss.backward()`` — about a plain training step at batch q·n.
+
+    On a GPU a whole training step with this penalty can be captured into a CUDA graph and replayed
+    (README, "Speed"): no host sync happens inside, the output NaN check is skipped while capturing,
+    ``kind="logdet"`` then keeps ε = ``jitter`` and yields NaN where K + εI is not positive definite,
+    and Hutchinson probes need ``generator=torch.Generator(device="cuda")`` registered with the graph.
     """
     opts = PenaltyOptions(outputs, params, strategy, chunk_size, dtype, batch_norm, kind, estimator, num_probes, reduction, jitter)
     dtype = opts.dtype
