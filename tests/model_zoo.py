@@ -324,6 +324,76 @@ class PoolsAndResampling(nn.Module):
         return self.head(torch.cat([a.flatten(1), b, c], 1))
 
 
+class SpatialOps(nn.Module):
+    """Unfold/Fold, pixel unshuffle, channel shuffle, adaptive max and LP pooling, shrink/threshold/softmin."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(2, 4, 3, padding=1), nn.Linear(4 * 16 + 4 * 4 + 4, Q)
+        self.fold = nn.Sequential(nn.Unfold(2, stride=2), nn.Fold((4, 4), 2, stride=2))
+
+    def forward(self, x):
+        h = self.conv(x)
+        a = F.pixel_unshuffle(nn.ChannelShuffle(2)(self.fold(h)), 2)  # (n, 16, 2, 2)
+        a = F.softmin(F.threshold(F.softshrink(F.hardshrink(a, 0.1), 0.1), 0.05, -1.0), dim=1)
+        b = F.adaptive_max_pool2d(h, 2).flatten(1)
+        c = F.lp_pool2d(h, 2, 4).flatten(1)
+        return self.head(torch.cat([a.flatten(1), b, c], 1))
+
+
+class WarpedSampling(nn.Module):
+    """A spatial transformer: affine_grid from a Linear, grid_sample of conv features."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.theta, self.head = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(2 * 4 * 4, 6), nn.Linear(3 * 4 * 4, Q)
+
+    def forward(self, x):
+        grid = F.affine_grid(self.theta(x.flatten(1)).view(-1, 2, 3), (x.shape[0], 3, 4, 4), align_corners=False)
+        return self.head(F.grid_sample(self.conv(x), grid, align_corners=False).flatten(1))
+
+
+class TensorOps(nn.Module):
+    """topk, sort, max/amax/logsumexp, gather/scatter_add, cumsum/cumprod, normalize, cosine and pairwise distance."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(3, 6), nn.Linear(3, 6), nn.Linear(3 + 2 + 2 + 3 + 3 + 6 + 2, Q)
+        self.register_buffer("idx", torch.tensor([[0, 2, 5], [1, 1, 2]]))
+
+    def forward(self, x):
+        h, g = self.a(x), self.b(x)
+        n = x.shape[0]
+        top = torch.topk(h, 3, dim=1).values.sort(dim=1).values
+        red = torch.stack([h.view(n, 2, 3).max(dim=2).values.sum(1), torch.logsumexp(h, 1)], 1)
+        am = h.view(n, 2, 3).amax(2)
+        gat = torch.gather(h, 1, self.idx[:1].expand(n, 3))
+        sca = torch.zeros(n, 3, dtype=h.dtype).scatter_add(1, self.idx[1:].expand(n, 3), g[:, :3])
+        cum = torch.cumsum(h, 1) * torch.cumprod(torch.sigmoid(g), 1) + F.normalize(h, dim=1)
+        sim = torch.stack([F.cosine_similarity(h, g, dim=1), F.pairwise_distance(h, g)], 1)
+        return self.head(torch.tanh(torch.cat([top, red, am, gat, sca, cum, sim], 1)))
+
+
+class CrossAttention(nn.Module):
+    """MultiheadAttention with kdim/vdim (separate projection weights), then nn.Transformer (encoder and decoder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(4, 2, kdim=3, vdim=5, batch_first=True)
+        self.transformer = nn.Transformer(4, 2, 1, 1, 8, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(4, Q)
+
+    def forward(self, x):
+        h = self.mha(x[:, :, :4], x[:, :, 1:4], x[:, :, :5])[0]
+        return self.head(self.transformer(h, h[:, :2]).mean(1))
+
+
+def _orthogonal():
+    model, x = _mlp(nn.Tanh())
+    nn.utils.parametrizations.orthogonal(model[2])  # a 2×5 weight: orthonormal rows
+    return model, x
+
+
 class Scale(nn.Module):
     """A custom layer x ⊙ w, for the rule-registry tests (no rule unless a test registers one)."""
 
@@ -507,6 +577,10 @@ case("causal_encoder_stack", lambda: (CausalEncoder().eval(), _tokens()))
 case("squeeze_excite", lambda: (SqueezeExcite().eval(), (randn(N, 2, 4, 4),)), grad_by_fd=True, reference_model=_exact_gate)
 case("convnext_block", lambda: (ConvNeXtBlock().eval(), (randn(N, 4, 3, 3),)))
 case("pools_and_resampling", lambda: (PoolsAndResampling().eval(), (randn(N, 2, 4, 4),)))
+case("spatial_ops", lambda: (SpatialOps(), (randn(N, 2, 4, 4),)))
+case("warped_sampling", lambda: (WarpedSampling(), (randn(N, 2, 4, 4),)))
+case("tensor_ops", lambda: (TensorOps(), (randn(N, 3),)))
+case("cross_attention_transformer", lambda: (CrossAttention().eval(), (randn(N, 4, 5),)))
 # layouts
 case("folded_sequence", lambda: (FoldedSequence(), (randn(N, 4, 3),)))
 case("folded_sequence_n1", lambda: (FoldedSequence(), (randn(1, 4, 3),)))
@@ -516,6 +590,7 @@ case("permuted_batch", lambda: (PermutedBatch(), (randn(N, 3),)))
 # parametrizations, hooks, sharing
 case("weight_norm", _weight_norm)
 case("spectral_norm", _spectral_norm)
+case("orthogonal", _orthogonal)
 case("forward_hook", _hooked)
 case("tied_weights", lambda: (Tied(), (torch.tensor([[1, 2, 0], [3, 4, 4], [0, 1, 1]]),)))
 case("bare_parameter", lambda: (BareParameter(), (randn(N, 3),)))
