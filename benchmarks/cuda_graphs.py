@@ -8,9 +8,9 @@ ones do (the difference relative to the movement; Hutchinson probes differ betwe
 
     PYTHONPATH=. python benchmarks/cuda_graphs.py [--json benchmarks/results-cuda-graphs.json]
 
-The capture recipe (also in the README) is PyTorch's whole-network capture: warm up a few steps
-on a side stream (mgs_torch builds and caches its plan there), then capture one step on static
-input tensors; each training step copies the batch into them and calls ``graph.replay()``.
+The capture is :func:`mgs_torch.capture_step` (PyTorch's whole-network capture): a few warm-up steps
+on a side stream (mgs_torch builds and caches its plan there), then one step captured on static
+input tensors; each training step copies the batch into them and replays.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mgs import median_ms  # noqa: E402
 from models import INPUT_SHAPES, MODELS  # noqa: E402
 
-from mgs_torch import mgs_penalty  # noqa: E402
+from mgs_torch import capture_step, mgs_penalty  # noqa: E402
 
 ALPHA = 1e-3
 CUDA = torch.device("cuda")
@@ -68,22 +68,6 @@ def host_syncs(step) -> list[str]:
     return [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "called a synchronizing" in str(w.message)]
 
 
-def graphed(step, generator=None):
-    """Capture ``step`` after a side-stream warm-up; returns graph.replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    if generator is not None:
-        graph.register_generator_state(generator)
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
-
-
 def run(name: str, n: int, variant: str, repeats: int) -> dict:
     torch.manual_seed(0)
     base = MODELS[name]().cuda()
@@ -99,14 +83,14 @@ def run(name: str, n: int, variant: str, repeats: int) -> dict:
     row["host_syncs_per_eager_step"] = host_syncs(eager)
     row["eager_ms"] = median_ms(eager, repeats, CUDA, warmup=0)
     try:
-        replay = graphed(make_step(graph_model, torch.optim.SGD(graph_model.parameters(), lr=1e-3), x, y, variant, gen_g), gen_g)
+        replay = capture_step(make_step(graph_model, torch.optim.SGD(graph_model.parameters(), lr=1e-3), x, y, variant, gen_g), generators=[gen_g] if gen_g is not None else [])
         row["graph_ms"] = median_ms(replay, repeats, CUDA, warmup=1)
         # same start, same number of steps: the weights must agree (float32, up to summation order)
         fresh_e, fresh_g = copy.deepcopy(base), copy.deepcopy(base)
         gen2_e, gen2_g = ((torch.Generator(device="cuda").manual_seed(2) for _ in range(2)) if gen_e is not None else (None, None))
         e_step = make_step(fresh_e, torch.optim.SGD(fresh_e.parameters(), lr=1e-3), x, y, variant, gen2_e)
-        g_replay = graphed(make_step(fresh_g, torch.optim.SGD(fresh_g.parameters(), lr=1e-3), x, y, variant, gen2_g), gen2_g)
-        for _ in range(4):  # graphed() already took 3 warm-up steps and the captured one (not executed)
+        g_replay = capture_step(make_step(fresh_g, torch.optim.SGD(fresh_g.parameters(), lr=1e-3), x, y, variant, gen2_g), generators=[gen2_g] if gen2_g is not None else [])
+        for _ in range(4):  # capture_step() took 3 warm-up steps and captured one (not executed)
             e_step()
         g_replay()
         torch.cuda.synchronize()

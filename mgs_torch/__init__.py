@@ -13,6 +13,7 @@ similar the model's per-sample gradients are; as a penalty α·g(K) they regular
 import importlib.util
 
 from ._validation import NonFiniteOutputError
+from .cuda_graph import capture_step
 from .engines import LayerRule, layer_rule, register_layer_rule, unregister_layer_rule
 from .kernel import mgs_kernel, mgs_trace
 from .metrics import MGSMetrics, kernel_target_alignment, mgs_metrics
@@ -29,6 +30,7 @@ __all__ = [
     "mgs_trace",
     "mgs_metrics",
     "mgs_penalty",
+    "capture_step",
     "MGSMetrics",
     "mgs_sample_scores",
     "sample_scores_from_kernel",

@@ -40,8 +40,9 @@ def rademacher_probes(num_probes: int, n: int, q: int, generator: torch.Generato
     if torch.device(device).type == "cuda" and gen_device.type != "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             "Hutchinson probes from a CPU generator cannot be captured into a CUDA graph (a replay would "
-            "not draw new ones): pass generator=torch.Generator(device='cuda') and register it with "
-            "graph.register_generator_state(generator) before capturing"
+            "not draw new ones): pass generator=torch.Generator(device='cuda') to mgs_penalty and the same "
+            "generator to mgs_torch.capture_step(step, generators=[generator]) (or register it yourself "
+            "with graph.register_generator_state before capturing)"
         )
     bits = torch.randint(0, 2, (num_probes, n, q), generator=generator, device=gen_device)
     return (2.0 * bits - 1.0).to(device)

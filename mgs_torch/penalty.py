@@ -119,9 +119,9 @@ def mgs_penalty(
     backward of ``loss.backward()`` — about a plain training step at batch q·n.
 
     On a GPU a whole training step with this penalty can be captured into a CUDA graph and replayed
-    (README, "Speed"): no host sync happens inside, the output NaN check is skipped while capturing,
+    (:func:`mgs_torch.capture_step`): no host sync happens inside, the output NaN check is skipped while capturing,
     ``kind="logdet"`` then keeps ε = ``jitter`` and yields NaN where K + εI is not positive definite,
-    and Hutchinson probes need ``generator=torch.Generator(device="cuda")`` registered with the graph.
+    and Hutchinson probes need ``generator=torch.Generator(device="cuda")``, passed to capture_step too.
     """
     opts = PenaltyOptions(outputs, params, strategy, chunk_size, dtype, batch_norm, kind, estimator, num_probes, reduction, jitter)
     dtype = opts.dtype

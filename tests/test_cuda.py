@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from model_zoo import by_name, build  # noqa: E402
 from reference import kernel_loop, penalty_grad_loop, relative_error, trainable  # noqa: E402
-from mgs_torch import mgs_kernel, mgs_penalty, mgs_trace  # noqa: E402
+from mgs_torch import capture_step, mgs_kernel, mgs_penalty, mgs_trace  # noqa: E402
 
 try:
     import pytest
@@ -107,7 +107,7 @@ def check_graph_replay(kind: str) -> None:
     """A whole training step with the exact trace (or log-det) penalty, captured once into a CUDA
     graph and replayed, moves the weights as the same steps run eagerly do (no host sync inside)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from cuda_graphs import graphed, make_step
+    from cuda_graphs import make_step
     from models import LeNet5
 
     torch.manual_seed(0)
@@ -115,8 +115,8 @@ def check_graph_replay(kind: str) -> None:
     x, y = torch.randn(16, 1, 28, 28, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
     eager_model, graph_model = copy.deepcopy(base), copy.deepcopy(base)
     eager = make_step(eager_model, torch.optim.SGD(eager_model.parameters(), lr=1e-2), x, y, kind)
-    replay = graphed(make_step(graph_model, torch.optim.SGD(graph_model.parameters(), lr=1e-2), x, y, kind))
-    for _ in range(6):  # graphed() ran 3 warm-up steps; 3 replays make 6
+    replay = capture_step(make_step(graph_model, torch.optim.SGD(graph_model.parameters(), lr=1e-2), x, y, kind))
+    for _ in range(6):  # capture_step() ran 3 warm-up steps; 3 replays make 6
         eager()
     for _ in range(3):
         replay()
