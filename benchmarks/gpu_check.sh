@@ -6,9 +6,11 @@
 #      and the 1.1 M-parameter CIFAR-sized CNN at n = 32, 128 and 512;
 #   3. penalty steps eager against replayed from a CUDA graph (benchmarks/cuda_graphs.py);
 #   4. where the time of the CIFAR CNN's exact trace step goes (torch.profiler, benchmarks/profile_step.py),
-#      with and without the opt-in transposed-convolution backward (mgs_torch.op_fixes).
+#      with and without the opt-in transposed-convolution backward (mgs_torch.op_fixes), and the trace and
+#      log-det steps with every convolution's Gram product forced to the materialised or the ghost route.
 # Each part has its own time limit (seconds; env TESTS_S, BENCH_S, GRAPHS_S, PROFILE_S), and what a part
-# measured before its limit is kept. On an H200 (2026-11-27) the parts took about 25, 170, 200 and 30 s.
+# measured before its limit is kept. On an H200 (2026-11-27) the first three parts took about 25, 170 and 200 s (graphs over four
+# configurations; three now); the profile part adds two profiled and four timed runs of about 15–30 s each.
 # Usage: PYTHONPATH=. bash benchmarks/gpu_check.sh [OUT_DIR]   (default: benchmarks/)
 # Writes OUT_DIR/results-cuda.json, OUT_DIR/results-cuda.md, OUT_DIR/results-cuda-graphs.json,
 # OUT_DIR/profile.txt and OUT_DIR/gpu_check.log.
@@ -46,6 +48,10 @@ fi
   for flag in "" --transposed-conv; do  # A/B of the opt-in convolution replacement (mgs_torch.op_fixes)
     timeout "${PROFILE_S:-60}" "$PY" benchmarks/profile_step.py --model cifar_cnn --n 128 --variant trace --rows 25 $flag >> "$OUT/profile.txt" 2>&1
     echo "profile $flag exit code: $?"
+  done
+  # the Gram-route cost model was set on the CPU: what the GPU prefers for the convolutions
+  for run in "trace --route materialize" "trace --route ghost" "logdet" "logdet --route materialize"; do
+    timeout "${PROFILE_S:-60}" "$PY" benchmarks/profile_step.py --model cifar_cnn --n 128 --variant $run --time-only >> "$OUT/profile.txt" 2>&1
   done
   grep "median of 10 steps" "$OUT/profile.txt"
 } 2>&1 | tee "$OUT/gpu_check.log"

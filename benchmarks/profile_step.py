@@ -1,7 +1,9 @@
 """Where the time of one MGS training step goes: torch.profiler's operator table (CPU or CUDA).
 
     PYTHONPATH=. python benchmarks/profile_step.py --model cifar_cnn --n 128 --variant trace [--device cuda]
-        [--transposed-conv]    (the opt-in convolution of mgs_torch.op_fixes, for an A/B)
+        [--transposed-conv]           (the opt-in convolution of mgs_torch.op_fixes, for an A/B)
+        [--route materialize|ghost]   (force one Gram route for every convolution, for tuning the cost model)
+        [--time-only]                 (the median step time, no operator table)
 
 Prints the median time of 10 steps, then the operator table of 3 profiled steps.
 """
@@ -22,6 +24,7 @@ from bench_mgs import median_ms  # noqa: E402
 from cuda_graphs import make_step  # noqa: E402
 from models import INPUT_SHAPES, MODELS  # noqa: E402
 
+from mgs_torch.engines import factors  # noqa: E402
 from mgs_torch.op_fixes import use_transposed_convolution_backward  # noqa: E402
 
 
@@ -33,8 +36,14 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rows", type=int, default=30)
     ap.add_argument("--transposed-conv", action="store_true", help="use_transposed_convolution_backward(True)")
+    ap.add_argument("--route", choices=["auto", "materialize", "ghost"], default="auto",
+                    help="force the materialised or the ghost Gram route for every convolution (default: the cost model's choice)")
+    ap.add_argument("--time-only", action="store_true", help="print the median step time only")
     args = ap.parse_args(argv)
     use_transposed_convolution_backward(args.transposed_conv)
+    if args.route != "auto":  # what the structured engine's cost model would otherwise decide per convolution
+        forced = args.route == "ghost"
+        factors.ConvFactor.ghost_is_cheaper = lambda self, quantity: forced
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = MODELS[args.model]().to(device)
@@ -42,7 +51,10 @@ def main(argv=None) -> None:
     y = torch.randint(0, 10, (args.n,), device=device)
     step = make_step(model, torch.optim.SGD(model.parameters(), lr=1e-6), x, y, args.variant)
     label = f"{args.model} n={args.n} {args.variant} on {args.device}" + (", transposed-conv" if args.transposed_conv else "")
+    label += f", route={args.route}" if args.route != "auto" else ""
     print(f"# {label}: median of 10 steps {median_ms(step, 10, device, warmup=3):.2f} ms")
+    if args.time_only:
+        return
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(3):
