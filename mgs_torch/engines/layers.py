@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..op_fixes import same_padding_amounts
 from .factors import ConvFactor, DirectFactor, IndexOuterFactor, OuterFactor
 
 class Factor(Protocol):
@@ -89,11 +90,9 @@ class LinearRule(LayerRule):
 
 def _conv_same_padding(module: nn.Module) -> list[int]:
     """F.pad amounts (last dim first) that reproduce padding='same'/'valid' for an unfold."""
-    pads: list[int] = []
-    for d, k in zip(reversed(module.dilation), reversed(module.kernel_size)):
-        total = d * (k - 1) if module.padding == "same" else 0
-        pads += [total // 2, total - total // 2]
-    return pads
+    if module.padding == "same":
+        return same_padding_amounts(module.dilation, module.kernel_size)
+    return [0] * (2 * len(module.kernel_size))
 
 
 class ConvRule(LayerRule):
