@@ -141,6 +141,14 @@ def test_plots_and_report_tables(tmp_path):
     assert mem[0] == "| method | 40% noise |" and mem[3] == f"| MGS tr K | {100 * r4['history'][-1]['memorised']:.0f} |"
     text = report.render_template("A\n{{table dataset=circles train_size=40}}\nB {{runtime model=fcn}}", tmp_path)
     assert text.startswith("A\n| method | 0% noise | 40% noise |") and "| **all** | 8 |" in text
+    import shutil  # the tuning runs live under <out>/tune/runs: source=tune reads them, the default does not
+
+    shutil.copytree(tmp_path / "runs", tmp_path / "tune" / "runs")
+    shutil.rmtree(tmp_path / "runs")
+    assert "_no runs found_" in report.render_template("{{table dataset=circles train_size=40}}", tmp_path)
+    assert report.render_template("{{table source=tune dataset=circles train_size=40}}", tmp_path) == table.rstrip("\n")
+    with pytest.raises(ValueError, match="source must be"):
+        report.render_template("{{table source=other dataset=circles}}", tmp_path)
 
 
 def test_curves_legend_fits_in_the_figure(monkeypatch, tmp_path):

@@ -331,8 +331,9 @@ def render_template(template: str, out_dir: str | Path) -> str:
     ``threshold``, ``window``, ``patience`` / ``select``: the model the rule is chosen on) and
     ``flagging`` (key ``out``: a ``mgs-torch scores`` folder) read their own folders.
     Keys filter the run configs (``dataset``, ``model``, ``train_size``, ``epochs``, ``method``...),
-    except ``definition=testbench|paper`` (final/max definitions, for ``table`` and ``claims``); a
-    comma-separated value matches any of its items (``method=unreg,mgs_trace``).
+    except ``definition=testbench|paper`` (final/max definitions, for ``table`` and ``claims``) and
+    ``source=tune`` (the tuning runs under ``<out>/tune`` instead of the grid's); a comma-separated
+    value matches any of its items (``method=unreg,mgs_trace``).
     """
     cache: dict[tuple, list] = {}
 
@@ -344,11 +345,15 @@ def render_template(template: str, out_dir: str | Path) -> str:
         definition = str(where.pop("definition", "testbench"))
         if kind == "tuned":
             return tuned_table(out_dir, where["dataset"], where["model"]).rstrip("\n")
-        key = tuple(sorted(where.items()))
+        source = where.pop("source", "grid")
+        if source not in ("grid", "tune"):
+            raise ValueError(f"source must be 'grid' or 'tune', got {source!r}")
+        base = Path(out_dir) / "tune" if source == "tune" else Path(out_dir)
+        key = (source, *sorted(where.items()))
         if key not in cache:
             exact = {k: v for k, v in where.items() if not (isinstance(v, str) and "," in v)}
             any_of = {k: {coerce_value(x) for x in v.split(",")} for k, v in where.items() if k not in exact}
-            cache[key] = [r for r in load_results(out_dir, **exact) if all(r["config"].get(k) in vs for k, vs in any_of.items())]
+            cache[key] = [r for r in load_results(base, **exact) if all(r["config"].get(k) in vs for k, vs in any_of.items())]
         res = cache[key]
         if kind in ("table", "claims"):
             fn = results_table if kind == "table" else claims_table
