@@ -59,6 +59,14 @@ def explained_failures(model, strategy: str) -> Iterator[None]:
     try:
         yield
     except (RuntimeError, NotImplementedError) as error:
+        if _is_out_of_memory(error):  # not the layer's fault: keep the error (and its type) as it is
+            error.add_note(
+                "mgs_torch ran out of memory computing the MGS kernel or penalty. The exact trace penalty holds "
+                "about a training step's memory at batch q·n; chunk_size=... bounds it (chunk_size=1: about 2-5x a "
+                "plain step), estimator='hutchinson' needs about 3x a plain step, outputs='sum' makes K n×n "
+                "instead of (n·q)×(n·q); or use a smaller batch."
+            )
+            raise
         if "saved tensor hooks" in str(error):
             raise UnsupportedLayerError(
                 f"{type(model).__name__} uses activation checkpointing (torch.utils.checkpoint) or other saved-tensor "
@@ -73,6 +81,14 @@ def explained_failures(model, strategy: str) -> Iterator[None]:
             f"equivalent composition of standard ops, leave its parameters out with params=..., or "
             f"register a LayerRule for it."
         ) from error
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    """A CUDA out-of-memory error or the CPU allocator's refusal."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(error)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 # ---------------------------------------------------------------------------------- normalisation

@@ -340,3 +340,29 @@ def test_transposed_convolution_backward_is_the_convolution_to_second_order(dims
     reference = getattr(torch.nn.functional, f"conv{dims}d")
     assert torch.allclose(ours(x, w, b), reference(x, w, b, **options), rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(ours, (x, w, b)) and torch.autograd.gradgradcheck(ours, (x, w, b))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate 4 GB"),
+     torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")],
+    ids=["cpu", "cuda"],
+)
+def test_out_of_memory_is_not_blamed_on_the_layer(error):
+    """Running out of memory keeps its own error type (so `except torch.cuda.OutOfMemoryError` works),
+    gains a note on what bounds the memory, and is never reported as an unsupported layer."""
+
+    class Hungry(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            raise error
+
+    for call in (lambda m, x: mgs_kernel(m, x), lambda m, x: mgs_penalty(m, x)):
+        with pytest.raises(type(error)) as caught:
+            call(Hungry(), torch.randn(4, 3))
+        assert not isinstance(caught.value, UnsupportedLayerError)
+        assert any("chunk_size" in note and "hutchinson" in note for note in caught.value.__notes__)
+        error.__notes__.clear()
