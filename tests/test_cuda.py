@@ -104,8 +104,10 @@ def test_chunk_size_bounds_gpu_memory():
 
 
 def check_graph_replay(kind: str) -> None:
-    """A whole training step with the exact trace (or log-det) penalty, captured once into a CUDA
-    graph and replayed, moves the weights as the same steps run eagerly do (no host sync inside)."""
+    """A whole training step with the exact trace (or log-det, or Hutchinson) penalty, captured once
+    into a CUDA graph and replayed, moves the weights as the same steps run eagerly do (no host sync
+    inside; for Hutchinson each replay draws the next probes of a registered CUDA generator, as the
+    eager steps draw from theirs)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     from cuda_graphs import make_step
     from models import LeNet5
@@ -114,8 +116,13 @@ def check_graph_replay(kind: str) -> None:
     base = LeNet5().cuda()
     x, y = torch.randn(16, 1, 28, 28, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
     eager_model, graph_model = copy.deepcopy(base), copy.deepcopy(base)
-    eager = make_step(eager_model, torch.optim.SGD(eager_model.parameters(), lr=1e-2), x, y, kind)
-    replay = capture_step(make_step(graph_model, torch.optim.SGD(graph_model.parameters(), lr=1e-2), x, y, kind))
+    gen_eager, gen_graph = (torch.Generator(device="cuda").manual_seed(1) for _ in range(2))
+    probes = kind == "hutchinson"
+    eager = make_step(eager_model, torch.optim.SGD(eager_model.parameters(), lr=1e-2), x, y, kind, gen_eager if probes else None)
+    replay = capture_step(
+        make_step(graph_model, torch.optim.SGD(graph_model.parameters(), lr=1e-2), x, y, kind, gen_graph if probes else None),
+        generators=[gen_graph] if probes else [],
+    )
     for _ in range(6):  # capture_step() ran 3 warm-up steps; 3 replays make 6
         eager()
     for _ in range(3):
@@ -132,6 +139,10 @@ def test_trace_penalty_step_replays_from_a_cuda_graph():
 
 def test_logdet_penalty_step_replays_from_a_cuda_graph():
     check_graph_replay("logdet")
+
+
+def test_hutchinson_penalty_step_replays_from_a_cuda_graph_with_new_probes():
+    check_graph_replay("hutchinson")
 
 
 def test_lightning_fit_on_gpu_in_bf16():
@@ -170,16 +181,14 @@ if __name__ == "__main__":  # without pytest: run every check, print the errors,
     if not torch.cuda.is_available():
         print("test_cuda: no CUDA device; nothing to check")
         sys.exit(0)
+    checks = [fn for name, fn in sorted(globals().items()) if name.startswith("test_") and callable(fn)]
     failed = 0
-    for fn in (test_kernels_and_penalty_gradients_on_gpu, test_no_side_effects_on_gpu_including_the_cuda_rng,
-               test_chunk_size_bounds_gpu_memory, test_trace_penalty_step_replays_from_a_cuda_graph,
-               test_logdet_penalty_step_replays_from_a_cuda_graph,
-               test_lightning_fit_on_gpu_in_bf16):
+    for fn in checks:
         try:
             fn()
             print(f"PASSED {fn.__name__}")
         except Exception as error:  # noqa: BLE001 - report every check
             failed += 1
             print(f"FAILED {fn.__name__}: {type(error).__name__}: {error}")
-    print(f"{6 - failed} passed, {failed} failed")
+    print(f"{len(checks) - failed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
