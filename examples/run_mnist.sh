@@ -7,7 +7,7 @@
 # paper's "final" = mean over the last 5 % of training averages several points); every method's one
 # hyper-parameter tuned once at 50 % noise (seed 0) by final validation accuracy, then fixed. The log-det
 # penalty's grid reaches α = 10: at α ≤ 0.03 it memorised every flipped label on both networks (its
-# per-row average log-eigenvalue has a much smaller gradient than tr K's).
+# per-row average log-eigenvalue probably has a much smaller gradient than tr K's).
 # Methods: the paper's seven (with its ‖∇θL‖ baseline, "paper-exact") and Adam.
 #
 # Cost on one core of the 2-core CPU here (measured, 40-epoch runs): unregularised / weight decay /
