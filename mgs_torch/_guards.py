@@ -19,9 +19,10 @@ def cuda_devices(tensors: Iterable[Tensor]) -> list[int]:
     return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
 
 
-def capturing_cuda_graph(tensor: Tensor) -> bool:
-    """True while ``tensor``'s CUDA stream is being captured into a CUDA graph (no host sync allowed)."""
-    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+def capturing_cuda_graph(device: torch.device | str) -> bool:
+    """True while the current CUDA stream is being captured into a CUDA graph (no host sync allowed),
+    for work on ``device`` (always False for the CPU)."""
+    return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def rng_states(model: nn.Module) -> list[tuple[str, int, Tensor]]:
@@ -50,8 +51,8 @@ def preserved_state(model: nn.Module, batch_norm: str) -> Iterator[None]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     flags = [(m, m.training) for m in model.modules()]
-    params = list(model.parameters())
-    devices = [] if params and capturing_cuda_graph(params[0]) else cuda_devices(params)
+    on_cuda = cuda_devices(model.parameters())
+    devices = [] if on_cuda and capturing_cuda_graph("cuda") else on_cuda
     try:
         if batch_norm == "eval":
             for m in model.modules():
@@ -59,7 +60,7 @@ def preserved_state(model: nn.Module, batch_norm: str) -> Iterator[None]:
                     m.eval()
         with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as stack:
             for dev in ("cpu", "cuda"):
-                if dev == "cpu" or any(p.is_cuda for p in params):
+                if dev == "cpu" or on_cuda:
                     stack.enter_context(torch.autocast(dev, enabled=False))
             stack.enter_context(warnings.catch_warnings())
             # vmap's fallback for ops without a batching rule is correct, only slower: not the user's concern

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ._guards import capturing_cuda_graph
 from ._problem import KernelProblem, one_hot_cotangents
 
 __all__ = ["KINDS", "ESTIMATORS", "default_generator", "rademacher_probes", "trace_cotangents", "trace_from_rows"]
@@ -37,7 +38,7 @@ def default_generator() -> torch.Generator:
 def rademacher_probes(num_probes: int, n: int, q: int, generator: torch.Generator | None, device) -> Tensor:
     """Independent ±1 entries, shape (num_probes, n, q), drawn on the generator's device."""
     gen_device = generator.device if generator is not None else torch.device("cpu")
-    if torch.device(device).type == "cuda" and gen_device.type != "cuda" and torch.cuda.is_current_stream_capturing():
+    if gen_device.type != "cuda" and capturing_cuda_graph(device):
         raise RuntimeError(
             "Hutchinson probes from a CPU generator cannot be captured into a CUDA graph (a replay would "
             "not draw new ones): pass generator=torch.Generator(device='cuda') to mgs_penalty and the same "
