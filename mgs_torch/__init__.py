@@ -17,7 +17,7 @@ from .cuda_graph import capture_step
 from .engines import LayerRule, layer_rule, register_layer_rule, unregister_layer_rule
 from .kernel import mgs_kernel, mgs_trace
 from .metrics import MGSMetrics, kernel_target_alignment, mgs_metrics
-from .op_fixes import UnsupportedLayerError
+from .op_fixes import ModelForwardError, UnsupportedLayerError
 from .options import KernelOptions, PenaltyOptions
 from .penalty import mgs_penalty
 from .scores import SampleScores, mgs_sample_scores, sample_scores_from_kernel
@@ -42,6 +42,7 @@ __all__ = [
     "layer_rule",
     "NonFiniteOutputError",
     "UnsupportedLayerError",
+    "ModelForwardError",
     "verify",
     "KernelOptions",
     "PenaltyOptions",

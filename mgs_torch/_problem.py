@@ -17,12 +17,13 @@ from typing import Callable, Iterable, Union
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from ._dtypes import as_dtype
 from ._guards import BATCH_NORM_TYPES, cuda_devices, restore_rng_states, rng_states
 from ._validation import Inputs, ParamFilter, as_input_tuple, check_input_arity, check_outputs, raise_integer_input_hint, select_parameters
-from .op_fixes import ExactOps
+from ._warnings import warn_once
+from .op_fixes import ExactOps, ModelForwardError, _is_out_of_memory
 
 _DROPOUT_TYPES = (nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
@@ -47,6 +48,9 @@ class KernelProblem:
         outputs_checked: the outputs of this very batch were validated by :func:`build_problem`;
             False when ``q`` came from the cache of output shapes, and then the engine validates the
             outputs of its own forward (:meth:`check_outputs`).
+        samples_interact: max_i ‖f(X)_i − f(x_i)‖_∞ / max(1, ‖f(X)‖_∞) when the batched forward differs
+            from the forward of each sample alone (an op over the batch dimension), else None (see
+            :func:`samples_interaction`).
     """
 
     model: nn.Module
@@ -63,6 +67,7 @@ class KernelProblem:
     signature: tuple = ()
     strict_randomness: bool = False
     outputs_checked: bool = True
+    samples_interact: float | None = None
 
     def check_outputs(self, out: Tensor) -> None:
         """Validate the (n, q') outputs of an engine's forward when :func:`build_problem` did not.
@@ -188,12 +193,30 @@ def build_problem(
     )
     n = x[0].shape[0]
     draft = KernelProblem(model, x, chosen, frozen, n, 0, (), per_sample, stochastic, owners, buffers, signature)
-    output_shape = None if revalidate else _OUTPUT_SHAPES.get(model, signature)
-    checked = output_shape is None
+    cached = None if revalidate else _OUTPUT_SHAPES.get(model, signature)
+    checked = cached is None
     if checked:
-        output_shape = validated_output_shape(draft)
-        _OUTPUT_SHAPES.put(model, signature, output_shape)
-    return dataclasses.replace(draft, q=max(1, math.prod(output_shape)), output_shape=output_shape, outputs_checked=checked)
+        cached = validated_output_shape(draft)
+        _OUTPUT_SHAPES.put(model, signature, cached)
+    output_shape, interact = cached
+    if interact is not None:
+        if batch_norm == "batch":
+            per_sample = False  # the whole-batch function, as for train-mode BatchNorm
+        else:
+            warn_once(
+                f"samples-interact-{type(model).__qualname__}",
+                f"{type(model).__name__}'s outputs on the batch differ from its outputs for each sample run "
+                f"alone (largest difference {interact:.2e} of the outputs' scale): samples interact in its "
+                f"forward (an op over the batch dimension: a mean, softmax, sort or normalisation over dim 0, "
+                f"batch statistics). MGS's K is defined per sample, so mgs_torch differentiates each sample "
+                f"run alone, which is not the function model(X) computes. Make forward act on each sample "
+                f"independently, or pass batch_norm='batch' to differentiate the whole-batch function instead "
+                f"(K[(i,a),(j,b)] = ∇θ f(X)_ia · ∇θ f(X)_jb; n times costlier).",
+            )
+    return dataclasses.replace(
+        draft, q=max(1, math.prod(output_shape)), output_shape=output_shape, outputs_checked=checked,
+        per_sample=per_sample, samples_interact=interact,
+    )
 
 
 class StaleOutputShape(Exception):
@@ -236,8 +259,9 @@ def with_fresh_outputs(model: nn.Module, compute):
         return compute(True)
 
 
-def validated_output_shape(problem: KernelProblem) -> tuple[int, ...]:
-    """One forward without graph or random-state change: validates the outputs, returns their per-sample shape.
+def validated_output_shape(problem: KernelProblem) -> tuple[tuple[int, ...], float | None]:
+    """One forward without graph or random-state change: validates the outputs; returns their
+    per-sample shape and :func:`samples_interaction`.
 
     The RNG is forked, so Dropout masks of a following forward are those ``model(X)`` would draw.
     """
@@ -245,9 +269,56 @@ def validated_output_shape(problem: KernelProblem) -> tuple[int, ...]:
         try:
             out = problem.raw_forward()
         except RuntimeError as err:
-            raise_integer_input_hint(problem.inputs, err)
+            raise_integer_input_hint(problem.inputs, err, problem.model)
+            _raise_if_the_model_fails_alone(problem, err)
             raise
-        return tuple(check_outputs(out, problem.n).shape[1:])
+        out = check_outputs(out, problem.n)
+        return tuple(out.shape[1:]), samples_interaction(problem, out.reshape(problem.n, -1))
+
+
+def _raise_if_the_model_fails_alone(problem: KernelProblem, err: RuntimeError) -> None:
+    """The validation forward failed: if the plain forward (no op replacements, no transform) fails
+    too, the model's forward is at fault, and :class:`ModelForwardError` says so. Out-of-memory errors
+    keep their type (see :func:`~mgs_torch.op_fixes.explained_failures`)."""
+    if _is_out_of_memory(err):
+        return
+    state = {**problem.frozen, **problem.params}
+    state.update({k: state[k].clone() for k in problem.buffer_names})
+    try:
+        functional_call(problem.model, state, problem.inputs)
+    except RuntimeError as own:
+        raise ModelForwardError(
+            f"{type(problem.model).__name__}'s forward fails on these inputs before anything is differentiated, "
+            f"as model(x) would: {type(own).__name__}: {str(own).strip().splitlines()[0]}. Check that model(x) "
+            f"runs (input shapes and dtypes, parameters on one device and dtype)."
+        ) from own
+
+
+def samples_interaction(problem: KernelProblem, batched: Tensor) -> float | None:
+    """Whether f(X)_i, the batched forward's outputs, equal f(x_i), each sample run alone (vmapped).
+
+    Returns max |f(X)_i − f(x_i)| / max(1, max |f(X)|) when it exceeds √ε of the outputs' dtype (far
+    above the rounding of batched against per-sample kernels), else None. Samples interact through
+    any op over the batch dimension (x − x.mean(0), softmax(dim=0), batch statistics): the per-sample
+    kernel then describes another function than the one trained. Not checked (None) for one sample,
+    random forwards, whole-batch problems, or a forward vmap cannot run (the engines report that).
+    """
+    if problem.n < 2 or problem.stochastic or not problem.per_sample or not batched.is_floating_point():
+        return None
+
+    def alone(*xs: Tensor) -> Tensor:
+        return problem.forward(inputs=tuple(x.unsqueeze(0) for x in xs)).squeeze(0)
+
+    try:
+        single = vmap(alone, randomness="error")(*problem.inputs)
+    except Exception:  # noqa: BLE001 - random ops, unsupported layers: the engines explain those
+        return None
+    if single.shape != batched.shape:
+        return None
+    scale = max(1.0, batched.abs().max().item())
+    difference = (single.to(batched.dtype) - batched).abs().max().item() / scale
+    tolerance = torch.finfo(batched.dtype).eps ** 0.5
+    return difference if not difference <= tolerance else None
 
 
 Cotangents = Union[Tensor, Callable[[KernelProblem], Tensor]]

@@ -151,8 +151,14 @@ def check_outputs(out: object, n: int) -> Tensor:
     return out
 
 
-def raise_integer_input_hint(inputs: tuple[Tensor, ...], err: RuntimeError) -> None:
-    """Turn torch's dtype error for an integer input into one that says what to do (else return)."""
+def raise_integer_input_hint(inputs: tuple[Tensor, ...], err: RuntimeError, model: nn.Module | None = None) -> None:
+    """Turn torch's dtype error for an integer input into one that says what to do (else return).
+
+    Not for a model with an index-taking layer (``nn.Embedding``, ``nn.EmbeddingBag``): its integer
+    inputs are right, and the dtype error is the model's own (raised unchanged).
+    """
+    if model is not None and any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules()):
+        return
     ints = [(i, t.dtype) for i, t in enumerate(inputs) if not t.is_floating_point() and not t.is_complex()]
     if ints and "dtype" in str(err).lower():
         i, dtype = ints[0]

@@ -54,6 +54,9 @@ def mgs_kernel(
             sample has its own well-defined Jacobian; ``"batch"`` keeps train-mode BatchNorm on batch
             statistics and returns the Jacobian of the whole-batch function (samples interact; the
             reference's whole-batch route, n times costlier). Running statistics never move.
+            The same holds for any model whose samples interact (an op over the batch dimension):
+            the first call compares ``model(X)`` with each sample run alone and warns under
+            ``"eval"``; under ``"batch"`` such models get the whole-batch Jacobian.
         create_graph: return K differentiable with respect to the parameters (for penalties).
 
     Dropout in train mode draws an independent mask per sample from a fork of the global RNG (which

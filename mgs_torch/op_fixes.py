@@ -46,11 +46,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ExactOps", "UnsupportedLayerError", "REPLACED_OPS", "explained_failures"]
+__all__ = ["ExactOps", "UnsupportedLayerError", "ModelForwardError", "REPLACED_OPS", "explained_failures"]
 
 
 class UnsupportedLayerError(ValueError):
     """A layer or op whose Jacobian mgs_torch cannot compute exactly; the message says what to do."""
+
+
+class ModelForwardError(RuntimeError):
+    """The model's own forward fails on these inputs, with no torch.func transform involved (``model(x)``
+    fails the same way): a bug or a wrong input of the model's, not a layer mgs_torch cannot handle."""
 
 
 @contextlib.contextmanager
@@ -59,6 +64,8 @@ def explained_failures(model, strategy: str) -> Iterator[None]:
     try:
         yield
     except (RuntimeError, NotImplementedError) as error:
+        if isinstance(error, ModelForwardError):
+            raise
         if _is_out_of_memory(error):  # not the layer's fault: keep the error (and its type) as it is
             error.add_note(
                 "mgs_torch ran out of memory computing the MGS kernel or penalty. The exact trace penalty holds "
@@ -264,6 +271,10 @@ def _convolution(dims: int):
         unbatched = input.dim() == dims + 1
         x = input.unsqueeze(0) if unbatched else input
         out = _Convolution.apply(x, weight, bias, stride, as_tuple(padding), dilation, groups)
+        if torch._C._functorch.is_functorch_wrapped_tensor(out):
+            # under vmap the generated rule returns a view of the Function's output, which autograd
+            # forbids modifying in place (a residual ``out += x``): a copy, as a plain conv's output is
+            out = out.clone()
         return out.squeeze(0) if unbatched else out
 
     return conv

@@ -7,6 +7,7 @@ input, raw outputs (n, q) with q = 2. Shapes are tiny so the per-sample autograd
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -63,6 +64,259 @@ class Lambda(nn.Module):
 
     def forward(self, x):
         return self.fn(x)
+
+
+# ------------------------------------------------ families an outside probe tried (first run: all exact)
+
+
+class InplaceResidual(nn.Module):
+    """torchvision's BasicBlock pattern: in-place ReLU and ``out += identity`` (conv, eval BatchNorm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(2, 2, 3, padding=1, bias=False), nn.BatchNorm2d(2)
+        self.c2, self.relu, self.head = nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(inplace=True), nn.Linear(2 * 4 * 4, Q)
+
+    def forward(self, x):
+        out = self.c2(self.relu(self.bn(self.c1(x))))
+        out += x
+        return self.head(self.relu(out).flatten(1))
+
+
+class MaskedAttention(nn.Module):
+    """MultiheadAttention with a key padding mask (and optionally add_bias_kv / add_zero_attn), or with
+    a causal attention mask whose averaged attention weights are part of the output."""
+
+    def __init__(self, weights_out: bool = False, **kw):
+        super().__init__()
+        self.weights_out = weights_out
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True, **kw)
+        self.head = nn.Linear(4 + (16 if weights_out else 0), Q)
+
+    def forward(self, x):  # (n, T=4, 4)
+        if self.weights_out:
+            causal = torch.triu(torch.ones(4, 4, dtype=torch.bool), 1)
+            h, w = self.attn(x, x, x, attn_mask=causal, need_weights=True, average_attn_weights=True)
+            return self.head(torch.cat([h.mean(1), w.flatten(1)], 1))
+        pad = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool)
+        pad[:, -1] = True
+        h, _ = self.attn(x, x, x, key_padding_mask=pad, need_weights=False)
+        return self.head(h.mean(1))
+
+
+class ProjectedLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4, num_layers=2, proj_size=2, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(4, Q)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.reentrant = reentrant
+        self.a, self.b, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, Q)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(self.b(t)), h, use_reentrant=self.reentrant)
+        return self.head(h)
+
+
+class StraightThrough(nn.Module):
+    """Quantisation with a straight-through estimator, and a detached skip."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(3, 4), nn.Linear(4, Q)
+
+    def forward(self, x):
+        h = self.a(x)
+        hq = h + (torch.round(h * 2) / 2 - h).detach()
+        return self.head(torch.tanh(hq) + 0.1 * h.detach())
+
+
+class FrozenAndUnused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head, self.unused = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, Q), nn.Linear(2, 2)
+        self.b.requires_grad_(False)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class ReusedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.head = nn.Conv2d(2, 2, 3, padding=1), nn.Linear(2 * 4 * 4, Q)
+
+    def forward(self, x):
+        h = torch.tanh(self.c(x))
+        return self.head(torch.tanh(self.c(h) + h).flatten(1))
+
+
+class ScalarOutput(nn.Module):
+    """q = 1 returned as shape (n,)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))).squeeze(-1)
+
+
+class Unpooling(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.pool, self.unpool = nn.Conv2d(2, 2, 3, padding=1), nn.MaxPool2d(2, return_indices=True), nn.MaxUnpool2d(2)
+        self.head = nn.Linear(32, Q)
+
+    def forward(self, x):
+        p, i = self.pool(self.c(x))
+        return self.head(torch.tanh(self.unpool(p * 2, i)).flatten(1))
+
+
+class Upsampling(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.head = nn.Conv2d(2, 2, 2), nn.Linear(3 * 2 * 6 * 6, Q)
+
+    def forward(self, x):  # (n, 2, 4, 4) -> 3×3 features -> 6×6 three ways
+        h = self.c(x)
+        ups = [
+            F.interpolate(h, size=6, mode="nearest"),
+            F.interpolate(h, scale_factor=2, mode="bicubic", align_corners=False),
+            F.interpolate(h, size=6, mode="bilinear", align_corners=True),
+        ]
+        return self.head(torch.tanh(torch.cat(ups, 1)).flatten(1))
+
+
+class CeilPoolsLazyHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(2, 3, 2)
+        self.pools = nn.ModuleList([
+            nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False, padding=1), nn.MaxPool2d(2, ceil_mode=True), nn.AdaptiveAvgPool2d((2, 3)),
+        ])
+        self.head = nn.LazyLinear(Q)
+
+    def forward(self, x):
+        h = self.c(x)
+        return self.head(torch.tanh(torch.cat([p(h).flatten(1) for p in self.pools], 1)))
+
+
+class TransposedConvsLazyHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c2 = nn.ConvTranspose2d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2)
+        self.c1 = nn.ConvTranspose1d(2, 2, 2, dilation=2)
+        self.head = nn.LazyLinear(Q)
+
+    def forward(self, x):
+        a, b = torch.tanh(self.c2(x)), torch.tanh(self.c1(x.flatten(2)))
+        return self.head(torch.cat([a.flatten(1), b.flatten(1)], 1))
+
+
+class SparseEmbeddings(nn.Module):
+    """sparse=True Embedding and EmbeddingBag (with per_sample_weights): autograd's gradients are sparse."""
+
+    def __init__(self, sparse: bool = True):
+        super().__init__()
+        self.emb, self.bag = nn.Embedding(6, 3, sparse=sparse), nn.EmbeddingBag(6, 3, mode="sum", sparse=sparse)
+        self.head = nn.Linear(6, Q)
+
+    def forward(self, idx):
+        w = (idx.to(self.head.weight.dtype) + 1) / 7
+        return self.head(torch.tanh(torch.cat([self.emb(idx).mean(1), self.bag(idx, per_sample_weights=w)], 1)))
+
+
+class CausalSDPA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.head = nn.Linear(4, 12), nn.Linear(4, Q)
+
+    def forward(self, x):  # (n, T=4, 4), two heads of 2
+        q, k, v = (t.unflatten(-1, (2, 2)).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        h = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(h.transpose(1, 2).flatten(2).mean(1))
+
+
+class MaskedEncoderStack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(4, 2, 6, dropout=0.0, batch_first=True, activation="gelu")
+        self.enc, self.head = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(4, Q)
+
+    def forward(self, x):
+        pad = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool)
+        pad[:, -1] = True
+        return self.head(self.enc(x, src_key_padding_mask=pad).mean(1))
+
+
+class Symmetric(nn.Module):
+    def forward(self, w):
+        return w.triu() + w.triu(1).transpose(-1, -2)
+
+
+def _symmetric_parametrization():
+    model = seq(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, Q))
+    nn.utils.parametrize.register_parametrization(model[2], "weight", Symmetric())
+    return model, (randn(N, 4),)
+
+
+def _old_weight_norm():
+    """The deprecated hook-based ``nn.utils.weight_norm`` (weight recomputed by a forward pre-hook)."""
+    model, x = _mlp(nn.Tanh())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        nn.utils.weight_norm(model[0])
+    return model, x
+
+
+class BatchCentered(nn.Module):
+    """Samples interact: features centred over the batch (h − mean over dim 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, Q)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(torch.tanh(h - h.mean(0)))
+
+
+class NoRunningStats(nn.Module):
+    """BatchNorm1d(track_running_stats=False): batch statistics even in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.head = nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, Q)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.bn(self.a(x))))
+
+
+def _lazy(model, x):
+    model = model.to(D)
+    with torch.no_grad():
+        model(*x)
+    return model, x
+
+
+def _channels_last(model, shape):
+    return model, (randn(N, *shape).contiguous(memory_format=torch.channels_last),)
+
+
+def _dense_embeddings(model):
+    with torch.random.fork_rng():  # the audit checks that the global RNG is untouched around the reference
+        dense = SparseEmbeddings(sparse=False).to(D)
+    dense.load_state_dict(model.state_dict())
+    return dense
 
 
 # ------------------------------------------------------------------------------------ builders
@@ -595,6 +849,38 @@ case("forward_hook", _hooked)
 case("tied_weights", lambda: (Tied(), (torch.tensor([[1, 2, 0], [3, 4, 4], [0, 1, 1]]),)))
 case("bare_parameter", lambda: (BareParameter(), (randn(N, 3),)))
 case("reused_weight", lambda: (lambda m: (m, (randn(N, 4),)))(ReusedWeight()))
+
+
+# families an outside probe tried (first run: all exact)
+case("inplace_relu_mlp", lambda: (seq(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, Q)), (randn(N, 3),)), logdet=False)
+case("inplace_residual_block", lambda: (InplaceResidual().eval(), (randn(N, 2, 4, 4),)))
+case("channels_last_residual_block", lambda: _channels_last(InplaceResidual().eval(), (2, 4, 4)))
+case("channels_last_conv_stack", lambda: _channels_last(seq(nn.Conv2d(2, 3, 2), nn.Tanh(), nn.Conv2d(3, 2, 2), nn.Flatten(), nn.Linear(8, Q)), (2, 4, 4)))
+case("non_contiguous_input", lambda: (seq(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, Q)), (randn(4, N).t(),)))
+case("mha_key_padding_mask", lambda: (MaskedAttention(), _tokens()))
+case("mha_bias_kv_zero_attn", lambda: (MaskedAttention(add_bias_kv=True, add_zero_attn=True), _tokens()))
+case("mha_causal_weights_out", lambda: (MaskedAttention(weights_out=True), _tokens()))
+case("sdpa_causal", lambda: (CausalSDPA(), _tokens()))
+case("encoder_stack_padding_mask", lambda: (MaskedEncoderStack().eval(), _tokens()))
+case("lstm_proj_size", lambda: (ProjectedLSTM(), (randn(N, 4, 3),)))
+case("straight_through", lambda: (StraightThrough(), (randn(N, 3),)))
+case("frozen_and_unused", lambda: (FrozenAndUnused(), (randn(N, 3),)))
+case("reused_conv", lambda: (ReusedConv(), (randn(N, 2, 4, 4),)))
+case("scalar_output", lambda: (ScalarOutput(), (randn(N, 3),)))
+case("max_unpool", lambda: (Unpooling(), (randn(N, 2, 4, 4),)))
+case("upsampling_modes", lambda: (Upsampling(), (randn(N, 2, 4, 4),)))
+case("ceil_pools_lazy_linear", lambda: _lazy(CeilPoolsLazyHead(), (randn(N, 2, 5, 5),)))
+case("convtranspose_output_padding_groups", lambda: _lazy(TransposedConvsLazyHead(), (randn(N, 2, 2, 2),)))
+case("conv1d_stride_above_kernel", lambda: _conv(nn.Conv1d(2, 3, 2, stride=3, padding=2), (2, 9), 3 * 4))
+case("conv2d_depthwise_dilated", lambda: _conv(nn.Conv2d(3, 6, 3, dilation=2, groups=3, padding=2), (3, 5, 5), 6 * 5 * 5))
+case("embedding_sparse", lambda: (SparseEmbeddings(), (torch.tensor([[1, 2, 2, 0], [3, 1, 5, 1], [4, 4, 4, 2]]),)), reference_model=_dense_embeddings, grad_by_fd=True)
+case("old_style_weight_norm", _old_weight_norm)
+case("symmetric_parametrization", _symmetric_parametrization)
+# samples that interact: the whole-batch function under batch_norm="batch" (a warning under "eval", see test_trust)
+case("batch_centred_whole_batch", lambda: (BatchCentered(), (randn(N, 3),)), kernel_kwargs={"batch_norm": "batch"}, whole_batch=True)
+case("batchnorm_no_running_stats", lambda: (NoRunningStats().eval(), (randn(N, 3),)), kernel_kwargs={"batch_norm": "batch"}, whole_batch=True)
+case("checkpoint_non_reentrant", lambda: (Checkpointed(False), (randn(N, 3),)), refused=UnsupportedLayerError)
+case("checkpoint_reentrant", lambda: (Checkpointed(True), (randn(N, 3),)), refused=UnsupportedLayerError)
 
 
 def build(case: Case, seed: int = 0):

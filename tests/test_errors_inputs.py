@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from helpers import mlp
-from mgs_torch import mgs_kernel, mgs_penalty, mgs_trace
+from mgs_torch import ModelForwardError, mgs_kernel, mgs_penalty, mgs_trace
 
 X = torch.randn(3, 4, dtype=torch.float64)
 FUNCTIONS = [mgs_kernel, mgs_trace, mgs_penalty]
@@ -109,3 +109,17 @@ def test_non_floating_dtypes_are_refused_everywhere_with_one_message(bad):
             make()
         messages.append(str(info.value).split(" must be ")[1])
     assert len(set(messages)) == 1
+
+
+def test_a_dtype_error_inside_an_embedding_model_is_not_blamed_on_its_indices():
+    class Mixed(nn.Module):  # float64 embedding, float32 head: the model's own dtype bug
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(10, 3).double(), nn.Linear(6, 2)
+
+        def forward(self, idx):
+            return self.head(self.emb(idx).flatten(1))
+
+    with pytest.raises(ModelForwardError, match=r"fails on these inputs.*as model\(x\) would.*same dtype") as caught:
+        mgs_kernel(Mixed(), torch.randint(0, 10, (4, 2)))
+    assert "x.float()" not in str(caught.value)

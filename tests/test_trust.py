@@ -289,12 +289,14 @@ def test_only_provably_row_wise_sequentials_skip_the_per_sample_vmap():
     assert not structured._is_rowwise(nn.Sequential(nn.Flatten(0), nn.Linear(48, 3)))  # would fold the batch
     assert not structured._is_rowwise(nn.Sequential(LayerNormSub(4)))  # a subclass may do anything
     permuting = nn.Sequential(nn.Flatten(), Lambda(lambda h: h.flip(0)), nn.Linear(16, 3)).double()
-    assert not plan(permuting, x).rowwise  # an unknown module: the vmapped forward, which is exact
-    assert close(mgs_kernel(permuting, x), kernel_loop(permuting, x))
     hooked = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).double()
     hooked[0].register_forward_hook(lambda m, a, out: out.flip(0))
-    assert not plan(hooked, x).rowwise
-    assert close(mgs_kernel(hooked, x), kernel_loop(hooked, x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # both reorder the batch, so "samples interact" (tested below)
+        assert not plan(permuting, x).rowwise  # an unknown module: the vmapped forward, which is exact
+        assert close(mgs_kernel(permuting, x), kernel_loop(permuting, x))
+        assert not plan(hooked, x).rowwise
+        assert close(mgs_kernel(hooked, x), kernel_loop(hooked, x))
     assert close(mgs_kernel(rowwise, x), kernel_loop(rowwise, x))
 
 
@@ -366,3 +368,62 @@ def test_out_of_memory_is_not_blamed_on_the_layer(error):
         assert not isinstance(caught.value, UnsupportedLayerError)
         assert any("chunk_size" in note and "hutchinson" in note for note in caught.value.__notes__)
         error.__notes__.clear()
+
+
+# ------------------------------------------------------------------- samples that interact
+
+
+def _interacting_models():
+    """Forwards whose output for sample i depends on other samples: a per-sample K is of another function."""
+    return {
+        "batch_centred": build(by_name("batch_centred_whole_batch"))[0],
+        "softmax_over_batch": nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2), Lambda(lambda h: h.softmax(0))).double(),
+        "sorted_over_batch": nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2), Lambda(lambda h: h.sort(0).values)).double(),
+    }
+
+
+@pytest.mark.parametrize("name", ["batch_centred", "softmax_over_batch", "sorted_over_batch"])
+@pytest.mark.parametrize("strategy", ["jacobian", "structured"])
+def test_interacting_samples_are_reported_and_batch_mode_differentiates_the_batch(name, strategy):
+    from mgs_torch import _warnings
+
+    model = _interacting_models()[name]
+    x = torch.randn(4, 3, dtype=torch.float64)
+    key = f"samples-interact-{type(model).__qualname__}"
+    _warnings._warned.discard(key)
+    with pytest.warns(RuntimeWarning, match="samples interact") as caught:
+        K = mgs_kernel(model, x, strategy=strategy)
+    assert "batch_norm='batch'" in str(caught[0].message)
+    assert close(K, kernel_loop(model, x))  # what was computed is still the documented per-sample kernel
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process, never per step
+        mgs_kernel(model, x, strategy=strategy)
+        whole = mgs_kernel(model, x, strategy=strategy, batch_norm="batch")
+    assert close(whole, kernel_loop(model, x, whole_batch=True))
+    assert not close(whole, K)
+    report = verify(model, x)
+    assert not report.ok and report.samples_interact > 1e-3 and "samples interact" in str(report)
+
+
+def test_no_model_of_the_audit_is_taken_for_an_interacting_one():
+    """The check's threshold (√ε of the outputs' dtype) against rounding: every per-sample model of the
+    zoo, in float64 and float32, compares equal batched and alone; the interacting ones do not."""
+    from model_zoo import CASES
+    from mgs_torch._guards import preserved_state
+    from mgs_torch._problem import build_problem
+
+    flagged = {}
+    for case in CASES:
+        if case.refused is not None:
+            continue
+        for dtype in (torch.float64, torch.float32):
+            model, x = build(case)
+            model = model.to(dtype)
+            x = tuple(t.to(dtype) if t.is_floating_point() else t for t in x)
+            policy = case.kernel_kwargs.get("batch_norm", "eval")
+            with preserved_state(model, policy), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                problem = build_problem(model, x, batch_norm=policy, revalidate=True)
+            if problem.samples_interact is not None:
+                flagged[case.name, str(dtype)] = problem.samples_interact
+    assert set(name for name, _ in flagged) == {"batch_centred_whole_batch"}, flagged
