@@ -301,6 +301,24 @@ class NoRunningStats(nn.Module):
         return self.head(torch.tanh(self.bn(self.a(x))))
 
 
+class WeightOutsideItsModule(nn.Module):
+    """A layer's parameters also used outside its module call (a functional reuse, a bias added
+    elsewhere, a weight in the output): the layer rule alone would miss those terms."""
+
+    def __init__(self, conv: bool):
+        super().__init__()
+        self.conv = conv
+        self.lin = nn.Conv2d(2, 2, 3, padding=1) if conv else nn.Linear(3, 3)
+        self.head = nn.Linear(32 if conv else 3, Q)
+
+    def forward(self, x):
+        if self.conv:
+            h = self.lin(x) + F.conv2d(x, self.lin.weight.flip(-1), padding=1)
+            return self.head(torch.tanh(h).flatten(1))
+        h = torch.tanh(self.lin(x) + 0.5 * F.linear(x, self.lin.weight)) + self.lin.bias
+        return self.head(h) + self.lin.weight.sum() * x[:, :1]
+
+
 def _lazy(model, x):
     model = model.to(D)
     with torch.no_grad():
@@ -876,6 +894,8 @@ case("conv2d_depthwise_dilated", lambda: _conv(nn.Conv2d(3, 6, 3, dilation=2, gr
 case("embedding_sparse", lambda: (SparseEmbeddings(), (torch.tensor([[1, 2, 2, 0], [3, 1, 5, 1], [4, 4, 4, 2]]),)), reference_model=_dense_embeddings, grad_by_fd=True)
 case("old_style_weight_norm", _old_weight_norm)
 case("symmetric_parametrization", _symmetric_parametrization)
+case("weight_outside_its_module", lambda: (WeightOutsideItsModule(False), (randn(N, 3),)))
+case("conv_weight_outside_its_module", lambda: (WeightOutsideItsModule(True), (randn(N, 2, 4, 4),)))
 # samples that interact: the whole-batch function under batch_norm="batch" (a warning under "eval", see test_trust)
 case("batch_centred_whole_batch", lambda: (BatchCentered(), (randn(N, 3),)), kernel_kwargs={"batch_norm": "batch"}, whole_batch=True)
 case("batchnorm_no_running_stats", lambda: (NoRunningStats().eval(), (randn(N, 3),)), kernel_kwargs={"batch_norm": "batch"}, whole_batch=True)
