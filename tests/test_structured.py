@@ -278,3 +278,27 @@ def test_plans_are_cached_per_signature_and_rebuilt_when_stale(monkeypatch):
         with torch.no_grad():
             model.head.bias.fill_(float("nan"))
         mgs_trace(model, x, strategy="structured")
+
+
+@pytest.mark.parametrize("outputs", ["full", "sum"])
+def test_kernel_gradient_is_exact_for_an_asymmetric_use_of_k(outputs):
+    """Inside a structured kernel each Gram's backward assumes a symmetric incoming gradient, and the
+    kernel symmetrises its gradient once at the top. A loss that uses K asymmetrically (K[0, 1] and
+    an upper triangle) must still get the loop's gradient."""
+    from reference import kernel_loop, trainable
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(3, 1, 6, 6, dtype=torch.float64)
+    weights = torch.randn(9 if outputs == "full" else 3, 9 if outputs == "full" else 3, dtype=torch.float64).triu()
+
+    def loss(K):
+        return K[0, 1] + (weights * K).sum()
+
+    params = trainable(model)[:-1]  # the output bias does not move K
+
+    def grads(K):
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss(K), params)])
+
+    ours = grads(mgs_kernel(model, x, strategy="structured", outputs=outputs, create_graph=True))
+    assert_close(ours, grads(kernel_loop(model, x, outputs=outputs, create_graph=True)), 1e-10)

@@ -45,9 +45,54 @@ class _SymmetricGram(torch.autograd.Function):
         return (grad + grad.mT) @ x
 
 
+class _GramUsedSymmetrically(_SymmetricGram):
+    """X Xᵀ whose backward is 2 Ḡ X: valid when the incoming gradient Ḡ is symmetric, which
+    :func:`kernel_with_symmetric_gradient` guarantees for every Gram inside a kernel it wraps (each
+    Gram is used there as itself or Hadamard-multiplied by a symmetric matrix). Saves forming Ḡ + Ḡᵀ,
+    a strided (n·q)² pass per layer."""
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * (grad @ x)
+
+
+class _SymmetricGradient(torch.autograd.Function):
+    """Identity on a symmetric matrix K(θ), whose backward symmetrises the incoming gradient once:
+    ⟨Ḡ, dK⟩ = ⟨(Ḡ + Ḡᵀ)/2, dK⟩ for every symmetric dK, so nothing upstream changes."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return (grad + grad.mT) / 2
+
+
+_symmetric_grads_inside = False
+
+
 def symmetric_gram(x: Tensor) -> Tensor:
     """X Xᵀ over the last two dimensions (batched), with a one-product backward."""
-    return _SymmetricGram.apply(x)
+    return (_GramUsedSymmetrically if _symmetric_grads_inside else _SymmetricGram).apply(x)
+
+
+def kernel_with_symmetric_gradient(compute):
+    """``compute()`` builds a kernel (a sum of Grams, each used symmetrically); its gradient is
+    symmetrised once at the top, so each Gram's backward is one product without a transpose-add."""
+    global _symmetric_grads_inside
+    previous, _symmetric_grads_inside = _symmetric_grads_inside, True
+    try:
+        return _SymmetricGradient.apply(compute())
+    finally:
+        _symmetric_grads_inside = previous
 
 
 def _gram_rows(G: Tensor, outputs: str) -> Tensor:

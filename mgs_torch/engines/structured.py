@@ -32,7 +32,7 @@ from .._guards import cuda_devices, restore_rng_states, rng_states
 
 from .._problem import Cotangents, KernelProblem, PerModelCache, one_hot_cotangents
 from . import jacobian
-from .factors import DirectFactor
+from .factors import DirectFactor, kernel_with_symmetric_gradient
 from .layers import LAYER_RULES, LayerRule
 
 
@@ -436,7 +436,8 @@ def kernel(problem: KernelProblem, *, outputs: str = "full", chunk_size: int | N
         if _needs_reference(problem, p):
             return jacobian.kernel(problem, outputs=outputs, chunk_size=chunk_size)
         factors, _ = _factors(problem, p, one_hot_cotangents, chunk_size, cached)
-        total = sum(f.kernel(outputs) for f in _merge_direct(factors))
+        merged = _merge_direct(factors)
+        total = kernel_with_symmetric_gradient(lambda: sum(f.kernel(outputs) for f in merged))
         if p.fallback:
             total = total + jacobian.kernel(_fallback_problem(problem, p), outputs=outputs, chunk_size=chunk_size)
         return total
