@@ -139,6 +139,8 @@ def test_plots_and_report_tables(tmp_path):
     mem = report.memorised_table(n40).splitlines()
     r4 = next(r for r in n40 if r["config"]["method"] == "mgs_trace" and r["config"]["noise"] == 0.4)
     assert mem[0] == "| method | 40% noise |" and mem[3] == f"| MGS tr K | {100 * r4['history'][-1]['memorised']:.0f} |"
+    clean = [r for r in n40 if r["config"]["noise"] == 0]
+    assert report.memorised_table(clean).startswith("_no runs with label noise yet")  # not a table without columns
     text = report.render_template("A\n{{table dataset=circles train_size=40}}\nB {{runtime model=fcn}}", tmp_path)
     assert text.startswith("A\n| method | 0% noise | 40% noise |") and "| **all** | 8 |" in text
     import shutil  # the tuning runs live under <out>/tune/runs: source=tune reads them, the default does not

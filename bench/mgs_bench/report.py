@@ -265,6 +265,8 @@ def memorised_table(results: Sequence[dict[str, Any]]) -> str:
         return "_no runs found_\n"
     by, noises, _ = _group(results)
     noises = [n for n in noises if n > 0]
+    if not noises:
+        return "_no runs with label noise yet (memorisation is measured on flipped labels)_\n"
     lines = ["| method | " + " | ".join(f"{100 * n:g}% noise" for n in noises) + " |", "|" + "---|" * (len(noises) + 1)]
     for m in _order(by):
         cells = []
