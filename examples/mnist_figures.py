@@ -1,4 +1,5 @@
-"""Figures of the real-MNIST investigation runs (examples/mnist_investigation.sh) → examples/figures/mnist/.
+"""Figures of the real-MNIST runs → examples/figures/mnist/: the investigation (examples/mnist_investigation.sh)
+and the Table 1 / A.1 grid (examples/run_mnist.sh), whatever of it has finished.
 
 Variants of one method (another alpha, an alpha warm-up, another init) get their own curve.
 Usage: PYTHONPATH=.:bench python examples/mnist_figures.py
@@ -46,9 +47,15 @@ def main() -> None:
         METHOD_COLORS.setdefault(key, "#000000" if key.startswith("unreg") else palette[i % len(palette)])  # same colour in every panel
     if mgs40:
         plot_curves(mgs40, FIG / "mnist_lenet5_40ep_mgs_variants.png", "Real MNIST, LeNet-5, MGS tr K variants, 40 ep.")
-    long = [r for r in runs if r["config"]["epochs"] == 100]
+    long = [r for r in runs if r["config"]["epochs"] == 100 and r["config"].get("eval_points") == 101]
     if long:
         plot_curves(long, FIG / "mnist_lenet5_100ep_curves.png", "Real MNIST, LeNet-5, 100 ep.")
+    for model, name in (("lenet5", "LeNet-5"), ("fcn", "FCN 6×300")):
+        # the Table 1 / A.1 grid of examples/run_mnist.sh: 100 epochs evaluated every 2 (51 points)
+        grid = [r for r in load_results(OUT, dataset="mnist", model=model)
+                if r["config"]["epochs"] == 100 and r["config"].get("eval_points") == 51]
+        if grid:
+            plot_curves(grid, FIG / f"mnist_{model}_grid_curves.png", f"Real MNIST, {name}, tuned grid, 100 ep.")
     for p in sorted(FIG.glob("*.png")):
         print(f"figure: {p}")
 

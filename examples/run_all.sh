@@ -69,5 +69,6 @@ if [[ $part == mnist ]]; then
 fi
 
 if [[ $part == all || $part == report ]]; then
+  python examples/mnist_figures.py  # the real-MNIST figures from whatever runs have finished
   mgs report --out $OUT --template examples/RESULTS.template.md --output examples/RESULTS.md
 fi
