@@ -51,6 +51,8 @@ class KernelProblem:
         samples_interact: max_i ‖f(X)_i − f(x_i)‖_∞ / max(1, ‖f(X)‖_∞) when the batched forward differs
             from the forward of each sample alone (an op over the batch dimension), else None (see
             :func:`samples_interaction`).
+        call_names: (attribute path, name in ``params``/``frozen``) for every distinct (module,
+            attribute) holding a parameter or buffer (see :func:`functional_call_names`).
     """
 
     model: nn.Module
@@ -68,6 +70,7 @@ class KernelProblem:
     strict_randomness: bool = False
     outputs_checked: bool = True
     samples_interact: float | None = None
+    call_names: tuple[tuple[str, str], ...] = ()
 
     def check_outputs(self, out: Tensor) -> None:
         """Validate the (n, q') outputs of an engine's forward when :func:`build_problem` did not.
@@ -102,7 +105,7 @@ class KernelProblem:
         if fresh_buffers:
             state.update({k: state[k].clone() for k in self.buffer_names})
         with ExactOps():
-            return functional_call(self.model, state, self.inputs if inputs is None else inputs)
+            return call_with(self.model, state, self.inputs if inputs is None else inputs, self.call_names)
 
     def restrict(self, names: Iterable[str], *, strict_randomness: bool = False) -> "KernelProblem":
         """The same problem with only ``names`` differentiated; the rest join ``frozen``."""
@@ -113,6 +116,36 @@ class KernelProblem:
             self, params=keep, frozen={**self.frozen, **rest}, signature=self.signature + (tuple(sorted(names)),),
             strict_randomness=strict_randomness,
         )
+
+
+def functional_call_names(model: nn.Module) -> tuple[tuple[str, str], ...]:
+    """(attribute path, canonical name) for each distinct (module, attribute) holding a tensor.
+
+    The canonical name is the tensor's name in ``named_parameters()`` / ``named_buffers()`` (which
+    list a shared tensor once). A module registered under two names (``nn.Sequential(block, block)``,
+    ALBERT-style ``nn.ModuleList([layer] * k)``) is listed once; a parameter tied between two modules
+    (``out.weight = emb.weight``) once per module. :func:`call_with` swaps exactly these attributes.
+    """
+    canonical = {id(t): k for k, t in model.named_parameters()}
+    canonical.update({id(t): k for k, t in model.named_buffers()})
+    names = []
+    for mname, module in model.named_modules():  # each module object once
+        prefix = f"{mname}." if mname else ""
+        for local, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is not None and id(tensor) in canonical:
+                names.append((prefix + local, canonical[id(tensor)]))
+    return tuple(names)
+
+
+def call_with(model: nn.Module, state: dict[str, Tensor], inputs: tuple, names: tuple[tuple[str, str], ...]):
+    """``model(*inputs)`` with ``state`` (keyed by canonical names) substituted for its tensors.
+
+    Not :func:`torch.func.functional_call`'s own weight tying: for a module registered under two names
+    it restores the aliases in the wrong order and leaves the module holding the substituted (detached)
+    tensor instead of its Parameter, so training would silently stop updating that layer (PyTorch
+    2.13; ``tests/test_upstream_bugs.py``). Each attribute is swapped exactly once here.
+    """
+    return functional_call(model, {path: state[name] for path, name in names if name in state}, inputs, tie_weights=False)
 
 
 def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
@@ -192,7 +225,8 @@ def build_problem(
         dtype,
     )
     n = x[0].shape[0]
-    draft = KernelProblem(model, x, chosen, frozen, n, 0, (), per_sample, stochastic, owners, buffers, signature)
+    draft = KernelProblem(model, x, chosen, frozen, n, 0, (), per_sample, stochastic, owners, buffers, signature,
+                          call_names=functional_call_names(model))
     cached = None if revalidate else _OUTPUT_SHAPES.get(model, signature)
     checked = cached is None
     if checked:
@@ -285,7 +319,7 @@ def _raise_if_the_model_fails_alone(problem: KernelProblem, err: RuntimeError) -
     state = {**problem.frozen, **problem.params}
     state.update({k: state[k].clone() for k in problem.buffer_names})
     try:
-        functional_call(problem.model, state, problem.inputs)
+        call_with(problem.model, state, problem.inputs, problem.call_names)
     except RuntimeError as own:
         raise ModelForwardError(
             f"{type(problem.model).__name__}'s forward fails on these inputs before anything is differentiated, "

@@ -82,9 +82,13 @@ class VerifyReport:
 
 
 def _loop_jacobian(model: nn.Module, xs: tuple[Tensor, ...], params: list[Tensor], create_graph: bool) -> Tensor:
+    """J of the per-sample outputs by plain autograd. Each sample runs as a batch of two identical
+    copies (the first one's outputs differentiated): PyTorch 2.13's CPU ``batch_norm`` backward is wrong
+    at batch size one when the incoming gradient has channels-last strides (a conv stem whose map is
+    flattened and transposed into tokens), which would make this reference, not mgs_torch, wrong."""
     rows = []
     for i in range(xs[0].shape[0]):
-        out = model(*(x[i : i + 1] for x in xs)).reshape(-1)
+        out = model(*(torch.cat([x[i : i + 1]] * 2) for x in xs))[:1].reshape(-1)
         for a in range(out.numel()):
             gs = torch.autograd.grad(out[a], params, retain_graph=True, create_graph=create_graph, allow_unused=True)
             rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, params)]))

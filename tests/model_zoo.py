@@ -319,6 +319,32 @@ class WeightOutsideItsModule(nn.Module):
         return self.head(h) + self.lin.weight.sum() * x[:, :1]
 
 
+class ConvStemTokens(nn.Module):
+    """Conv, eval BatchNorm, then the feature map as tokens (flatten(2).transpose(1, 2)) into a
+    LayerNorm and a Transformer layer: a ViT-style hybrid stem."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(2, 4, 2), nn.BatchNorm2d(4)
+        self.norm = nn.LayerNorm(4)
+        self.layer = nn.TransformerEncoderLayer(4, 2, 6, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(4 * 9, Q)
+
+    def forward(self, x):  # (n, 2, 4, 4) -> 3×3 map -> 9 tokens of 4
+        tokens = self.bn(self.conv(x)).flatten(2).transpose(1, 2)
+        return self.head(self.layer(self.norm(tokens)).flatten(1))
+
+
+def _bn_stats(model):
+    """Running statistics away from (0, 1), so eval BatchNorm is not the identity."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
 def _lazy(model, x):
     model = model.to(D)
     with torch.no_grad():
@@ -896,6 +922,8 @@ case("old_style_weight_norm", _old_weight_norm)
 case("symmetric_parametrization", _symmetric_parametrization)
 case("weight_outside_its_module", lambda: (WeightOutsideItsModule(False), (randn(N, 3),)))
 case("conv_weight_outside_its_module", lambda: (WeightOutsideItsModule(True), (randn(N, 2, 4, 4),)))
+case("conv_stem_tokens", lambda: (_bn_stats(ConvStemTokens()).eval(), (randn(N, 2, 4, 4),)))
+case("shared_module_two_names", lambda: (lambda lin: (seq(nn.Linear(3, 4), nn.Tanh(), lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(4, Q)), (randn(N, 3),)))(nn.Linear(4, 4)))
 # samples that interact: the whole-batch function under batch_norm="batch" (a warning under "eval", see test_trust)
 case("batch_centred_whole_batch", lambda: (BatchCentered(), (randn(N, 3),)), kernel_kwargs={"batch_norm": "batch"}, whole_batch=True)
 case("batchnorm_no_running_stats", lambda: (NoRunningStats().eval(), (randn(N, 3),)), kernel_kwargs={"batch_norm": "batch"}, whole_batch=True)

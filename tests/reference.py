@@ -23,8 +23,17 @@ def trainable(model: nn.Module) -> list[torch.Tensor]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def jacobian_loop(model: nn.Module, inputs, params=None, *, create_graph: bool = False, whole_batch: bool = False):
+def jacobian_loop(
+    model: nn.Module, inputs, params=None, *, create_graph: bool = False, whole_batch: bool = False, batch_of_one: bool = False
+):
     """J by brute force, rows ordered (sample, output), columns the concatenated ``params``.
+
+    Each sample runs as a batch of two identical copies and the first copy's outputs are
+    differentiated: PyTorch 2.13's CPU ``batch_norm`` backward (BatchNorm2d in eval and train mode,
+    InstanceNorm) is wrong at batch size one when the incoming gradient has channels-last strides,
+    as after ``flatten(2).transpose(1, 2)`` (tests/test_upstream_bugs.py). For a per-sample model
+    the copies do not interact, so this is f(x_i). ``batch_of_one``: run each sample alone instead
+    (the per-sample semantics of a model whose samples interact).
 
     ``whole_batch``: differentiate the outputs of one batched forward (samples may interact, e.g.
     train-mode BatchNorm); the model is deep-copied first so running statistics do not move.
@@ -45,13 +54,17 @@ def jacobian_loop(model: nn.Module, inputs, params=None, *, create_graph: bool =
             grads_of(model(*inputs).reshape(-1))
         else:
             for i in range(inputs[0].shape[0]):
-                grads_of(model(*(x[i : i + 1] for x in inputs)).reshape(-1))
+                if batch_of_one:
+                    grads_of(model(*(x[i : i + 1] for x in inputs)).reshape(-1))
+                else:
+                    grads_of(model(*(torch.cat([x[i : i + 1]] * 2) for x in inputs))[:1].reshape(-1))
     return torch.stack(rows)
 
 
-def kernel_loop(model, inputs, params=None, *, outputs: str = "full", create_graph: bool = False, whole_batch: bool = False):
+def kernel_loop(model, inputs, params=None, *, outputs: str = "full", create_graph: bool = False, whole_batch: bool = False,
+                batch_of_one: bool = False):
     """K = J Jᵀ from :func:`jacobian_loop`; ``outputs="sum"`` sums the output blocks (n×n)."""
-    J = jacobian_loop(model, inputs, params, create_graph=create_graph, whole_batch=whole_batch)
+    J = jacobian_loop(model, inputs, params, create_graph=create_graph, whole_batch=whole_batch, batch_of_one=batch_of_one)
     K = J @ J.T
     if outputs == "sum":
         n = _as_tuple(inputs)[0].shape[0]

@@ -48,6 +48,8 @@ def reference(name: str) -> dict:
 
 def snapshot(model: torch.nn.Module) -> dict:
     return {
+        # the objects themselves, under every name (a module registered twice included): an optimizer holds these
+        "identities": [(k, id(t)) for k, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]],
         "params": [p.detach().clone() for p in model.parameters()],
         "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
         "buffers": [b.clone() for b in model.buffers()],
@@ -58,6 +60,7 @@ def snapshot(model: torch.nn.Module) -> dict:
 
 def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
     after = snapshot(model)
+    assert after["identities"] == before["identities"], "a parameter or buffer object was replaced"
     for a, b in zip(after["params"], before["params"]):
         assert torch.equal(a, b), "a parameter changed"
     for a, b in zip(after["grads"], before["grads"]):

@@ -394,7 +394,7 @@ def test_interacting_samples_are_reported_and_batch_mode_differentiates_the_batc
     with pytest.warns(RuntimeWarning, match="samples interact") as caught:
         K = mgs_kernel(model, x, strategy=strategy)
     assert "batch_norm='batch'" in str(caught[0].message)
-    assert close(K, kernel_loop(model, x))  # what was computed is still the documented per-sample kernel
+    assert close(K, kernel_loop(model, x, batch_of_one=True))  # still the documented per-sample kernel (each sample alone)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per process, never per step
         mgs_kernel(model, x, strategy=strategy)
@@ -427,3 +427,29 @@ def test_no_model_of_the_audit_is_taken_for_an_interacting_one():
             if problem.samples_interact is not None:
                 flagged[case.name, str(dtype)] = problem.samples_interact
     assert set(name for name, _ in flagged) == {"batch_centred_whole_batch"}, flagged
+
+
+@pytest.mark.parametrize("strategy", ["jacobian", "structured"])
+def test_a_module_registered_twice_keeps_its_parameters_and_trains(strategy):
+    """torch.func.functional_call left such a module holding a detached tensor instead of its
+    Parameter (tests/test_upstream_bugs.py): the optimizer's step then no longer reached the model."""
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), shared, nn.Tanh(), shared, nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    weight, before = shared.weight, shared.weight.detach().clone()
+    x = torch.randn(5, 3)
+    mgs_kernel(model, x, strategy=strategy)
+    loss = model(x).square().mean() + 0.1 * mgs_penalty(model, x, strategy=strategy)
+    loss.backward()
+    opt.step()
+    assert shared.weight is weight and isinstance(model[4].weight, nn.Parameter)
+    assert not torch.equal(shared.weight.detach(), before)  # the step reached the layer the model uses
+
+
+def test_verify_is_right_where_plain_autograd_at_batch_size_one_is_not():
+    """A conv stem feeding tokens to a Transformer: the reference loop would hit PyTorch's CPU
+    batch_norm backward bug at batch size one and report a problem that is not mgs_torch's."""
+    model, x = build(by_name("conv_stem_tokens"))
+    report = verify(model, x, samples=3)
+    assert report.ok, str(report)

@@ -98,3 +98,53 @@ def test_hardsigmoid_first_derivative_is_single_precision():
     (g,) = torch.autograd.grad(F.hardsigmoid(x).sum(), x)
     error = (g - 1.0 / 6.0).abs().max().item()
     assert error > 1e-12, FIXED_UPSTREAM.format(torch.__version__, "F.hardsigmoid (test reference only)")
+
+
+def test_functional_call_replaces_the_parameters_of_a_module_registered_twice():
+    """torch.func.functional_call's weight tying restores a module reachable under two names in the
+    wrong order: afterwards the module holds the substituted (here detached) tensor, not its
+    Parameter, and an optimizer would update a Parameter the model no longer uses. mgs_torch swaps
+    each (module, attribute) once itself (mgs_torch._problem.call_with)."""
+    shared = nn.Linear(2, 2)
+    model = nn.Sequential(shared, nn.Tanh(), shared)
+    weight = shared.weight
+    functional_call(model, {k: v.detach() for k, v in model.named_parameters()}, (torch.randn(3, 2),))
+    assert shared.weight is not weight and not isinstance(shared.weight, nn.Parameter), FIXED_UPSTREAM.format(
+        torch.__version__, "functional_call's tie_weights (mgs_torch._problem.call_with can go back to it)"
+    )
+
+
+@pytest.mark.parametrize("norm", ["batchnorm_eval", "batchnorm_train", "instancenorm"])
+def test_cpu_batch_norm_backward_is_wrong_at_batch_size_one_with_channels_last_gradients(norm):
+    """Plain autograd, no torch.func: BatchNorm2d (eval and train) and InstanceNorm2d get wrong weight
+    gradients at batch size 1 when the gradient reaching them has channels-last strides, as after
+    ``flatten(2).transpose(1, 2)`` (a conv stem feeding tokens to a Transformer). mgs_torch's vmapped
+    computations are right there; the per-sample reference loops (tests/reference.py and verify) run
+    each sample as a batch of two identical copies so that they are right too."""
+    torch.manual_seed(0)
+    layer = {"batchnorm_eval": nn.BatchNorm2d(4).eval(), "batchnorm_train": nn.BatchNorm2d(4), "instancenorm": nn.InstanceNorm2d(4, affine=True)}[norm]
+    layer = layer.double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+    x, c = torch.randn(1, 4, 4, 4, dtype=torch.float64), torch.randn(1, 16, 4, dtype=torch.float64)
+
+    def loss(batch: int) -> torch.Tensor:  # the first copy's loss, from a batch of `batch` copies
+        return ((layer(torch.cat([x] * batch)).flatten(2).transpose(1, 2)[:1]) ** 2 * c).sum()
+
+    autograd = torch.autograd.grad(loss(1), layer.weight)[0]
+    with torch.no_grad():
+        fd = torch.stack([(loss_at(layer, loss, k, 1e-6)) for k in range(4)])
+    assert relative_error(torch.autograd.grad(loss(2), layer.weight)[0], fd) < 1e-6  # two copies: right
+    assert relative_error(autograd, fd) > 1e-3, FIXED_UPSTREAM.format(torch.__version__, "(nothing: the reference loops' two copies)")
+
+
+def loss_at(layer: nn.Module, loss, k: int, eps: float) -> torch.Tensor:
+    """Central difference of ``loss(1)`` in entry k of ``layer.weight``."""
+    w = layer.weight.data
+    old = w[k].item()
+    w[k] = old + eps
+    hi = loss(1)
+    w[k] = old - eps
+    lo = loss(1)
+    w[k] = old
+    return (hi - lo) / (2 * eps)
