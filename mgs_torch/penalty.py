@@ -145,4 +145,10 @@ def mgs_penalty(
         value, problem = on_problem(model, inputs, opts, True, compute)
     if reduction == "mean":
         value = value / (problem.n * problem.q if outputs == "full" else problem.n)
+    if not value.requires_grad and torch.is_grad_enabled():
+        # g(K) does not depend on θ (a linear model: K = X Xᵀ ⊗ I + 1): its gradient is zero, and
+        # value.backward() or autograd.grad(value, params) must say so rather than raise
+        live = [t for t in problem.params.values() if t.requires_grad]
+        if live:
+            value = value + sum(t.reshape(-1)[0] for t in live) * 0.0
     return value

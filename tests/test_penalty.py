@@ -223,3 +223,16 @@ def test_hutchinson_probes_from_a_cpu_generator_are_refused_inside_cuda_graph_ca
     with pytest.raises(RuntimeError, match="register_generator_state"):
         rademacher_probes(1, 2, 3, torch.Generator(), "cuda")
     assert rademacher_probes(1, 2, 3, torch.Generator(), "cpu").abs().eq(1).all()  # the CPU path is untouched
+
+
+@pytest.mark.parametrize("kind", ["trace", "logdet"])
+def test_a_penalty_that_does_not_depend_on_the_parameters_has_a_zero_gradient(kind):
+    """A linear model's K = X Xᵀ ⊗ I + 1 is constant in θ: backward works and gives zeros."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 2).double()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    value = mgs_penalty(model, x, kind=kind)
+    grads = torch.autograd.grad(value, list(model.parameters()))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+    with torch.no_grad():
+        assert not mgs_penalty(model, x, kind=kind).requires_grad

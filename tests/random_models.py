@@ -1,0 +1,389 @@
+"""Random architectures for the audit: layer families composed the way users compose them.
+
+The hand-written zoo (:mod:`model_zoo`) names one family per model; users stack them. ``random_model(seed)``
+draws a small float64 network from a grammar over three per-sample layouts — images (C, H, W),
+sequences (T, d) and vectors (d) — and the blocks that fit each: convolutions with random stride,
+padding (and padding mode), dilation and groups, transposed convolutions, every normalisation,
+pooling, upsampling, pixel shuffle, residual blocks, recurrent layers, attention and Transformer
+layers, bilinear and GLU layers, and, now and then, a block reused later in the network (weight
+sharing). Layouts change along the way (image → sequence → vector). The last layer is Linear(q = 2).
+
+``python tests/random_models.py --seeds 0:500`` checks many seeds against the per-sample autograd
+loop and prints the failures; ``tests/test_random_models.py`` runs a fixed sample of seeds.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from torch import nn
+
+D = torch.float64
+N, Q = 3, 2
+
+ACTIVATIONS = [nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus, nn.Sigmoid, nn.ReLU, nn.LeakyReLU, nn.Mish, nn.Hardtanh]
+
+
+class Residual(nn.Module):
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class ImageToSequence(nn.Module):
+    """(n, C, H, W) -> (n, H·W, C)."""
+
+    def forward(self, x):
+        return x.flatten(2).transpose(1, 2)
+
+
+class OverTime(nn.Module):
+    """A Conv1d over the time axis of (n, T, d)."""
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+
+class Recurrent(nn.Module):
+    def __init__(self, rnn: nn.Module):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, attn: nn.MultiheadAttention, causal: bool):
+        super().__init__()
+        self.attn, self.causal = attn, causal
+
+    def forward(self, x):
+        mask = torch.triu(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool), 1) if self.causal else None
+        return x + self.attn(x, x, x, attn_mask=mask, need_weights=False)[0]
+
+
+class Pool(nn.Module):
+    """(n, T, d) -> (n, d): mean, max or last step."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+
+    def forward(self, x):
+        if self.how == "mean":
+            return x.mean(1)
+        if self.how == "max":
+            return x.amax(1)
+        return x[:, -1]
+
+
+class SelfBilinear(nn.Module):
+    def __init__(self, bilinear: nn.Bilinear):
+        super().__init__()
+        self.bilinear = bilinear
+
+    def forward(self, x):
+        return self.bilinear(x, torch.tanh(x))
+
+
+class Builder:
+    """Draws blocks that fit the current per-sample shape, tracking it as it changes."""
+
+    def __init__(self, seed: int):
+        self.rng = random.Random(seed)
+        self.blocks: list[nn.Module] = []
+        self.shareable: dict[tuple, nn.Module] = {}  # (kind, in, out) -> a module that may be reused
+        self.description: list[str] = []
+
+    def pick(self, *options):
+        return self.rng.choice(options)
+
+    def add(self, module: nn.Module, name: str) -> None:
+        self.blocks.append(module)
+        self.description.append(name)
+
+    def shared(self, key: tuple, make) -> tuple[nn.Module, bool]:
+        if key in self.shareable and self.rng.random() < 0.3:
+            return self.shareable[key], True
+        module = make()
+        self.shareable[key] = module
+        return module, False
+
+    def activation(self) -> None:
+        act = self.pick(*ACTIVATIONS)
+        self.add(act(), act.__name__)
+
+    # ---------------------------------------------------------------------------- images
+    def image_block(self, shape):
+        C, H, W = shape
+        kinds = ["conv", "conv", "act", "norm", "residual"]
+        if min(H, W) >= 2:
+            kinds += ["pool", "convtranspose"]
+        if H * W <= 16:
+            kinds.append("upsample")
+        if C % 4 == 0:
+            kinds.append("pixel_shuffle")
+        kind = self.pick(*kinds)
+        if kind == "conv":
+            return self.conv(shape)
+        if kind == "convtranspose":
+            out = self.pick(1, 2, 3, 4)
+            groups = self.pick(*[g for g in (1, 2) if C % g == 0 and out % g == 0])
+            k, stride = self.pick(2, 3), self.pick(1, 2)
+            padding = self.pick(*[p for p in (0, 1) if (H - 1) * stride - 2 * p + k >= 1 and (W - 1) * stride - 2 * p + k >= 1])
+            out_pad = self.pick(*range(stride))
+            self.add(nn.ConvTranspose2d(C, out, k, stride=stride, padding=padding, output_padding=out_pad, groups=groups),
+                     f"ConvTranspose2d({C},{out},k{k},s{stride},p{padding},op{out_pad},g{groups})")
+            size = lambda L: (L - 1) * stride - 2 * padding + k + out_pad  # noqa: E731
+            return (out, size(H), size(W))
+        if kind == "act":
+            self.activation()
+            return shape
+        if kind == "norm":
+            which = self.pick("batch", "group", "instance", "layer")
+            if which == "batch":
+                bn = nn.BatchNorm2d(C)
+                with torch.no_grad():
+                    bn.running_mean.uniform_(-0.5, 0.5)
+                    bn.running_var.uniform_(0.5, 2.0)
+                    bn.weight.uniform_(0.5, 1.5)
+                    bn.bias.uniform_(-0.5, 0.5)
+                self.add(bn, "BatchNorm2d(eval)")
+            elif which == "group":
+                groups = self.pick(*[g for g in (1, 2, C) if C % g == 0])
+                self.add(nn.GroupNorm(groups, C), f"GroupNorm({groups},{C})")
+            elif which == "instance" and H * W > 1:
+                self.add(nn.InstanceNorm2d(C, affine=True), "InstanceNorm2d(affine)")
+            else:
+                self.add(nn.LayerNorm([C, H, W], elementwise_affine=self.pick(True, False)), "LayerNorm(C,H,W)")
+            return shape
+        if kind == "residual":
+            k = self.pick(1, 3)
+            conv, reused = self.shared(("conv_same", C, k), lambda: nn.Conv2d(C, C, k, padding=k // 2, padding_mode=self.pick("zeros", "circular")))
+            self.add(Residual(nn.Sequential(conv, self.pick(*ACTIVATIONS)())), f"Residual(Conv2d {C}→{C} k{k}{' shared' if reused else ''})")
+            return shape
+        if kind == "pool":
+            which = self.pick("max", "avg", "adaptive")
+            if which == "max":
+                self.add(nn.MaxPool2d(2, ceil_mode=self.pick(True, False)), "MaxPool2d(2)")
+            elif which == "avg":
+                self.add(nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False), "AvgPool2d(2, ceil)")
+            else:
+                out = (self.pick(1, 2), self.pick(1, 2))
+                self.add(nn.AdaptiveAvgPool2d(out), f"AdaptiveAvgPool2d{out}")
+                return (C, *out)
+            ceil = lambda L: -(-L // 2)  # noqa: E731
+            pool = self.blocks[-1]
+            if isinstance(pool, nn.MaxPool2d) and not pool.ceil_mode:
+                return (C, H // 2, W // 2)
+            return (C, ceil(H), ceil(W))
+        if kind == "upsample":
+            mode = self.pick("nearest", "bilinear")
+            self.add(nn.Upsample(scale_factor=2, mode=mode, **({"align_corners": self.pick(True, False)} if mode == "bilinear" else {})),
+                     f"Upsample({mode})")
+            return (C, 2 * H, 2 * W)
+        self.add(nn.PixelShuffle(2), "PixelShuffle(2)")
+        return (C // 4, 2 * H, 2 * W)
+
+    def conv(self, shape):
+        C, H, W = shape
+        out = self.pick(1, 2, 3, 4, 6)
+        groups = self.pick(*[g for g in (1, 2, 3, C) if C % g == 0 and out % g == 0])
+        k, stride, dilation = self.pick(1, 2, 3), self.pick(1, 1, 2), self.pick(1, 1, 2)
+        span = dilation * (k - 1) + 1
+        pads = [0, 1] if stride > 1 else [0, 1, "same"]
+        padding = self.pick(*[p for p in pads if p == "same" or (H + 2 * p >= span and W + 2 * p >= span)] or ["same"]) if stride == 1 else \
+            self.pick(*[p for p in pads if H + 2 * p >= span and W + 2 * p >= span] or [None])
+        if padding is None:  # too small for a strided kernel: a 1×1 one
+            k, span, padding = 1, 1, 0
+        mode = self.pick("zeros", "reflect", "replicate", "circular") if padding not in (0, "same") and padding < min(H, W) else "zeros"
+        conv = nn.Conv2d(C, out, k, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=self.pick(True, False), padding_mode=mode)
+        self.add(conv, f"Conv2d({C},{out},k{k},s{stride},p{padding},d{dilation},g{groups},{mode})")
+        if padding == "same":
+            return (out, H, W)
+        size = lambda L: (L + 2 * padding - span) // stride + 1  # noqa: E731
+        return (out, size(H), size(W))
+
+    # ------------------------------------------------------------------------- sequences
+    def sequence_block(self, shape):
+        T, d = shape
+        kind = self.pick("linear", "linear", "act", "norm", "rnn", "attention", "encoder", "conv1d")
+        if kind == "linear":
+            out = self.pick(2, 3, 4, 6)
+            lin, reused = self.shared(("linear", d, out), lambda: nn.Linear(d, out, bias=self.pick(True, False)))
+            self.add(lin, f"Linear({d},{out}){' shared' if reused else ''}")
+            return (T, out)
+        if kind == "act":
+            self.activation()
+            return shape
+        if kind == "norm":
+            if self.pick(True, False):
+                self.add(nn.LayerNorm(d), f"LayerNorm({d})")
+            else:
+                self.add(nn.RMSNorm(d), f"RMSNorm({d})")
+            return shape
+        if kind == "rnn":
+            cell = self.pick(nn.RNN, nn.LSTM, nn.GRU)
+            hidden, layers, bidir = self.pick(2, 3), self.pick(1, 2), self.pick(True, False)
+            self.add(Recurrent(cell(d, hidden, num_layers=layers, bidirectional=bidir, batch_first=True)),
+                     f"{cell.__name__}({d},{hidden},layers={layers},bidir={bidir})")
+            return (T, hidden * (2 if bidir else 1))
+        if kind == "attention" and d % 2 == 0:
+            heads = self.pick(1, 2)
+            self.add(SelfAttention(nn.MultiheadAttention(d, heads, batch_first=True, bias=self.pick(True, False)), self.pick(True, False)),
+                     f"SelfAttention({d},heads={heads})")
+            return shape
+        if kind == "encoder" and d % 2 == 0:
+            layer = nn.TransformerEncoderLayer(d, self.pick(1, 2), 2 * d, dropout=0.0, batch_first=True, norm_first=self.pick(True, False),
+                                               activation=self.pick("relu", "gelu"))
+            self.add(layer, f"TransformerEncoderLayer({d})")
+            return shape
+        out, k = self.pick(2, 3, 4), self.pick(1, 2, 3)
+        if T >= k:
+            self.add(OverTime(nn.Conv1d(d, out, k, padding=self.pick(0, k // 2))), f"Conv1d over time({d},{out},k{k})")
+            pad = self.blocks[-1].conv.padding[0]
+            return (T + 2 * pad - k + 1, out)
+        self.activation()
+        return shape
+
+    # --------------------------------------------------------------------------- vectors
+    def vector_block(self, shape):
+        (d,) = shape
+        kind = self.pick("linear", "linear", "act", "norm", "residual", "glu", "bilinear")
+        if kind == "linear":
+            out = self.pick(2, 3, 4, 6, 8)
+            lin, reused = self.shared(("linear", d, out), lambda: nn.Linear(d, out, bias=self.pick(True, False)))
+            self.add(lin, f"Linear({d},{out}){' shared' if reused else ''}")
+            return (out,)
+        if kind == "act":
+            self.activation()
+            return shape
+        if kind == "norm":
+            if self.pick(True, False):
+                bn = nn.BatchNorm1d(d)
+                with torch.no_grad():
+                    bn.running_mean.uniform_(-0.5, 0.5)
+                    bn.running_var.uniform_(0.5, 2.0)
+                self.add(bn, "BatchNorm1d(eval)")
+            else:
+                self.add(nn.LayerNorm(d, bias=self.pick(True, False)), f"LayerNorm({d})")
+            return shape
+        if kind == "residual":
+            lin, reused = self.shared(("linear", d, d), lambda: nn.Linear(d, d))
+            self.add(Residual(nn.Sequential(lin, self.pick(*ACTIVATIONS)())), f"Residual(Linear {d}){' shared' if reused else ''}")
+            return shape
+        if kind == "glu" and d % 2 == 0:
+            self.add(nn.GLU(), "GLU")
+            return (d // 2,)
+        out = self.pick(2, 3)
+        self.add(SelfBilinear(nn.Bilinear(d, d, out)), f"Bilinear({d},{d},{out})")
+        return (out,)
+
+
+def random_model(seed: int) -> tuple[nn.Module, tuple[torch.Tensor, ...], str]:
+    """A random float64 network in eval mode, its inputs (n = 3) and a one-line description."""
+    torch.manual_seed(seed)
+    b = Builder(seed)
+    layout = b.pick("image", "image", "sequence", "vector")
+    if layout == "image":
+        shape = (b.pick(1, 2, 3, 4), b.pick(4, 5, 6), b.pick(4, 5, 7))
+    elif layout == "sequence":
+        shape = (b.pick(2, 3, 4), b.pick(2, 4))
+    else:
+        shape = (b.pick(3, 4, 5),)
+    x = torch.randn(N, *shape, dtype=D)
+    for _ in range(b.pick(2, 3, 4, 5)):
+        if len(shape) == 3:
+            if shape[1] * shape[2] <= 36 and b.rng.random() < 0.15:
+                b.add(ImageToSequence(), "image→sequence")
+                shape = (shape[1] * shape[2], shape[0])
+            else:
+                shape = b.image_block(shape)
+        elif len(shape) == 2:
+            if b.rng.random() < 0.15:
+                how = b.pick("mean", "max", "last")
+                b.add(Pool(how), f"pool over time ({how})")
+                shape = (shape[1],)
+            else:
+                shape = b.sequence_block(shape)
+        else:
+            shape = b.vector_block(shape)
+    features = 1
+    for s in shape:
+        features *= s
+    b.add(nn.Flatten(), "Flatten")
+    b.add(nn.Linear(features, Q), f"Linear({features},{Q})")
+    model = nn.Sequential(*b.blocks).to(D).eval()
+    return model, (x,), f"{layout} {tuple(x.shape[1:])}: " + " → ".join(b.description)
+
+
+def check(seed: int, strategies=("structured", "jacobian"), tol: float = 1e-9) -> list[str]:
+    """Problems found for ``random_model(seed)`` (empty: K, tr K and both penalty gradients match the loop)."""
+    from reference import kernel_loop, penalty_grad_loop, relative_error, trainable
+
+    from mgs_torch import mgs_kernel, mgs_penalty, mgs_trace
+
+    model, x, text = random_model(seed)
+    K_ref = kernel_loop(model, x).detach()
+    eig = torch.linalg.eigvalsh(K_ref)
+    kinds = ["trace"] + (["logdet"] if eig.min() > 1e-6 * eig.max() else [])
+    def reference_gradient(kind: str) -> torch.Tensor:
+        try:
+            grads = penalty_grad_loop(model, x, kind)
+        except RuntimeError as error:  # g(K) does not depend on θ (only biases and fixed features): zero
+            if "does not require grad" not in str(error):
+                raise
+            grads = [None] * len(trainable(model))
+        return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, trainable(model))])
+
+    refs = {kind: reference_gradient(kind) for kind in kinds}
+    problems = []
+    for strategy in strategies:
+        try:
+            errors = {"K": relative_error(mgs_kernel(model, x, strategy=strategy), K_ref),
+                      "tr K": relative_error(mgs_trace(model, x, strategy=strategy), K_ref.trace())}
+            for kind in kinds:
+                value = mgs_penalty(model, x, kind=kind, strategy=strategy, reduction="sum")
+                grads = torch.autograd.grad(value, trainable(model), allow_unused=True)
+                flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, trainable(model))])
+                errors[f"∂{kind}"] = relative_error(flat, refs[kind])
+        except Exception as error:  # noqa: BLE001 - a refusal is a finding too
+            problems.append(f"seed {seed} {strategy}: {type(error).__name__}: {str(error).splitlines()[0][:200]}  [{text}]")
+            continue
+        bad = {k: f"{v:.1e}" for k, v in errors.items() if not v <= tol}
+        if bad:
+            problems.append(f"seed {seed} {strategy}: WRONG {bad}  [{text}]")
+    return problems
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", default="0:100", help="start:stop")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    start, stop = map(int, args.seeds.split(":"))
+    t0, failures = time.time(), 0
+    for seed in range(start, stop):
+        try:
+            lines = check(seed)
+        except Exception as error:  # noqa: BLE001 - the reference itself failed: report, go on
+            lines = [f"seed {seed}: reference failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}  [{random_model(seed)[2]}]"]
+        for line in lines:
+            failures += 1
+            print(line, flush=True)
+    print(f"{stop - start} random models, {failures} problems, {time.time() - t0:.0f} s")
