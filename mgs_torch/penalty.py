@@ -39,6 +39,8 @@ class _RecomputedChunks(torch.autograd.Function):
             with torch.enable_grad():
                 leaves = [p.detach().requires_grad_() for p in params]
                 value = ctx.value_of(start, dict(zip(ctx.names, leaves)))
+                if not value.requires_grad:  # this chunk does not depend on θ (a linear model): no contribution
+                    continue
                 for acc, g in zip(grads, torch.autograd.grad(value, leaves, allow_unused=True)):
                     if g is not None:
                         acc += g

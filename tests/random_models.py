@@ -149,7 +149,7 @@ class Builder:
             self.activation()
             return shape
         if kind == "norm":
-            which = self.pick("batch", "group", "instance", "layer")
+            which = self.pick("batch", "group", "instance", "layer") if C * H * W > 1 else "batch"
             if which == "batch":
                 bn = nn.BatchNorm2d(C)
                 with torch.no_grad():
@@ -158,8 +158,8 @@ class Builder:
                     bn.weight.uniform_(0.5, 1.5)
                     bn.bias.uniform_(-0.5, 0.5)
                 self.add(bn, "BatchNorm2d(eval)")
-            elif which == "group":
-                groups = self.pick(*[g for g in (1, 2, C) if C % g == 0])
+            elif which == "group":  # PyTorch refuses a group of one value at batch size one (degenerate anyway)
+                groups = self.pick(*[g for g in (1, 2, C) if C % g == 0 and (C // g) * H * W > 1])
                 self.add(nn.GroupNorm(groups, C), f"GroupNorm({groups},{C})")
             elif which == "instance" and H * W > 1:
                 self.add(nn.InstanceNorm2d(C, affine=True), "InstanceNorm2d(affine)")
@@ -293,14 +293,19 @@ def random_model(seed: int) -> tuple[nn.Module, tuple[torch.Tensor, ...], str]:
     """A random float64 network in eval mode, its inputs (n = 3) and a one-line description."""
     torch.manual_seed(seed)
     b = Builder(seed)
-    layout = b.pick("image", "image", "sequence", "vector")
+    layout = b.pick("image", "image", "sequence", "tokens", "vector")
     if layout == "image":
         shape = (b.pick(1, 2, 3, 4), b.pick(4, 5, 6), b.pick(4, 5, 7))
-    elif layout == "sequence":
+    elif layout in ("sequence", "tokens"):
         shape = (b.pick(2, 3, 4), b.pick(2, 4))
     else:
         shape = (b.pick(3, 4, 5),)
-    x = torch.randn(N, *shape, dtype=D)
+    if layout == "tokens":  # integer inputs through an embedding (padding index and sharing as drawn)
+        vocab = b.pick(5, 7)
+        x = torch.randint(0, vocab, (N, shape[0]))
+        b.add(nn.Embedding(vocab, shape[1], padding_idx=b.pick(None, 0)), f"Embedding({vocab},{shape[1]})")
+    else:
+        x = torch.randn(N, *shape, dtype=D)
     for _ in range(b.pick(2, 3, 4, 5)):
         if len(shape) == 3:
             if shape[1] * shape[2] <= 36 and b.rng.random() < 0.15:
@@ -346,11 +351,31 @@ def check(seed: int, strategies=("structured", "jacobian"), tol: float = 1e-9) -
         return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, trainable(model))])
 
     refs = {kind: reference_gradient(kind) for kind in kinds}
+    # one option per seed on top: output-summed K, chunking, or J restricted to some parameters
+    option = seed % 3
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    chosen = names[: max(1, len(names) // 2)]
+    if option == 0:
+        extra_ref = kernel_loop(model, x, outputs="sum").detach()
+    elif option == 2:
+        named = dict(model.named_parameters())
+        extra_ref = kernel_loop(model, x, params=[named[k] for k in chosen]).detach()
     problems = []
     for strategy in strategies:
         try:
             errors = {"K": relative_error(mgs_kernel(model, x, strategy=strategy), K_ref),
                       "tr K": relative_error(mgs_trace(model, x, strategy=strategy), K_ref.trace())}
+            if option == 0:
+                errors["K (outputs='sum')"] = relative_error(mgs_kernel(model, x, strategy=strategy, outputs="sum"), extra_ref)
+            elif option == 1:
+                errors["K (chunk_size=1)"] = relative_error(mgs_kernel(model, x, strategy=strategy, chunk_size=1), K_ref)
+                value = mgs_penalty(model, x, strategy=strategy, reduction="sum", chunk_size=1)
+                grads = torch.autograd.grad(value, trainable(model), allow_unused=True)
+                errors["∂trace (chunk_size=1)"] = relative_error(
+                    torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, trainable(model))]), refs["trace"])
+            else:  # relative to the whole K: a block of J can be ~0 (a norm of two features makes earlier layers flat)
+                ours = mgs_kernel(model, x, strategy=strategy, params=chosen)
+                errors[f"K (params={len(chosen)} of {len(names)})"] = float((ours - extra_ref).norm()) / max(float(extra_ref.norm()), 1e-12 * float(K_ref.norm()), 1e-300)
             for kind in kinds:
                 value = mgs_penalty(model, x, kind=kind, strategy=strategy, reduction="sum")
                 grads = torch.autograd.grad(value, trainable(model), allow_unused=True)

@@ -2,8 +2,11 @@
 
 Each seed composes 2–5 blocks from every layer family (convolutions with random stride, padding and
 groups, normalisations, pooling, residual blocks, recurrent and attention layers, reused blocks) and
-checks K, tr K and the trace and log-det penalty gradients for both strategies in float64. The seeds
-that found bugs are pinned; ``python tests/random_models.py --seeds 0:600`` searches wider.
+checks K, tr K and the trace and log-det penalty gradients for both strategies in float64, plus one
+of: the output-summed K, chunk_size=1, or J restricted to some parameters. What the search found is
+pinned by name elsewhere (a module registered twice and a conv stem feeding tokens in model_zoo, a
+penalty constant in θ in test_penalty), since a change of the grammar redraws every seed.
+``python tests/random_models.py --seeds 0:1500`` searches wider (about 3 minutes on one core).
 """
 
 from __future__ import annotations
@@ -14,11 +17,10 @@ import pytest
 
 from random_models import check, random_model
 
-FOUND_BUGS = [9, 21]  # a module registered twice (functional_call); BatchNorm -> tokens (the loop's own bug)
-SAMPLE = list(range(40))
+SAMPLE = list(range(60))
 
 
-@pytest.mark.parametrize("seed", sorted(set(FOUND_BUGS + SAMPLE)))
+@pytest.mark.parametrize("seed", SAMPLE)
 def test_random_architecture_matches_the_loop(seed):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # jitter notices for nearly singular K
@@ -30,4 +32,4 @@ def test_the_generator_is_deterministic_and_varied():
     a, b = random_model(3), random_model(3)
     assert a[2] == b[2] and all((p - q).abs().max() == 0 for p, q in zip(a[0].parameters(), b[0].parameters()))
     layouts = {random_model(s)[2].split(" ")[0] for s in range(30)}
-    assert layouts == {"image", "sequence", "vector"}
+    assert layouts == {"image", "sequence", "tokens", "vector"}
