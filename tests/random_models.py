@@ -98,7 +98,8 @@ class SelfBilinear(nn.Module):
 class Builder:
     """Draws blocks that fit the current per-sample shape, tracking it as it changes."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, batchnorm: bool = False):
+        self.batchnorm = batchnorm  # draw BatchNorm often (the seeds checked in train mode with batch statistics)
         self.rng = random.Random(seed)
         self.blocks: list[nn.Module] = []
         self.shareable: dict[tuple, nn.Module] = {}  # (kind, in, out) -> a module that may be reused
@@ -125,7 +126,7 @@ class Builder:
     # ---------------------------------------------------------------------------- images
     def image_block(self, shape):
         C, H, W = shape
-        kinds = ["conv", "conv", "act", "norm", "residual"]
+        kinds = ["conv", "conv", "act", "norm", "residual"] + ["norm"] * (2 * self.batchnorm)
         if min(H, W) >= 2:
             kinds += ["pool", "convtranspose"]
         if H * W <= 16:
@@ -149,7 +150,7 @@ class Builder:
             self.activation()
             return shape
         if kind == "norm":
-            which = self.pick("batch", "group", "instance", "layer") if C * H * W > 1 else "batch"
+            which = self.pick("batch", "group", "instance", "layer") if C * H * W > 1 and not self.batchnorm else "batch"
             if which == "batch":
                 bn = nn.BatchNorm2d(C)
                 with torch.no_grad():
@@ -258,7 +259,7 @@ class Builder:
     # --------------------------------------------------------------------------- vectors
     def vector_block(self, shape):
         (d,) = shape
-        kind = self.pick("linear", "linear", "act", "norm", "residual", "glu", "bilinear")
+        kind = self.pick("linear", "linear", "act", "norm", "residual", "glu", "bilinear", *["norm"] * (2 * self.batchnorm))
         if kind == "linear":
             out = self.pick(2, 3, 4, 6, 8)
             lin, reused = self.shared(("linear", d, out), lambda: nn.Linear(d, out, bias=self.pick(True, False)))
@@ -268,7 +269,7 @@ class Builder:
             self.activation()
             return shape
         if kind == "norm":
-            if self.pick(True, False):
+            if self.batchnorm or self.pick(True, False):
                 bn = nn.BatchNorm1d(d)
                 with torch.no_grad():
                     bn.running_mean.uniform_(-0.5, 0.5)
@@ -290,9 +291,11 @@ class Builder:
 
 
 def random_model(seed: int) -> tuple[nn.Module, tuple[torch.Tensor, ...], str]:
-    """A random float64 network in eval mode, its inputs (n = 3) and a one-line description."""
+    """A random float64 network in eval mode, its inputs (n = 3) and a one-line description.
+
+    Every fourth seed draws BatchNorm often; :func:`check` runs those in train mode with batch statistics."""
     torch.manual_seed(seed)
-    b = Builder(seed)
+    b = Builder(seed, batchnorm=seed % 4 == 3)
     layout = b.pick("image", "image", "sequence", "tokens", "vector")
     if layout == "image":
         shape = (b.pick(1, 2, 3, 4), b.pick(4, 5, 6), b.pick(4, 5, 7))
@@ -338,12 +341,18 @@ def check(seed: int, strategies=("structured", "jacobian"), tol: float = 1e-9) -
     from mgs_torch import mgs_kernel, mgs_penalty, mgs_trace
 
     model, x, text = random_model(seed)
-    K_ref = kernel_loop(model, x).detach()
+    # every fourth seed (drawn with many BatchNorms): train mode, batch statistics, the whole-batch Jacobian
+    wb = seed % 4 == 3 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    kw = {"batch_norm": "batch"} if wb else {}
+    if wb:
+        model.train()
+        text = "train mode, batch_norm='batch': " + text
+    K_ref = kernel_loop(model, x, whole_batch=wb).detach()
     eig = torch.linalg.eigvalsh(K_ref)
     kinds = ["trace"] + (["logdet"] if eig.min() > 1e-6 * eig.max() else [])
     def reference_gradient(kind: str) -> torch.Tensor:
         try:
-            grads = penalty_grad_loop(model, x, kind)
+            grads = penalty_grad_loop(model, x, kind, whole_batch=wb)
         except RuntimeError as error:  # g(K) does not depend on θ (only biases and fixed features): zero
             if "does not require grad" not in str(error):
                 raise
@@ -356,28 +365,29 @@ def check(seed: int, strategies=("structured", "jacobian"), tol: float = 1e-9) -
     names = [k for k, p in model.named_parameters() if p.requires_grad]
     chosen = names[: max(1, len(names) // 2)]
     if option == 0:
-        extra_ref = kernel_loop(model, x, outputs="sum").detach()
+        extra_ref = kernel_loop(model, x, outputs="sum", whole_batch=wb).detach()
     elif option == 2:
         named = dict(model.named_parameters())
-        extra_ref = kernel_loop(model, x, params=[named[k] for k in chosen]).detach()
+        extra_ref = kernel_loop(model, x, params=[named[k] for k in chosen], whole_batch=wb).detach()
     problems = []
+    before = _state(model)
     for strategy in strategies:
         try:
-            errors = {"K": relative_error(mgs_kernel(model, x, strategy=strategy), K_ref),
-                      "tr K": relative_error(mgs_trace(model, x, strategy=strategy), K_ref.trace())}
+            errors = {"K": relative_error(mgs_kernel(model, x, strategy=strategy, **kw), K_ref),
+                      "tr K": relative_error(mgs_trace(model, x, strategy=strategy, **kw), K_ref.trace())}
             if option == 0:
-                errors["K (outputs='sum')"] = relative_error(mgs_kernel(model, x, strategy=strategy, outputs="sum"), extra_ref)
+                errors["K (outputs='sum')"] = relative_error(mgs_kernel(model, x, strategy=strategy, outputs="sum", **kw), extra_ref)
             elif option == 1:
-                errors["K (chunk_size=1)"] = relative_error(mgs_kernel(model, x, strategy=strategy, chunk_size=1), K_ref)
-                value = mgs_penalty(model, x, strategy=strategy, reduction="sum", chunk_size=1)
+                errors["K (chunk_size=1)"] = relative_error(mgs_kernel(model, x, strategy=strategy, chunk_size=1, **kw), K_ref)
+                value = mgs_penalty(model, x, strategy=strategy, reduction="sum", chunk_size=1, **kw)
                 grads = torch.autograd.grad(value, trainable(model), allow_unused=True)
                 errors["∂trace (chunk_size=1)"] = relative_error(
                     torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, trainable(model))]), refs["trace"])
             else:  # relative to the whole K: a block of J can be ~0 (a norm of two features makes earlier layers flat)
-                ours = mgs_kernel(model, x, strategy=strategy, params=chosen)
+                ours = mgs_kernel(model, x, strategy=strategy, params=chosen, **kw)
                 errors[f"K (params={len(chosen)} of {len(names)})"] = float((ours - extra_ref).norm()) / max(float(extra_ref.norm()), 1e-12 * float(K_ref.norm()), 1e-300)
             for kind in kinds:
-                value = mgs_penalty(model, x, kind=kind, strategy=strategy, reduction="sum")
+                value = mgs_penalty(model, x, kind=kind, strategy=strategy, reduction="sum", **kw)
                 grads = torch.autograd.grad(value, trainable(model), allow_unused=True)
                 flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, trainable(model))])
                 errors[f"∂{kind}"] = relative_error(flat, refs[kind])
@@ -387,7 +397,35 @@ def check(seed: int, strategies=("structured", "jacobian"), tol: float = 1e-9) -
         bad = {k: f"{v:.1e}" for k, v in errors.items() if not v <= tol}
         if bad:
             problems.append(f"seed {seed} {strategy}: WRONG {bad}  [{text}]")
+        changed = _changes(before, _state(model))
+        if changed:
+            problems.append(f"seed {seed} {strategy}: SIDE EFFECT {changed}  [{text}]")
     return problems
+
+
+def _state(model: nn.Module) -> dict:
+    return {
+        "identities": [(k, id(t)) for k, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]],
+        "values": [t.detach().clone() for t in [*model.parameters(), *model.buffers()]],
+        "grads": [p.grad is None for p in model.parameters()],
+        "modes": [m.training for m in model.modules()],
+        "rng": torch.get_rng_state(),
+    }
+
+
+def _changes(before: dict, after: dict) -> list[str]:
+    """What an MGS call changed in the model or the global RNG (it must change nothing)."""
+    out = []
+    if before["identities"] != after["identities"]:
+        out.append("a parameter or buffer object was replaced")
+    if any(not torch.equal(a, b) for a, b in zip(before["values"], after["values"])):
+        out.append("a parameter or buffer value moved")
+    for key in ("grads", "modes"):
+        if before[key] != after[key]:
+            out.append(f"{key} changed")
+    if not torch.equal(before["rng"], after["rng"]):
+        out.append("the global RNG was consumed")
+    return out
 
 
 if __name__ == "__main__":
