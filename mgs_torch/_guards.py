@@ -47,10 +47,17 @@ def preserved_state(model: nn.Module, batch_norm: str) -> Iterator[None]:
     global random state (CPU and the model's CUDA device) is forked, so Dropout masks drawn here do
     not shift the training run's random stream. While a CUDA graph is being captured the CUDA random
     state cannot be read or set: it is not forked then, and the graph's own random offsets advance.
+
+    Module backward hooks (``register_full_backward_hook``, its pre-hook and the legacy
+    ``register_backward_hook``, per module and global) are set aside: they act on training
+    gradients, not on the function, so K stays the true Jacobian — as for tensor hooks on the
+    parameters, which the substituted tensors never carry — and torch.func cannot run the
+    autograd.Function that implements them. Forward hooks stay: they change the function.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     flags = [(m, m.training) for m in model.modules()]
+    hooks = _set_aside_backward_hooks(model)
     on_cuda = cuda_devices(model.parameters())
     devices = [] if on_cuda and capturing_cuda_graph("cuda") else on_cuda
     try:
@@ -69,3 +76,32 @@ def preserved_state(model: nn.Module, batch_norm: str) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+        _restore_backward_hooks(hooks)
+
+
+_MODULE_HOOK_DICTS = ("_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOK_DICTS = ("_global_backward_hooks", "_global_backward_pre_hooks")
+
+
+def _set_aside_backward_hooks(model: nn.Module) -> list:
+    """Empty every backward-hook dict of ``model``'s modules and the global ones; return what to restore."""
+    from torch.nn.modules import module as module_lib
+
+    saved = []
+    for m in model.modules():
+        for attr in _MODULE_HOOK_DICTS:
+            hooks = getattr(m, attr, None)
+            if hooks:
+                saved.append((hooks, dict(hooks)))
+                hooks.clear()
+    for attr in _GLOBAL_HOOK_DICTS:
+        hooks = getattr(module_lib, attr, None)
+        if hooks:
+            saved.append((hooks, dict(hooks)))
+            hooks.clear()
+    return saved
+
+
+def _restore_backward_hooks(saved: list) -> None:
+    for hooks, entries in saved:
+        hooks.update(entries)  # the same dict objects: the users' RemovableHandles keep working

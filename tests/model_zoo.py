@@ -713,6 +713,23 @@ class ScaleRule(LayerRule):
         return {"weight": DirectFactor(grad * a)}
 
 
+def _backward_hooked():
+    """Backward hooks that rescale gradients (as gradient-clipping or logging code does): they concern
+    training gradients, so K must stay the true Jacobian — the reference is the same model without them."""
+    model, x = _mlp(nn.Tanh())
+    model[0].register_full_backward_hook(lambda m, gi, go: tuple(None if g is None else 2 * g for g in gi))
+    model[2].register_full_backward_pre_hook(lambda m, go: (3 * go[0],))
+    return model, x
+
+
+def _without_backward_hooks(model):
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        m._backward_hooks.clear()
+        m._backward_pre_hooks.clear()
+    return model
+
+
 def _hooked():
     model, x = _mlp(nn.Tanh())
     model[0].register_forward_hook(lambda m, a, out: out * 2.0 + out**2)
@@ -890,6 +907,7 @@ case("weight_norm", _weight_norm)
 case("spectral_norm", _spectral_norm)
 case("orthogonal", _orthogonal)
 case("forward_hook", _hooked)
+case("backward_hooks", _backward_hooked, reference_model=_without_backward_hooks)
 case("tied_weights", lambda: (Tied(), (torch.tensor([[1, 2, 0], [3, 4, 4], [0, 1, 1]]),)))
 case("bare_parameter", lambda: (BareParameter(), (randn(N, 3),)))
 case("reused_weight", lambda: (lambda m: (m, (randn(N, 4),)))(ReusedWeight()))

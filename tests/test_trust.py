@@ -453,3 +453,35 @@ def test_verify_is_right_where_plain_autograd_at_batch_size_one_is_not():
     model, x = build(by_name("conv_stem_tokens"))
     report = verify(model, x, samples=3)
     assert report.ok, str(report)
+
+
+@pytest.mark.parametrize("strategy", ["jacobian", "structured"])
+def test_backward_hooks_do_not_change_k_and_still_fire_in_training(strategy):
+    """Module backward hooks act on training gradients: K is the true Jacobian whatever they do
+    (torch.func could not even run them before), and they are back in place for the user's backward."""
+    torch.manual_seed(0)
+    clean = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    hooked = copy.deepcopy(clean)
+    K = kernel_loop(clean, x)
+    expected = torch.autograd.grad(mgs_penalty(clean, x, strategy=strategy), list(clean.parameters())[:3])
+    calls = []
+    handles = [
+        hooked[0].register_full_backward_hook(lambda m, gi, go: calls.append("full") or tuple(None if g is None else 2 * g for g in gi)),
+        hooked[2].register_full_backward_pre_hook(lambda m, go: calls.append("pre") or (go[0] * 3,)),
+        torch.nn.modules.module.register_module_full_backward_hook(lambda m, gi, go: calls.append("global")),
+    ]
+    try:
+        assert close(mgs_kernel(hooked, x, strategy=strategy), K)
+        value = mgs_penalty(hooked, x, strategy=strategy)
+        grads = torch.autograd.grad(value, list(hooked.parameters())[:3])  # the output bias does not move K
+        assert all(close(a, b) for a, b in zip(grads, expected))
+        assert calls == []  # none ran inside the MGS computation or its backward
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # PyTorch's note that the first layer's input needs no grad
+            hooked(x).sum().backward()
+        assert {"full", "pre", "global"} <= set(calls)  # the user's own backward still runs them
+    finally:
+        for h in handles:
+            h.remove()
+    assert not torch.nn.modules.module._global_backward_hooks
