@@ -15,7 +15,7 @@ from ._guards import capturing_cuda_graph
 
 __all__ = [
     "Inputs", "ParamFilter", "NonFiniteOutputError", "OUTPUT_MODES", "BATCH_NORM_POLICIES", "as_input_tuple",
-    "check_input_arity", "select_parameters", "check_outputs", "raise_integer_input_hint",
+    "check_input_arity", "select_parameters", "functional_model", "check_outputs", "raise_integer_input_hint",
 ]
 
 Inputs = Union[Tensor, Sequence[Tensor]]
@@ -76,6 +76,21 @@ def check_input_arity(model: nn.Module, inputs: tuple[Tensor, ...]) -> None:
             f"({', '.join(p.name for p in positional) or 'none'}) but {len(inputs)} tensors were given as inputs; "
             f"a tuple is passed as model(*inputs). If your data loader yields (inputs, targets), pass only the inputs"
         )
+
+
+def functional_model(model: nn.Module) -> nn.Module:
+    """The module whose forward MGS differentiates: ``model`` itself, or what a data-parallel
+    wrapper holds (``nn.DataParallel``, ``DistributedDataParallel``: the same function and the same
+    Parameters, which torch.func cannot call through the wrapper). TorchScript modules are refused
+    with advice: torch.func cannot substitute their parameters."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return model.module
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"{type(model).__name__} is a TorchScript module (torch.jit.script/trace), whose parameters torch.func "
+            f"cannot substitute; pass the nn.Module you scripted or traced (it shares the same Parameters)"
+        )
+    return model
 
 
 def select_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str, nn.Parameter]:

@@ -13,7 +13,7 @@ from ._guards import preserved_state
 
 from ._problem import build_problem, with_fresh_outputs
 
-from ._validation import Inputs, ParamFilter
+from ._validation import Inputs, ParamFilter, functional_model
 from .engines import engine_for
 from .estimators import default_generator, trace_from_rows
 from .op_fixes import explained_failures
@@ -110,6 +110,8 @@ def on_problem(model: nn.Module, inputs: Inputs, opts: KernelOptions, create_gra
     raw torch.func failures explained, and a rebuild with a fresh validation forward if an engine
     finds the cached output shape stale.
     """
+
+    model = functional_model(model)
 
     def attempt(revalidate: bool):
         problem = build_problem(

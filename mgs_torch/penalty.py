@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from ._linalg import logdet_psd
 from ._guards import preserved_state, restore_rng_states, rng_states
 from ._problem import KernelProblem, build_problem
-from ._validation import Inputs, ParamFilter
+from ._validation import Inputs, ParamFilter, functional_model
 from .engines import engine_for
 from .estimators import ESTIMATORS, KINDS, default_generator, trace_cotangents, trace_from_rows
 from .op_fixes import explained_failures
@@ -55,6 +55,7 @@ def _trace_in_chunks(
     ``chunk_size`` cotangents: the forward computes the value chunk by chunk without a graph; the
     backward recomputes each chunk's graph under the same random state (Dropout masks match).
     Returns the value and the (graph-free) problem it was computed on."""
+    model = functional_model(model)
     rng = rng_states(model)
 
     def problem_for(values: dict[str, Tensor] | None, revalidate: bool = False) -> KernelProblem:

@@ -21,7 +21,7 @@ from ._guards import preserved_state
 
 from ._problem import build_problem
 
-from ._validation import Inputs, as_input_tuple
+from ._validation import Inputs, as_input_tuple, functional_model
 from .engines import engine_for, jacobian, structured
 from .kernel import mgs_kernel
 from .options import KernelOptions
@@ -116,6 +116,7 @@ def verify(
     for the reference, twice that for the gradient check. Never raises for a model mgs_torch cannot
     handle: the report's ``failure`` says what went wrong and which layers fail on their own.
     """
+    model = functional_model(model)
     xs = tuple(x[:samples] for x in as_input_tuple(inputs))
     xs = tuple(x.double() if x.is_floating_point() else x for x in xs)
     ref_model = copy.deepcopy(model).double().eval()

@@ -5,6 +5,8 @@ train/eval flags, the global random state)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -123,3 +125,19 @@ def test_a_dtype_error_inside_an_embedding_model_is_not_blamed_on_its_indices():
     with pytest.raises(ModelForwardError, match=r"fails on these inputs.*as model\(x\) would.*same dtype") as caught:
         mgs_kernel(Mixed(), torch.randint(0, 10, (4, 2)))
     assert "x.float()" not in str(caught.value)
+
+
+def test_data_parallel_is_unwrapped_and_torchscript_is_refused_with_advice():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    expected = mgs_kernel(model, x)
+    assert torch.allclose(mgs_kernel(nn.DataParallel(model), x), expected)  # the same function and Parameters
+    value = mgs_penalty(nn.DataParallel(model), x, chunk_size=1)
+    assert value.requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated upstream; users still have such modules
+        scripted_models = (torch.jit.script(model), torch.jit.trace(model, x))
+    for scripted in scripted_models:
+        with pytest.raises(TypeError, match="TorchScript.*pass the nn.Module you scripted or traced"):
+            mgs_kernel(scripted, x)
