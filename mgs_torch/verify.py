@@ -14,8 +14,10 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from ._guards import preserved_state
 
@@ -81,11 +83,39 @@ class VerifyReport:
         return "\n".join(lines)
 
 
+class _InstanceNormByFormula(TorchFunctionMode):
+    """The loop's ``F.instance_norm``: (x − mean) / sqrt(var + eps) · w + b over each map, in
+    elementary ops. PyTorch 2.13's CPU kernel calls ``batch_norm`` on a batch of one, whose backward
+    is wrong when the incoming gradient has channels-last strides (a map turned into tokens)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.instance_norm:
+            return func(*args, **kwargs)
+        return _instance_norm_formula(*args, **kwargs)
+
+
+def _instance_norm_formula(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True, momentum=0.1, eps=1e-5):
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    dims = tuple(range(2, x.dim()))
+    mean = x.mean(dims, keepdim=True) if use_input_stats else running_mean.reshape(view)
+    var = x.var(dims, unbiased=False, keepdim=True) if use_input_stats else running_var.reshape(view)
+    y = (x - mean) / torch.sqrt(var + eps)
+    y = y if weight is None else y * weight.reshape(view)
+    return y if bias is None else y + bias.reshape(view)
+
+
 def _loop_jacobian(model: nn.Module, xs: tuple[Tensor, ...], params: list[Tensor], create_graph: bool) -> Tensor:
     """J of the per-sample outputs by plain autograd. Each sample runs as a batch of two identical
     copies (the first one's outputs differentiated): PyTorch 2.13's CPU ``batch_norm`` backward is wrong
     at batch size one when the incoming gradient has channels-last strides (a conv stem whose map is
-    flattened and transposed into tokens), which would make this reference, not mgs_torch, wrong."""
+    flattened and transposed into tokens), which would make this reference, not mgs_torch, wrong.
+    Instance norm runs as its formula for the same reason (its kernel always uses a batch of one)."""
+    with _InstanceNormByFormula():
+        return _loop_rows(model, xs, params, create_graph)
+
+
+def _loop_rows(model: nn.Module, xs: tuple[Tensor, ...], params: list[Tensor], create_graph: bool) -> Tensor:
     rows = []
     for i in range(xs[0].shape[0]):
         out = model(*(torch.cat([x[i : i + 1]] * 2) for x in xs))[:1].reshape(-1)

@@ -345,6 +345,20 @@ def _bn_stats(model):
     return model
 
 
+class NormTokensRecurrent(nn.Module):
+    """PReLU and InstanceNorm on a one-channel map, then its pixels as tokens into a GRU: plain autograd
+    gets the gradients upstream of the norm wrong here (tests/test_upstream_bugs.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.act, self.norm = nn.PReLU(1), nn.InstanceNorm2d(1, affine=True)
+        self.rnn, self.head = nn.GRU(1, 3, batch_first=True, bidirectional=True), nn.Linear(4 * 5 * 6, Q)
+
+    def forward(self, x):  # (n, 1, 4, 5) -> 20 tokens of 1
+        tokens = self.norm(self.act(x)).flatten(2).transpose(1, 2)
+        return self.head(torch.tanh(self.rnn(tokens)[0]).flatten(1))
+
+
 def _lazy(model, x):
     model = model.to(D)
     with torch.no_grad():
@@ -940,6 +954,7 @@ case("old_style_weight_norm", _old_weight_norm)
 case("symmetric_parametrization", _symmetric_parametrization)
 case("weight_outside_its_module", lambda: (WeightOutsideItsModule(False), (randn(N, 3),)))
 case("conv_weight_outside_its_module", lambda: (WeightOutsideItsModule(True), (randn(N, 2, 4, 4),)))
+case("instance_norm_tokens_gru", lambda: (NormTokensRecurrent(), (randn(N, 1, 4, 5),)))
 case("conv_stem_tokens", lambda: (_bn_stats(ConvStemTokens()).eval(), (randn(N, 2, 4, 4),)))
 case("shared_module_two_names", lambda: (lambda lin: (seq(nn.Linear(3, 4), nn.Tanh(), lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(4, Q)), (randn(N, 3),)))(nn.Linear(4, 4)))
 # samples that interact: the whole-batch function under batch_norm="batch" (a warning under "eval", see test_trust)

@@ -133,9 +133,23 @@ class Builder:
             kinds.append("upsample")
         if C % 4 == 0:
             kinds.append("pixel_shuffle")
+        if H * W <= 30:
+            kinds.append("pad")
+        kinds += ["prelu"] + (["channel_shuffle"] if C % 2 == 0 else [])
         kind = self.pick(*kinds)
         if kind == "conv":
             return self.conv(shape)
+        if kind == "pad":
+            pad = self.pick(nn.ZeroPad2d, nn.ReplicationPad2d, *([nn.ReflectionPad2d] if min(H, W) >= 2 else []))
+            self.add(pad(1), pad.__name__)
+            return (C, H + 2, W + 2)
+        if kind == "prelu":
+            channels = self.pick(1, C)
+            self.add(nn.PReLU(channels), f"PReLU({channels})")
+            return shape
+        if kind == "channel_shuffle":
+            self.add(nn.ChannelShuffle(2), "ChannelShuffle(2)")
+            return shape
         if kind == "convtranspose":
             out = self.pick(1, 2, 3, 4)
             groups = self.pick(*[g for g in (1, 2) if C % g == 0 and out % g == 0])
@@ -217,7 +231,20 @@ class Builder:
     # ------------------------------------------------------------------------- sequences
     def sequence_block(self, shape):
         T, d = shape
-        kind = self.pick("linear", "linear", "act", "norm", "rnn", "attention", "encoder", "conv1d")
+        kind = self.pick("linear", "linear", "act", "norm", "rnn", "attention", "encoder", "conv1d", "pool1d", "lstm_proj", "sequence_norm")
+        if kind == "pool1d" and T >= 2:
+            pool = self.pick(nn.MaxPool1d, nn.AvgPool1d)
+            self.add(OverTime(pool(2)), f"{pool.__name__}(2) over time")
+            return (T // 2, d)
+        if kind == "lstm_proj":
+            hidden = self.pick(3, 4)
+            proj = self.pick(1, 2)
+            self.add(Recurrent(nn.LSTM(d, hidden, proj_size=proj, batch_first=True, bidirectional=self.pick(True, False))),
+                     f"LSTM({d},{hidden},proj={proj})")
+            return (T, proj * (2 if self.blocks[-1].rnn.bidirectional else 1))
+        if kind == "sequence_norm":
+            self.add(nn.LayerNorm([T, d]), f"LayerNorm({T},{d})")
+            return shape
         if kind == "linear":
             out = self.pick(2, 3, 4, 6)
             lin, reused = self.shared(("linear", d, out), lambda: nn.Linear(d, out, bias=self.pick(True, False)))
@@ -259,7 +286,12 @@ class Builder:
     # --------------------------------------------------------------------------- vectors
     def vector_block(self, shape):
         (d,) = shape
-        kind = self.pick("linear", "linear", "act", "norm", "residual", "glu", "bilinear", *["norm"] * (2 * self.batchnorm))
+        kind = self.pick("linear", "linear", "act", "norm", "residual", "glu", "bilinear", "to_image", *["norm"] * (2 * self.batchnorm))
+        if kind == "to_image":  # a generator/decoder: Linear to a small map, then image blocks
+            image = (self.pick(1, 2), self.pick(2, 3), self.pick(2, 3))
+            self.add(nn.Linear(d, image[0] * image[1] * image[2]), f"Linear({d},{image[0] * image[1] * image[2]})")
+            self.add(nn.Unflatten(1, image), f"Unflatten{image}")
+            return image
         if kind == "linear":
             out = self.pick(2, 3, 4, 6, 8)
             lin, reused = self.shared(("linear", d, out), lambda: nn.Linear(d, out, bias=self.pick(True, False)))

@@ -11,8 +11,39 @@ import contextlib
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
+
+
+class _PlainInstanceNorm(TorchFunctionMode):
+    """``F.instance_norm`` as its formula in elementary ops, for the loop only.
+
+    PyTorch 2.13's CPU instance norm runs ``batch_norm`` on the input reshaped to a batch of one,
+    whose backward is wrong when the incoming gradient has channels-last strides (a map flattened and
+    transposed into tokens; tests/test_upstream_bugs.py). Written here independently of mgs_torch's
+    own replacement (mgs_torch.op_fixes), which it checks.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.instance_norm:
+            return _instance_norm(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True, momentum=0.1, eps=1e-5):
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if use_input_stats:
+        dims = tuple(range(2, x.dim()))
+        mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
+    else:
+        mean, var = running_mean.reshape(shape), running_var.reshape(shape)
+    y = (x - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    return y if bias is None else y + bias.reshape(shape)
 
 
 def _as_tuple(inputs):
@@ -29,9 +60,10 @@ def jacobian_loop(
     """J by brute force, rows ordered (sample, output), columns the concatenated ``params``.
 
     Each sample runs as a batch of two identical copies and the first copy's outputs are
-    differentiated: PyTorch 2.13's CPU ``batch_norm`` backward (BatchNorm2d in eval and train mode,
-    InstanceNorm) is wrong at batch size one when the incoming gradient has channels-last strides,
-    as after ``flatten(2).transpose(1, 2)`` (tests/test_upstream_bugs.py). For a per-sample model
+    differentiated: PyTorch 2.13's CPU ``batch_norm`` backward (BatchNorm2d in eval and train mode)
+    is wrong at batch size one when the incoming gradient has channels-last strides, as after
+    ``flatten(2).transpose(1, 2)`` (tests/test_upstream_bugs.py); instance norm, which calls it on a
+    batch of one whatever the batch, runs as its formula (:class:`_PlainInstanceNorm`). For a per-sample model
     the copies do not interact, so this is f(x_i). ``batch_of_one``: run each sample alone instead
     (the per-sample semantics of a model whose samples interact).
 
@@ -49,7 +81,7 @@ def jacobian_loop(
             gs = torch.autograd.grad(out[a], params, retain_graph=True, create_graph=create_graph, allow_unused=True)
             rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, params)]))
 
-    with math_attention:
+    with math_attention, _PlainInstanceNorm():
         if whole_batch:
             grads_of(model(*inputs).reshape(-1))
         else:

@@ -485,3 +485,22 @@ def test_backward_hooks_do_not_change_k_and_still_fire_in_training(strategy):
         for h in handles:
             h.remove()
     assert not torch.nn.modules.module._global_backward_hooks
+
+
+def test_verify_is_right_for_instance_norm_before_tokens():
+    """InstanceNorm's CPU kernel is a batch_norm on a batch of one: plain autograd gets the gradients
+    upstream of it wrong when the map is then turned into tokens; verify's loop must not."""
+    torch.manual_seed(0)
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act, self.norm = nn.PReLU(1), nn.InstanceNorm2d(1, affine=True)
+            self.rnn, self.head = nn.GRU(1, 3, batch_first=True), nn.Linear(35 * 3, 2)
+
+        def forward(self, x):
+            h = self.norm(self.act(x)).flatten(2).transpose(1, 2)
+            return self.head(self.rnn(h)[0].flatten(1))
+
+    report = verify(Tokens(), torch.randn(3, 1, 5, 7), samples=3)
+    assert report.ok, str(report)

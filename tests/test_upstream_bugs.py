@@ -148,3 +148,30 @@ def loss_at(layer: nn.Module, loss, k: int, eps: float) -> torch.Tensor:
     lo = loss(1)
     w[k] = old
     return (hi - lo) / (2 * eps)
+
+
+def test_cpu_instance_norm_backward_is_wrong_at_batch_size_two_with_tokens_into_a_gru():
+    """Plain autograd, no torch.func: InstanceNorm2d's CPU kernel (batch_norm on the input reshaped
+    to a batch of one) gets its weight gradient wrong when the map is turned into tokens for a GRU,
+    at batch size 2 (and 1, 3), whereas a tanh there is fine — it depends on the strides of the
+    incoming gradient. mgs_torch replaces instance norm by its formula (mgs_torch.op_fixes); the
+    reference loops (tests/reference.py, verify) do the same, written independently."""
+    torch.manual_seed(0)
+    norm, gru = nn.InstanceNorm2d(1, affine=True).double(), nn.GRU(1, 3, batch_first=True).double()
+    with torch.no_grad():
+        norm.weight.fill_(1.3)
+    x, c = torch.randn(2, 1, 5, 7, dtype=torch.float64), torch.randn(2, 35, 3, dtype=torch.float64)
+
+    def loss() -> torch.Tensor:
+        return (gru(norm(x).flatten(2).transpose(1, 2))[0] * c).sum()
+
+    autograd = torch.autograd.grad(loss(), norm.weight)[0]
+    w = norm.weight.data
+    with torch.no_grad():
+        w += 1e-6
+        hi = loss()
+        w -= 2e-6
+        lo = loss()
+        w += 1e-6
+    fd = (hi - lo) / 2e-6
+    assert relative_error(autograd, fd.reshape(1)) > 1e-3, FIXED_UPSTREAM.format(torch.__version__, "(nothing: the loops' instance-norm formula)")
