@@ -6,7 +6,7 @@ sequences (T, d) and vectors (d) — and the blocks that fit each: convolutions 
 padding (and padding mode), dilation and groups, transposed convolutions, every normalisation,
 pooling, upsampling, pixel shuffle, residual blocks, recurrent layers, attention and Transformer
 layers, bilinear and GLU layers, and, now and then, a block reused later in the network (weight
-sharing). Layouts change along the way (image → sequence → vector). The last layer is Linear(q = 2).
+sharing). Layouts change along the way (image → sequence → vector). The last layer is Linear(q).
 
 ``python tests/random_models.py --seeds 0:500`` checks many seeds against the per-sample autograd
 loop and prints the failures; ``tests/test_random_models.py`` runs a fixed sample of seeds.
@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 D = torch.float64
-N, Q = 3, 2
 
 ACTIVATIONS = [nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus, nn.Sigmoid, nn.ReLU, nn.LeakyReLU, nn.Mish, nn.Hardtanh]
 
@@ -323,11 +322,17 @@ class Builder:
 
 
 def random_model(seed: int) -> tuple[nn.Module, tuple[torch.Tensor, ...], str]:
-    """A random float64 network in eval mode, its inputs (n = 3) and a one-line description.
+    """A random float64 network in eval mode, its inputs (n of 1, 2, 3 or 5) and a one-line description.
+
+    Its outputs per sample: q of 1 to 4, as (n, q), or (n,) for q = 1 and (n, 2, 2) for q = 4 half the time.
 
     Every fourth seed draws BatchNorm often; :func:`check` runs those in train mode with batch statistics."""
     torch.manual_seed(seed)
     b = Builder(seed, batchnorm=seed % 4 == 3)
+    sizes = random.Random(seed + 10**6)  # batch size and outputs from their own stream: the architecture stays put
+    n = sizes.choice((2, 3, 5) if b.batchnorm else (1, 2, 3, 3, 5))
+    q = sizes.choice((1, 2, 2, 3, 4))
+    shaped = sizes.random() < 0.5  # (n,) for q = 1, (n, 2, 2) for q = 4
     layout = b.pick("image", "image", "sequence", "tokens", "vector")
     if layout == "image":
         shape = (b.pick(1, 2, 3, 4), b.pick(4, 5, 6), b.pick(4, 5, 7))
@@ -337,10 +342,10 @@ def random_model(seed: int) -> tuple[nn.Module, tuple[torch.Tensor, ...], str]:
         shape = (b.pick(3, 4, 5),)
     if layout == "tokens":  # integer inputs through an embedding (padding index and sharing as drawn)
         vocab = b.pick(5, 7)
-        x = torch.randint(0, vocab, (N, shape[0]))
+        x = torch.randint(0, vocab, (n, shape[0]))
         b.add(nn.Embedding(vocab, shape[1], padding_idx=b.pick(None, 0)), f"Embedding({vocab},{shape[1]})")
     else:
-        x = torch.randn(N, *shape, dtype=D)
+        x = torch.randn(n, *shape, dtype=D)
     for _ in range(b.pick(2, 3, 4, 5)):
         if len(shape) == 3:
             if shape[1] * shape[2] <= 36 and b.rng.random() < 0.15:
@@ -361,9 +366,13 @@ def random_model(seed: int) -> tuple[nn.Module, tuple[torch.Tensor, ...], str]:
     for s in shape:
         features *= s
     b.add(nn.Flatten(), "Flatten")
-    b.add(nn.Linear(features, Q), f"Linear({features},{Q})")
+    b.add(nn.Linear(features, q), f"Linear({features},{q})")
+    if shaped and q == 1:
+        b.add(nn.Flatten(0), "outputs (n,)")
+    elif shaped and q == 4:
+        b.add(nn.Unflatten(1, (2, 2)), "outputs (n, 2, 2)")
     model = nn.Sequential(*b.blocks).to(D).eval()
-    return model, (x,), f"{layout} {tuple(x.shape[1:])}: " + " → ".join(b.description)
+    return model, (x,), f"n={n} {layout} {tuple(x.shape[1:])}: " + " → ".join(b.description)
 
 
 def check(seed: int, strategies=("structured", "jacobian"), tol: float = 1e-9) -> list[str]:

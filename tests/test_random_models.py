@@ -31,5 +31,5 @@ def test_random_architecture_matches_the_loop(seed):
 def test_the_generator_is_deterministic_and_varied():
     a, b = random_model(3), random_model(3)
     assert a[2] == b[2] and all((p - q).abs().max() == 0 for p, q in zip(a[0].parameters(), b[0].parameters()))
-    layouts = {random_model(s)[2].split(" ")[0] for s in range(30)}
+    layouts = {random_model(s)[2].split(" ")[1] for s in range(30)}
     assert layouts == {"image", "sequence", "tokens", "vector"}
