@@ -94,6 +94,24 @@ class SelfBilinear(nn.Module):
         return self.bilinear(x, torch.tanh(x))
 
 
+class TwoInputs(nn.Module):
+    """A second, vector input (n, d2) joined to the flattened features of the first: concatenated
+    after its own Linear, or through a Bilinear layer (two-tower and conditioning models)."""
+
+    def __init__(self, body: nn.Module, features: int, d2: int, q: int, bilinear: bool, tail: nn.Module):
+        super().__init__()
+        self.body, self.bilinear, self.tail = body, bilinear, tail
+        if bilinear:
+            self.join = nn.Bilinear(features, d2, q)
+        else:
+            self.side, self.join = nn.Linear(d2, 3), nn.Linear(features + 3, q)
+
+    def forward(self, x, z):
+        h = self.body(x).flatten(1)
+        out = self.join(h, z) if self.bilinear else self.join(torch.cat([h, torch.tanh(self.side(z))], 1))
+        return self.tail(out)
+
+
 class Builder:
     """Draws blocks that fit the current per-sample shape, tracking it as it changes."""
 
@@ -325,6 +343,7 @@ def random_model(seed: int) -> tuple[nn.Module, tuple[torch.Tensor, ...], str]:
     """A random float64 network in eval mode, its inputs (n of 1, 2, 3 or 5) and a one-line description.
 
     Its outputs per sample: q of 1 to 4, as (n, q), or (n,) for q = 1 and (n, 2, 2) for q = 4 half the time.
+    One model in five takes a second, vector input (:class:`TwoInputs`).
 
     Every fourth seed draws BatchNorm often; :func:`check` runs those in train mode with batch statistics."""
     torch.manual_seed(seed)
@@ -333,6 +352,7 @@ def random_model(seed: int) -> tuple[nn.Module, tuple[torch.Tensor, ...], str]:
     n = sizes.choice((2, 3, 5) if b.batchnorm else (1, 2, 3, 3, 5))
     q = sizes.choice((1, 2, 2, 3, 4))
     shaped = sizes.random() < 0.5  # (n,) for q = 1, (n, 2, 2) for q = 4
+    two_inputs = sizes.random() < 0.2
     layout = b.pick("image", "image", "sequence", "tokens", "vector")
     if layout == "image":
         shape = (b.pick(1, 2, 3, 4), b.pick(4, 5, 6), b.pick(4, 5, 7))
@@ -365,12 +385,18 @@ def random_model(seed: int) -> tuple[nn.Module, tuple[torch.Tensor, ...], str]:
     features = 1
     for s in shape:
         features *= s
+    tail = nn.Flatten(0) if shaped and q == 1 else nn.Unflatten(1, (2, 2)) if shaped and q == 4 else nn.Identity()
+    tail_text = {nn.Flatten: " → outputs (n,)", nn.Unflatten: " → outputs (n, 2, 2)"}.get(type(tail), "")
+    if two_inputs:
+        d2, bilinear = sizes.choice((2, 3)), sizes.random() < 0.5
+        model = TwoInputs(nn.Sequential(*b.blocks), features, d2, q, bilinear, tail).to(D).eval()
+        z = torch.randn(n, d2, dtype=D)
+        text = " → ".join(b.description) + f" ⊕ second input ({d2},) via {'Bilinear' if bilinear else 'Linear+concat'} → {q}{tail_text}"
+        return model, (x, z), f"n={n} {layout} {tuple(x.shape[1:])}: {text}"
     b.add(nn.Flatten(), "Flatten")
     b.add(nn.Linear(features, q), f"Linear({features},{q})")
-    if shaped and q == 1:
-        b.add(nn.Flatten(0), "outputs (n,)")
-    elif shaped and q == 4:
-        b.add(nn.Unflatten(1, (2, 2)), "outputs (n, 2, 2)")
+    if not isinstance(tail, nn.Identity):
+        b.add(tail, tail_text[3:])
     model = nn.Sequential(*b.blocks).to(D).eval()
     return model, (x,), f"n={n} {layout} {tuple(x.shape[1:])}: " + " → ".join(b.description)
 
