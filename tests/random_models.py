@@ -403,9 +403,12 @@ def random_model(seed: int) -> tuple[nn.Module, tuple[torch.Tensor, ...], str]:
 
 def check(seed: int, strategies=("structured", "jacobian"), tol: float = 1e-9) -> list[str]:
     """Problems found for ``random_model(seed)`` (empty: K, tr K and both penalty gradients match the loop)."""
-    from reference import kernel_loop, penalty_grad_loop, relative_error, trainable
+    from reference import jacobian_loop, kernel_loop, penalty_grad_loop, relative_error, trainable
 
     from mgs_torch import mgs_kernel, mgs_penalty, mgs_trace
+    from mgs_torch._guards import preserved_state
+    from mgs_torch._problem import build_problem
+    from mgs_torch.engines import ENGINES
 
     model, x, text = random_model(seed)
     # every fourth seed (drawn with many BatchNorms): train mode, batch statistics, the whole-batch Jacobian
@@ -436,6 +439,12 @@ def check(seed: int, strategies=("structured", "jacobian"), tol: float = 1e-9) -
     elif option == 2:
         named = dict(model.named_parameters())
         extra_ref = kernel_loop(model, x, params=[named[k] for k in chosen], whole_batch=wb).detach()
+    # Hutchinson's path: row norms for random ±1 cotangents, per probe and sample, against J of the loop
+    J_ref = jacobian_loop(model, x, whole_batch=wb).detach()
+    n = x[0].shape[0]
+    q = J_ref.shape[0] // n
+    signs = torch.randint(0, 2, (3, n, q), generator=torch.Generator().manual_seed(seed)).to(D) * 2 - 1
+    probe_ref = (torch.einsum("kia,iap->kip", signs, J_ref.reshape(n, q, -1)) ** 2).sum(-1)
     problems = []
     before = _state(model)
     for strategy in strategies:
@@ -453,6 +462,10 @@ def check(seed: int, strategies=("structured", "jacobian"), tol: float = 1e-9) -
             else:  # relative to the whole K: a block of J can be ~0 (a norm of two features makes earlier layers flat)
                 ours = mgs_kernel(model, x, strategy=strategy, params=chosen, **kw)
                 errors[f"K (params={len(chosen)} of {len(names)})"] = float((ours - extra_ref).norm()) / max(float(extra_ref.norm()), 1e-12 * float(K_ref.norm()), 1e-300)
+            with preserved_state(model, kw.get("batch_norm", "eval")):
+                problem = build_problem(model, x, batch_norm=kw.get("batch_norm", "eval"))
+                norms = ENGINES[strategy].row_sq_norms(problem, signs)
+            errors["probe row norms"] = float((norms - probe_ref).norm()) / max(float(probe_ref.norm()), 1e-12 * float(K_ref.norm()), 1e-300)
             for kind in kinds:
                 value = mgs_penalty(model, x, kind=kind, strategy=strategy, reduction="sum", **kw)
                 grads = torch.autograd.grad(value, trainable(model), allow_unused=True)
