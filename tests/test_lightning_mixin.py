@@ -427,3 +427,26 @@ def test_a_schedule_that_turns_negative_is_refused_at_the_step(tmp_path):
 
     with pytest.raises(MGSConfigurationError, match="mgs_current_alpha\\(\\) returned -1 < 0"):
         fit(Negative(mgs_alpha=0.1), tmp_path)
+
+
+def test_a_shared_block_and_backward_hooks_train_under_the_mixin_and_the_monitor(tmp_path):
+    """The two model features that broke MGS outside the named tests — a block registered under two
+    names (its Parameters were replaced) and module backward hooks (every call failed) — in a real fit:
+    the penalty and the monitor run every step, the shared block's Parameter is the one the optimizer
+    holds and it moves, and the user's hook fires in the ordinary backward."""
+    from mgs_torch.lightning import MGSMonitor
+
+    model = RegNet(mgs_alpha=0.1)
+    shared = nn.Linear(6, 6)
+    model.net = nn.Sequential(model.net[0], nn.Tanh(), shared, nn.Tanh(), shared, model.net[-1])
+    fired = []
+    model.net[0].register_full_backward_hook(lambda m, gi, go: fired.append(1))
+    weight, before = shared.weight, shared.weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # PyTorch's note that the hooked layer's input needs no grad
+        t = fit(model, tmp_path, callbacks=[MGSMonitor(log_every_n_steps=1)], max_steps=3)
+    assert shared.weight is weight and isinstance(model.net[4].weight, nn.Parameter)
+    assert not torch.equal(shared.weight.detach(), before)
+    assert fired
+    traces = t.logger.values("mgs/trace")
+    assert len(traces) == 3 and all(math.isfinite(v) for _, v in traces)
