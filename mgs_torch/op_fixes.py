@@ -18,6 +18,8 @@ and their ``*_cell`` ops          inside ``vmap`` ("output with shape [1, h] doe
 ``F.hardsigmoid``                 no double backward (``hardsigmoid_backward``)
 ``F.rrelu``                       no ``vmap`` rule (``rrelu_with_noise``)
 ``F.embedding_bag``               no double backward (``_embedding_bag_backward``)
+``F.conv_transpose1d/2d/3d``      ``vmap(jacrev)`` fails ("grad_weight needs to be contiguous") when a
+                                  size-1 dimension of the input has a non-standard stride
 ``F.conv1d/2d/3d`` (opt-in)       right, but slow on the GPU: the weight-derivative of its backward
                                   runs as a convolution with the whole feature map as kernel
                                   (:func:`use_transposed_convolution_backward`)
@@ -301,6 +303,20 @@ def multi_head_attention_forward(*args, **kwargs):
     return out, (weights if wanted else None)
 
 
+def _transposed_convolution(op):
+    """``op`` (``F.conv_transpose1d/2d/3d``) on an input with standard strides.
+
+    A size-1 dimension can carry any stride; when it does (a length-1 sequence transposed from
+    (n, 1, C), a 1×1 latent map made by ``permute``), the op's backward under ``vmap(jacrev)`` fails
+    with "grad_weight needs to be contiguous" (PyTorch 2.13). A copy with standard strides is the same
+    tensor for every derivative."""
+
+    def conv(input, weight, *args, **kwargs):
+        return op(input.clone(memory_format=torch.contiguous_format), weight, *args, **kwargs)
+
+    return conv
+
+
 # ---------------------------------------------------------------------------------- recurrent layers
 
 
@@ -390,6 +406,9 @@ REPLACED_OPS: dict = {
     F.embedding_bag: embedding_bag,
     F.scaled_dot_product_attention: scaled_dot_product_attention,
     F.multi_head_attention_forward: multi_head_attention_forward,
+    F.conv_transpose1d: _transposed_convolution(F.conv_transpose1d),
+    F.conv_transpose2d: _transposed_convolution(F.conv_transpose2d),
+    F.conv_transpose3d: _transposed_convolution(F.conv_transpose3d),
     _VF.lstm: _make_rnn("lstm"),
     _VF.gru: _make_rnn("gru"),
     _VF.rnn_tanh: _make_rnn("rnn_tanh"),
@@ -402,6 +421,7 @@ REPLACED_OPS: dict = {
 
 
 _RECORDERS: list[set] = []
+_TRANSPOSED_CONVOLUTIONS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 
 
 _CONVOLUTIONS = {F.conv1d: _convolution(1), F.conv2d: _convolution(2), F.conv3d: _convolution(3)}
@@ -458,7 +478,7 @@ class ExactOps(TorchFunctionMode):
             self.replaced.add(name)
             for record in _RECORDERS:
                 record.add(name)
-            if fix is multi_head_attention_forward:  # calls the original itself: mode stays off
+            if fix is multi_head_attention_forward or func in _TRANSPOSED_CONVOLUTIONS:  # call the original: mode off
                 return fix(*args, **kwargs)
             with self:
                 return fix(*args, **kwargs)

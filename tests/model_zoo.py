@@ -359,6 +359,21 @@ class NormTokensRecurrent(nn.Module):
         return self.head(torch.tanh(self.rnn(tokens)[0]).flatten(1))
 
 
+class LatentUpsampler(nn.Module):
+    """A DCGAN-style generator head: the latent as a 1×1 map (made by permute, so a size-1 dimension
+    carries a non-standard stride) into ConvTranspose2d, and a length-1 sequence into ConvTranspose1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.up2, self.up1 = nn.ConvTranspose2d(3, 2, 3, stride=2), nn.ConvTranspose1d(3, 2, 2, stride=2)
+        self.head = nn.Linear(2 * 3 * 3 + 2 * 2, Q)
+
+    def forward(self, z):  # (n, 3)
+        image = self.up2(z[:, None, None, :].permute(0, 3, 1, 2))
+        sequence = self.up1(z[:, None, :].transpose(1, 2))
+        return self.head(torch.tanh(torch.cat([image.flatten(1), sequence.flatten(1)], 1)))
+
+
 def _lazy(model, x):
     model = model.to(D)
     with torch.no_grad():
@@ -954,6 +969,7 @@ case("old_style_weight_norm", _old_weight_norm)
 case("symmetric_parametrization", _symmetric_parametrization)
 case("weight_outside_its_module", lambda: (WeightOutsideItsModule(False), (randn(N, 3),)))
 case("conv_weight_outside_its_module", lambda: (WeightOutsideItsModule(True), (randn(N, 2, 4, 4),)))
+case("latent_upsampler", lambda: (LatentUpsampler(), (randn(N, 3),)))
 case("instance_norm_tokens_gru", lambda: (NormTokensRecurrent(), (randn(N, 1, 4, 5),)))
 case("conv_stem_tokens", lambda: (_bn_stats(ConvStemTokens()).eval(), (randn(N, 2, 4, 4),)))
 case("shared_module_two_names", lambda: (lambda lin: (seq(nn.Linear(3, 4), nn.Tanh(), lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(4, Q)), (randn(N, 3),)))(nn.Linear(4, 4)))

@@ -85,6 +85,18 @@ class Pool(nn.Module):
         return x[:, -1]
 
 
+class SelfDecoder(nn.Module):
+    """A Transformer decoder layer attending to its own input as memory, with a causal target mask."""
+
+    def __init__(self, layer: nn.TransformerDecoderLayer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        mask = torch.triu(torch.full((x.shape[1], x.shape[1]), float("-inf"), dtype=x.dtype), 1)
+        return self.layer(x, torch.tanh(x), tgt_mask=mask)
+
+
 class SelfBilinear(nn.Module):
     def __init__(self, bilinear: nn.Bilinear):
         super().__init__()
@@ -248,7 +260,16 @@ class Builder:
     # ------------------------------------------------------------------------- sequences
     def sequence_block(self, shape):
         T, d = shape
-        kind = self.pick("linear", "linear", "act", "norm", "rnn", "attention", "encoder", "conv1d", "pool1d", "lstm_proj", "sequence_norm")
+        kind = self.pick("linear", "linear", "act", "norm", "rnn", "attention", "encoder", "conv1d", "pool1d", "lstm_proj", "sequence_norm",
+                         "convtranspose1d", "decoder")
+        if kind == "convtranspose1d":
+            out, k, stride = self.pick(2, 3), self.pick(2, 3), self.pick(1, 2)
+            self.add(OverTime(nn.ConvTranspose1d(d, out, k, stride=stride)), f"ConvTranspose1d over time({d},{out},k{k},s{stride})")
+            return ((T - 1) * stride + k, out)
+        if kind == "decoder" and d % 2 == 0:
+            self.add(SelfDecoder(nn.TransformerDecoderLayer(d, self.pick(1, 2), 2 * d, dropout=0.0, batch_first=True,
+                                                            norm_first=self.pick(True, False))), f"TransformerDecoderLayer({d}, memory = input)")
+            return shape
         if kind == "pool1d" and T >= 2:
             pool = self.pick(nn.MaxPool1d, nn.AvgPool1d)
             self.add(OverTime(pool(2)), f"{pool.__name__}(2) over time")
@@ -360,10 +381,15 @@ def random_model(seed: int) -> tuple[nn.Module, tuple[torch.Tensor, ...], str]:
         shape = (b.pick(2, 3, 4), b.pick(2, 4))
     else:
         shape = (b.pick(3, 4, 5),)
-    if layout == "tokens":  # integer inputs through an embedding (padding index and sharing as drawn)
+    if layout == "tokens":  # integer inputs through an embedding (padding index as drawn), or a bag of them
         vocab = b.pick(5, 7)
         x = torch.randint(0, vocab, (n, shape[0]))
-        b.add(nn.Embedding(vocab, shape[1], padding_idx=b.pick(None, 0)), f"Embedding({vocab},{shape[1]})")
+        if sizes.random() < 0.25:
+            mode = sizes.choice(("sum", "mean", "max"))
+            b.add(nn.EmbeddingBag(vocab, shape[1], mode=mode), f"EmbeddingBag({vocab},{shape[1]},{mode})")
+            shape = (shape[1],)
+        else:
+            b.add(nn.Embedding(vocab, shape[1], padding_idx=b.pick(None, 0)), f"Embedding({vocab},{shape[1]})")
     else:
         x = torch.randn(n, *shape, dtype=D)
     for _ in range(b.pick(2, 3, 4, 5)):

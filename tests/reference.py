@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 
 class _PlainInstanceNorm(TorchFunctionMode):
-    """``F.instance_norm`` as its formula in elementary ops, for the loop only.
+    """``F.instance_norm`` (and ``F.embedding_bag``) as formulas in elementary ops, for the loop only.
 
     PyTorch 2.13's CPU instance norm runs ``batch_norm`` on the input reshaped to a batch of one,
     whose backward is wrong when the incoming gradient has channels-last strides (a map flattened and
@@ -30,7 +30,22 @@ class _PlainInstanceNorm(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.instance_norm:
             return _instance_norm(*args, **kwargs)
+        if func is F.embedding_bag:
+            return _embedding_bag(func, *args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _embedding_bag(original, input, weight, offsets=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, mode="mean",
+                   sparse=False, per_sample_weights=None, include_last_offset=False, padding_idx=None):
+    """Bags of equal length (a 2-D index tensor) as embedding + reduction: PyTorch's own op has no
+    double backward, so the loop could not differentiate the penalty of a model that uses it."""
+    if input.dim() != 2 or offsets is not None or max_norm is not None or padding_idx is not None:
+        return original(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse, per_sample_weights,
+                        include_last_offset, padding_idx)
+    e = F.embedding(input, weight)
+    if per_sample_weights is not None:
+        e = e * per_sample_weights.unsqueeze(-1)
+    return {"sum": e.sum(1), "mean": e.mean(1), "max": e.amax(1)}[mode]
 
 
 def _instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True, momentum=0.1, eps=1e-5):
