@@ -6,7 +6,7 @@ checks K, tr K and the trace and log-det penalty gradients for both strategies i
 of: the output-summed K, chunk_size=1, or J restricted to some parameters. What the search found is
 pinned by name elsewhere (a module registered twice and a conv stem feeding tokens in model_zoo, a
 penalty constant in θ in test_penalty), since a change of the grammar redraws every seed.
-``python tests/random_models.py --seeds 0:3000`` searches wider (about 5 minutes on one core).
+``python tests/random_models.py --seeds 0:3000`` searches wider (about 7 minutes on one core).
 """
 
 from __future__ import annotations
