@@ -257,6 +257,43 @@ class Builder:
         size = lambda L: (L + 2 * padding - span) // stride + 1  # noqa: E731
         return (out, size(H), size(W))
 
+    # ---------------------------------------------------------------------------- volumes
+    def volume_block(self, shape):
+        C, Dp, H, W = shape
+        kind = self.pick("conv", "conv", "act", "norm", "pool", "convtranspose")
+        if kind == "conv":
+            out, k = self.pick(1, 2, 3), self.pick(1, 2)
+            groups = self.pick(*[g for g in (1, C) if out % g == 0])
+            pad = self.pick(0, 1)
+            if min(Dp, H, W) + 2 * pad < k:
+                k = 1
+            self.add(nn.Conv3d(C, out, k, padding=pad, groups=groups, padding_mode=self.pick("zeros", "replicate") if pad else "zeros"),
+                     f"Conv3d({C},{out},k{k},p{pad},g{groups})")
+            size = lambda L: L + 2 * pad - k + 1  # noqa: E731
+            return (out, size(Dp), size(H), size(W))
+        if kind == "convtranspose":
+            out = self.pick(1, 2)
+            self.add(nn.ConvTranspose3d(C, out, 2), f"ConvTranspose3d({C},{out},k2)")
+            return (out, Dp + 1, H + 1, W + 1)
+        if kind == "act":
+            self.activation()
+            return shape
+        if kind == "norm":
+            if self.batchnorm or self.pick(True, False):
+                bn = nn.BatchNorm3d(C)
+                with torch.no_grad():
+                    bn.running_mean.uniform_(-0.5, 0.5)
+                    bn.running_var.uniform_(0.5, 2.0)
+                self.add(bn, "BatchNorm3d(eval)")
+            else:
+                self.add(nn.GroupNorm(1, C), f"GroupNorm(1,{C})")
+            return shape
+        if min(Dp, H, W) >= 2:
+            self.add(nn.MaxPool3d(2), "MaxPool3d(2)")
+            return (C, Dp // 2, H // 2, W // 2)
+        self.add(nn.AdaptiveAvgPool3d(1), "AdaptiveAvgPool3d(1)")
+        return (C, 1, 1, 1)
+
     # ------------------------------------------------------------------------- sequences
     def sequence_block(self, shape):
         T, d = shape
@@ -375,7 +412,11 @@ def random_model(seed: int) -> tuple[nn.Module, tuple[torch.Tensor, ...], str]:
     shaped = sizes.random() < 0.5  # (n,) for q = 1, (n, 2, 2) for q = 4
     two_inputs = sizes.random() < 0.2
     layout = b.pick("image", "image", "sequence", "tokens", "vector")
-    if layout == "image":
+    if sizes.random() < 0.1:  # drawn apart so that the other seeds' architectures stay as they were
+        layout = "volume"
+    if layout == "volume":
+        shape = (b.pick(1, 2), b.pick(2, 3), b.pick(3, 4), b.pick(3, 4))
+    elif layout == "image":
         shape = (b.pick(1, 2, 3, 4), b.pick(4, 5, 6), b.pick(4, 5, 7))
     elif layout in ("sequence", "tokens"):
         shape = (b.pick(2, 3, 4), b.pick(2, 4))
@@ -393,7 +434,9 @@ def random_model(seed: int) -> tuple[nn.Module, tuple[torch.Tensor, ...], str]:
     else:
         x = torch.randn(n, *shape, dtype=D)
     for _ in range(b.pick(2, 3, 4, 5)):
-        if len(shape) == 3:
+        if len(shape) == 4:
+            shape = b.volume_block(shape)
+        elif len(shape) == 3:
             if shape[1] * shape[2] <= 36 and b.rng.random() < 0.15:
                 b.add(ImageToSequence(), "image→sequence")
                 shape = (shape[1] * shape[2], shape[0])

@@ -32,4 +32,4 @@ def test_the_generator_is_deterministic_and_varied():
     a, b = random_model(3), random_model(3)
     assert a[2] == b[2] and all((p - q).abs().max() == 0 for p, q in zip(a[0].parameters(), b[0].parameters()))
     layouts = {random_model(s)[2].split(" ")[1] for s in range(30)}
-    assert layouts == {"image", "sequence", "tokens", "vector"}
+    assert layouts <= {"image", "sequence", "tokens", "vector", "volume"} and len(layouts) >= 4
