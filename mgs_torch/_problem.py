@@ -9,6 +9,7 @@ and a policy change (a model found to be random) makes a new problem with ``data
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import weakref
@@ -95,16 +96,16 @@ class KernelProblem:
         x = self.inputs if inputs is None else inputs
         return self.raw_forward(params, x, fresh_buffers).reshape(x[0].shape[0], -1)
 
-    def raw_forward(self, params=None, inputs=None, fresh_buffers: bool = False):
+    def raw_forward(self, params=None, inputs=None, fresh_buffers: bool = False, exact_ops: bool = True):
         """Whatever the model returns (not yet validated or flattened).
 
-        The forward runs under :class:`~mgs_torch.op_fixes.ExactOps`: the ops whose torch.func support
-        is wrong are replaced by exact equivalents (only here, where the model's code runs).
+        The forward runs under :class:`~mgs_torch.op_fixes.ExactOps` (``exact_ops``): the ops whose
+        torch.func support is wrong are replaced by exact equivalents (only here, where the model's code runs).
         """
         state = {**self.frozen, **(self.params if params is None else params)}
         if fresh_buffers:
             state.update({k: state[k].clone() for k in self.buffer_names})
-        with ExactOps():
+        with ExactOps() if exact_ops else contextlib.nullcontext():
             return call_with(self.model, state, self.inputs if inputs is None else inputs, self.call_names)
 
     def restrict(self, names: Iterable[str], *, strict_randomness: bool = False) -> "KernelProblem":
@@ -316,10 +317,8 @@ def _raise_if_the_model_fails_alone(problem: KernelProblem, err: RuntimeError) -
     keep their type (see :func:`~mgs_torch.op_fixes.explained_failures`)."""
     if _is_out_of_memory(err):
         return
-    state = {**problem.frozen, **problem.params}
-    state.update({k: state[k].clone() for k in problem.buffer_names})
     try:
-        call_with(problem.model, state, problem.inputs, problem.call_names)
+        problem.raw_forward(fresh_buffers=True, exact_ops=False)
     except RuntimeError as own:
         raise ModelForwardError(
             f"{type(problem.model).__name__}'s forward fails on these inputs before anything is differentiated, "
