@@ -335,8 +335,9 @@ class ConvStemTokens(nn.Module):
         return self.head(self.layer(self.norm(tokens)).flatten(1))
 
 
-def _bn_stats(model):
-    """Running statistics away from (0, 1), so eval BatchNorm is not the identity."""
+def with_running_stats(model: nn.Module) -> nn.Module:
+    """Running statistics away from (0, 1) in every BatchNorm of ``model`` (or ``model`` itself, a
+    BatchNorm), so eval BatchNorm is not the identity. tests/random_models.py draws its own with it."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -780,9 +781,7 @@ def _spectral_norm():
 
 def _batchnorm_eval(bn: nn.Module, in_shape, feats):
     model, x = _conv(seq(bn), in_shape, feats)
-    with torch.no_grad():
-        bn.running_mean.uniform_(-0.5, 0.5)
-        bn.running_var.uniform_(0.5, 2.0)
+    with_running_stats(bn)
     return model.eval(), x
 
 
@@ -971,7 +970,7 @@ case("weight_outside_its_module", lambda: (WeightOutsideItsModule(False), (randn
 case("conv_weight_outside_its_module", lambda: (WeightOutsideItsModule(True), (randn(N, 2, 4, 4),)))
 case("latent_upsampler", lambda: (LatentUpsampler(), (randn(N, 3),)))
 case("instance_norm_tokens_gru", lambda: (NormTokensRecurrent(), (randn(N, 1, 4, 5),)))
-case("conv_stem_tokens", lambda: (_bn_stats(ConvStemTokens()).eval(), (randn(N, 2, 4, 4),)))
+case("conv_stem_tokens", lambda: (with_running_stats(ConvStemTokens()).eval(), (randn(N, 2, 4, 4),)))
 case("shared_module_two_names", lambda: (lambda lin: (seq(nn.Linear(3, 4), nn.Tanh(), lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(4, Q)), (randn(N, 3),)))(nn.Linear(4, 4)))
 # samples that interact: the whole-batch function under batch_norm="batch" (a warning under "eval", see test_trust)
 case("batch_centred_whole_batch", lambda: (BatchCentered(), (randn(N, 3),)), kernel_kwargs={"batch_norm": "batch"}, whole_batch=True)

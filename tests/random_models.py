@@ -19,6 +19,8 @@ import random
 import torch
 from torch import nn
 
+from model_zoo import with_running_stats
+
 D = torch.float64
 
 ACTIVATIONS = [nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus, nn.Sigmoid, nn.ReLU, nn.LeakyReLU, nn.Mish, nn.Hardtanh]
@@ -195,10 +197,8 @@ class Builder:
         if kind == "norm":
             which = self.pick("batch", "group", "instance", "layer") if C * H * W > 1 and not self.batchnorm else "batch"
             if which == "batch":
-                bn = nn.BatchNorm2d(C)
+                bn = with_running_stats(nn.BatchNorm2d(C))
                 with torch.no_grad():
-                    bn.running_mean.uniform_(-0.5, 0.5)
-                    bn.running_var.uniform_(0.5, 2.0)
                     bn.weight.uniform_(0.5, 1.5)
                     bn.bias.uniform_(-0.5, 0.5)
                 self.add(bn, "BatchNorm2d(eval)")
@@ -280,11 +280,7 @@ class Builder:
             return shape
         if kind == "norm":
             if self.batchnorm or self.pick(True, False):
-                bn = nn.BatchNorm3d(C)
-                with torch.no_grad():
-                    bn.running_mean.uniform_(-0.5, 0.5)
-                    bn.running_var.uniform_(0.5, 2.0)
-                self.add(bn, "BatchNorm3d(eval)")
+                self.add(with_running_stats(nn.BatchNorm3d(C)), "BatchNorm3d(eval)")
             else:
                 self.add(nn.GroupNorm(1, C), f"GroupNorm(1,{C})")
             return shape
@@ -377,11 +373,7 @@ class Builder:
             return shape
         if kind == "norm":
             if self.batchnorm or self.pick(True, False):
-                bn = nn.BatchNorm1d(d)
-                with torch.no_grad():
-                    bn.running_mean.uniform_(-0.5, 0.5)
-                    bn.running_var.uniform_(0.5, 2.0)
-                self.add(bn, "BatchNorm1d(eval)")
+                self.add(with_running_stats(nn.BatchNorm1d(d)), "BatchNorm1d(eval)")
             else:
                 self.add(nn.LayerNorm(d, bias=self.pick(True, False)), f"LayerNorm({d})")
             return shape
