@@ -135,6 +135,13 @@ def select_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str,
         ]
     if not chosen:
         raise ValueError("the params filter selects no trainable parameter; check the names, modules or callable")
+    complex_ = [k for k, p in chosen if p.is_complex()]
+    if complex_:
+        raise TypeError(
+            f"complex parameters ({', '.join(complex_)}): the MGS kernel J Jᵀ is defined for real parameters. "
+            f"Store each as a real Parameter holding its real and imaginary parts (torch.view_as_complex of a "
+            f"(..., 2) real tensor in forward), which gives K over both parts, or leave it out with params=..."
+        )
     return dict(chosen)
 
 

@@ -82,6 +82,14 @@ def explained_failures(model, strategy: str) -> Iterator[None]:
                 f"hooks, which torch.func cannot differentiate; switch it off while computing MGS (mgs_torch's own "
                 f"chunk_size= bounds the memory of the kernel and the penalty instead)"
             ) from error
+        if "must override the setup_context staticmethod" in str(error) or "does not have vmap support" in str(error):
+            raise UnsupportedLayerError(
+                f"{type(model).__name__} calls a custom torch.autograd.Function that torch.func cannot transform: "
+                f"{str(error).strip().splitlines()[0]}\nGive that Function a separate setup_context(ctx, inputs, "
+                f"output) (forward then takes no ctx) and set generate_vmap_rule = True, as "
+                f"https://pytorch.org/docs/stable/notes/extending.func.html shows; its backward must itself be "
+                f"differentiable for the MGS penalty. Or leave the parameters it affects out with params=..."
+            ) from error
         raise UnsupportedLayerError(
             f"mgs_torch could not differentiate {type(model).__name__} (strategy={strategy!r}): "
             f"{type(error).__name__}: {str(error).strip().splitlines()[0]}\n"
@@ -344,10 +352,16 @@ def _cell(kind: str, x_proj: Tensor, h, w_hh, b_hh, w_hr):
 
 def _make_rnn(kind: str):
     def rnn(input, hx, flat_weights, has_biases, num_layers, dropout, train, bidirectional, batch_first=False):
-        if not isinstance(hx, (Tensor, tuple, list)) or isinstance(flat_weights, bool):
+        # the PackedSequence overload is (data, batch_sizes, hx, flat_weights, has_biases, ...): its
+        # fourth argument is the weight list where the padded overload has the has_biases flag
+        if not isinstance(has_biases, bool):
             raise UnsupportedLayerError(
-                f"{kind.upper()} on a PackedSequence is not supported by mgs_torch (packing sorts and "
-                f"mixes the samples of a batch); pad the sequences and pass a padded tensor instead"
+                f"{kind.upper()} on a PackedSequence (nn.utils.rnn.pack_padded_sequence) is not supported by "
+                f"mgs_torch: packing sorts the samples of a batch by length and runs them as one sequence of "
+                f"shrinking batches, which cannot be run one sample at a time. Run the RNN on the padded "
+                f"batch instead and read each sample's output at its own last step (out[torch.arange(n), "
+                f"lengths - 1] for a forward RNN) or mask the padded steps, or leave the RNN's parameters "
+                f"out with params=..."
             )
         x = input.transpose(0, 1) if batch_first else input  # (T, B, I)
         dirs = 2 if bidirectional else 1

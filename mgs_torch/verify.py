@@ -27,7 +27,7 @@ from ._validation import Inputs, as_input_tuple, functional_model
 from .engines import engine_for, jacobian, structured
 from .kernel import mgs_kernel
 from .options import KernelOptions
-from .op_fixes import UnsupportedLayerError, recording_replacements
+from .op_fixes import explained_failures, recording_replacements
 from .penalty import mgs_penalty
 
 __all__ = ["verify", "VerifyReport"]
@@ -155,7 +155,7 @@ def verify(
         report.notes.append("checked in eval mode (Dropout and other random layers make K random in train mode)")
     KernelOptions(strategy=strategy, params=params)  # validated before anything runs
     try:
-        with preserved_state(ref_model, "eval"):
+        with preserved_state(ref_model, "eval"), explained_failures(ref_model, strategy):
             problem = build_problem(ref_model, xs, params=params)
             report.samples_interact = problem.samples_interact
             if engine_for(strategy, problem) is jacobian:
@@ -167,7 +167,7 @@ def verify(
         with recording_replacements() as replaced:
             K = mgs_kernel(ref_model, xs, strategy=strategy, params=params)
         report.replaced_ops = sorted(replaced)
-    except (UnsupportedLayerError, ValueError, TypeError, RuntimeError, NotImplementedError) as error:
+    except Exception as error:  # noqa: BLE001 - verify reports every failure, it never raises one
         report.failure = f"{type(error).__name__}: {error}"
         report.routes.update(_per_layer_failures(ref_model, xs, strategy))
         return report

@@ -977,6 +977,147 @@ case("batch_centred_whole_batch", lambda: (BatchCentered(), (randn(N, 3),)), ker
 case("batchnorm_no_running_stats", lambda: (NoRunningStats().eval(), (randn(N, 3),)), kernel_kwargs={"batch_norm": "batch"}, whole_batch=True)
 case("checkpoint_non_reentrant", lambda: (Checkpointed(False), (randn(N, 3),)), refused=UnsupportedLayerError)
 case("checkpoint_reentrant", lambda: (Checkpointed(True), (randn(N, 3),)), refused=UnsupportedLayerError)
+# families a second outside probe tried: FFTs and complex intermediates, custom autograd Functions,
+# antialiased resampling, a random op in eval mode, packed sequences (refused)
+case("fourier_token_mixing", lambda: (FourierMixing(), (randn(N, 5, 3),)))
+# plain double backward through view_as_complex fails upstream ("storage_offset divisible by 2"): the
+# reference penalty gradient comes from finite differences
+case("spectral_conv_complex_weight", lambda: (SpectralConv(), (randn(N, 2, 8),)), grad_by_fd=True)
+case("spectrogram", lambda: (SpectrogramNet(), (randn(N, 1, 16),)))
+case("custom_function_vmap_rule", lambda: (CustomFunctionNet(_SwishFunction), (randn(N, 3),)))
+case("antialiased_resampling", lambda: (AntialiasedResampling(), (randn(N, 2, 7, 7),)))
+# FractionalMaxPool2d draws its pooling regions at random even in eval mode; with (6 − 2)/(3 − 1) an
+# integer the regions do not depend on the draw, so K is deterministic and the random op still runs
+case("fractional_max_pool", lambda: _conv(seq(nn.Conv2d(1, 2, 3), nn.FractionalMaxPool2d(2, output_size=(3, 3))), (1, 8, 8), 2 * 3 * 3))
+case("old_style_autograd_function", lambda: (CustomFunctionNet(_OldStyleFunction), (randn(N, 3),)), refused=UnsupportedLayerError)
+for _cell in ("lstm", "gru", "rnn"):
+    for _last in (False, True):
+        case(f"packed_{_cell}_{'last_state' if _last else 'bidirectional_outputs'}",
+             (lambda c, l: lambda: (PackedRecurrent({"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[c], l), (randn(N, 4, 3), torch.tensor([4, 2, 3]))))(_cell, _last),
+             refused=UnsupportedLayerError)
+
+
+# ------------------------------------------------ families a second outside probe tried
+
+
+class FourierMixing(nn.Module):
+    """FNet-style token mixing: the real part of a 2-D FFT over (tokens, features), complex arithmetic
+    between real layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.head = nn.Linear(3, 4), nn.Linear(5 * 4, Q)
+
+    def forward(self, x):
+        h = torch.fft.fft2(self.inp(x)).real
+        return self.head(torch.tanh(h).flatten(1))
+
+
+class SpectralConv(nn.Module):
+    """An FNO spectral convolution: rfft, complex weights on the lowest modes, irfft. The complex weight
+    is stored as a real (…, 2) Parameter (view_as_complex), the form mgs_torch asks complex weights in."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(0.3 * torch.randn(2, 3, 4, 2, dtype=D))
+        self.skip, self.head = nn.Conv1d(2, 3, 1), nn.Linear(3 * 8, Q)
+
+    def forward(self, x):
+        xf = torch.fft.rfft(x, dim=-1)[..., :4]
+        y = torch.fft.irfft(torch.einsum("nci,coi->noi", xf, torch.view_as_complex(self.w)), n=8, dim=-1)
+        return self.head(torch.tanh(y + self.skip(x)).flatten(1))
+
+
+class _SwishFunction(torch.autograd.Function):
+    """A custom activation in torch.func's style: separate setup_context, generated vmap rule, and a
+    backward written with differentiable ops (so the penalty can differentiate it again)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return g * (s + x * s * (1 - s))
+
+
+class _OldStyleFunction(torch.autograd.Function):
+    """A gradient-reversal layer written the old way (forward(ctx, x)): torch.func cannot transform it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return -g
+
+
+class CustomFunctionNet(nn.Module):
+    def __init__(self, function):
+        super().__init__()
+        self.function, self.a, self.b = function, nn.Linear(3, 4), nn.Linear(4, Q)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.function.apply(self.a(x))))
+
+
+class AntialiasedResampling(nn.Module):
+    """interpolate with antialias (bilinear, bicubic), area, nearest-exact; trilinear on a volume."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.v = nn.Conv2d(2, 2, 3, padding=1), nn.Conv3d(1, 1, 2)
+        self.head = nn.Linear(2 * 9 + 2 * 9 + 2 * 6 + 2 * 18 + 2 * 4 * 4, Q)
+
+    def forward(self, x):
+        h = self.c(x)
+        parts = [
+            F.interpolate(h, size=(3, 3), mode="bilinear", antialias=True),
+            F.interpolate(h, size=(3, 3), mode="bicubic", antialias=True, align_corners=False),
+            F.interpolate(h, size=(3, 2), mode="area"),
+            F.interpolate(h, size=(6, 3), mode="nearest-exact"),
+            F.interpolate(self.v(h[:, None, :, :3, :3]), scale_factor=2, mode="trilinear", align_corners=True),
+        ]
+        return self.head(torch.tanh(torch.cat([p.flatten(1) for p in parts], 1)))
+
+
+class SpectrogramNet(nn.Module):
+    """A learned 1-D filter, then a log-magnitude STFT (complex intermediate), then a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.filt, self.head = nn.Conv1d(1, 1, 3, padding=1), nn.Linear(5 * 5, Q)
+        self.register_buffer("window", torch.hann_window(8, dtype=D))
+
+    def forward(self, x):
+        s = torch.stft(self.filt(x).squeeze(1), n_fft=8, hop_length=4, window=self.window, return_complex=True)
+        return self.head(torch.log1p(s.abs()).flatten(1))
+
+
+class PackedRecurrent(nn.Module):
+    """Variable-length sequences through pack_padded_sequence: refused (see op_fixes)."""
+
+    def __init__(self, cell, last_state: bool):
+        super().__init__()
+        self.rnn = cell(3, 4, batch_first=True, bidirectional=not last_state)
+        self.last_state, self.head = last_state, nn.Linear(4 if last_state else 8, Q)
+
+    def forward(self, x, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, h = self.rnn(packed)
+        if self.last_state:
+            return self.head((h[0] if isinstance(h, tuple) else h)[-1])
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+        return self.head(out.sum(1))
 
 
 def build(case: Case, seed: int = 0):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from helpers import mlp
-from mgs_torch import ModelForwardError, mgs_kernel, mgs_penalty, mgs_trace
+from mgs_torch import ModelForwardError, UnsupportedLayerError, mgs_kernel, mgs_penalty, mgs_trace, verify
 
 X = torch.randn(3, 4, dtype=torch.float64)
 FUNCTIONS = [mgs_kernel, mgs_trace, mgs_penalty]
@@ -141,3 +141,63 @@ def test_data_parallel_is_unwrapped_and_torchscript_is_refused_with_advice():
     for scripted in scripted_models:
         with pytest.raises(TypeError, match="TorchScript.*pass the nn.Module you scripted or traced"):
             mgs_kernel(scripted, x)
+
+
+class _ComplexWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, dtype=torch.complex128))
+        self.head = nn.Linear(3, 2).double()
+
+    def forward(self, x):
+        return self.head((x.to(torch.complex128) @ self.w).abs())
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS)
+def test_complex_parameters_are_refused_with_the_real_form_to_use(fn):
+    model = _ComplexWeight()
+    before = _state(model)
+    with pytest.raises(TypeError, match=r"complex parameters \(w\).*real Parameter.*view_as_complex.*params="):
+        fn(model, X)
+    _unchanged(model, before)
+    assert mgs_kernel(model, X, params=["head"]).shape == (6, 6)  # leaving it out works
+
+
+class _OldStyle(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+@pytest.mark.parametrize("strategy", ["auto", "jacobian"])
+def test_an_old_style_autograd_function_gets_the_torch_func_form_to_use(strategy):
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    model[1].register_forward_hook(lambda m, i, out: _OldStyle.apply(out))
+    with pytest.raises(UnsupportedLayerError, match=r"(?s)custom torch.autograd.Function.*setup_context.*generate_vmap_rule"):
+        mgs_kernel(model, X, strategy=strategy)
+
+
+class _PackedGRU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x, lengths):
+        _, h = self.rnn(nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+        return self.head(h[-1])
+
+
+def test_verify_reports_a_refused_model_instead_of_raising():
+    """A packed sequence once escaped as an IndexError from inside the RNN replacement, and verify,
+    which promises never to raise for a model mgs_torch cannot handle, raised it."""
+    model = _PackedGRU().double()
+    x, lengths = torch.randn(3, 5, 3, dtype=torch.float64), torch.tensor([5, 2, 3])
+    for strategy in ("auto", "jacobian"):
+        report = verify(model, (x, lengths), samples=3, strategy=strategy)
+        assert not report.ok
+        assert report.failure.startswith("UnsupportedLayerError: GRU on a PackedSequence")
+        assert "out[torch.arange(n), lengths - 1]" in report.failure

@@ -21,6 +21,7 @@ computation goes to the reference engine instead.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -233,7 +234,9 @@ def plan(problem: KernelProblem) -> Plan:
             handles.append(layer.module.register_forward_hook(record(name), with_kwargs=True, prepend=True))
         with torch.no_grad(), torch.random.fork_rng(devices=devices), _watch_parameter_use(model, problem, candidates) as monitor:
             calls.clear()
-            _per_sample(problem, body)(None, *problem.inputs)
+            # random ops (FractionalMaxPool draws its regions even in eval mode) may run here: this
+            # forward only records which layers run, and the engines' own vmaps detect randomness
+            _per_sample(dataclasses.replace(problem, stochastic=True), body)(None, *problem.inputs)
         per_sample_calls = dict(calls)
     finally:
         for h in handles:
