@@ -233,7 +233,17 @@ def build_problem(
     if checked:
         cached = validated_output_shape(draft)
         _OUTPUT_SHAPES.put(model, signature, cached)
-    output_shape, interact = cached
+    output_shape, interact, refusal = cached
+    if refusal is not None and per_sample:
+        per_sample = False  # the only exact route left: the whole-batch function
+        warn_once(
+            f"whole-batch-{type(model).__qualname__}",
+            f"{type(model).__name__}'s forward cannot run one sample at a time under torch.func's vmap ({refusal}), "
+            f"so mgs_torch differentiates the whole-batch function instead: K[(i,a),(j,b)] = ∇θ f(X)_ia · ∇θ f(X)_jb, "
+            f"exact for the function model(X) computes, but about n times the cost of the per-sample route. For the "
+            f"per-sample route, write the data-dependent step with tensor ops: torch.where instead of a Python `if` "
+            f"on a tensor, masks instead of boolean indexing, no .item().",
+        )
     if interact is not None:
         if batch_norm == "batch":
             per_sample = False  # the whole-batch function, as for train-mode BatchNorm
@@ -294,9 +304,9 @@ def with_fresh_outputs(model: nn.Module, compute):
         return compute(True)
 
 
-def validated_output_shape(problem: KernelProblem) -> tuple[tuple[int, ...], float | None]:
+def validated_output_shape(problem: KernelProblem) -> tuple[tuple[int, ...], float | None, str | None]:
     """One forward without graph or random-state change: validates the outputs; returns their
-    per-sample shape and :func:`samples_interaction`.
+    per-sample shape and the two results of :func:`samples_interaction`.
 
     The RNG is forked, so Dropout masks of a following forward are those ``model(X)`` would draw.
     """
@@ -308,7 +318,7 @@ def validated_output_shape(problem: KernelProblem) -> tuple[tuple[int, ...], flo
             _raise_if_the_model_fails_alone(problem, err)
             raise
         out = check_outputs(out, problem.n)
-        return tuple(out.shape[1:]), samples_interaction(problem, out.reshape(problem.n, -1))
+        return (tuple(out.shape[1:]),) + samples_interaction(problem, out.reshape(problem.n, -1))
 
 
 def _raise_if_the_model_fails_alone(problem: KernelProblem, err: RuntimeError) -> None:
@@ -327,31 +337,45 @@ def _raise_if_the_model_fails_alone(problem: KernelProblem, err: RuntimeError) -
         ) from own
 
 
-def samples_interaction(problem: KernelProblem, batched: Tensor) -> float | None:
-    """Whether f(X)_i, the batched forward's outputs, equal f(x_i), each sample run alone (vmapped).
+def _data_dependent(error: Exception) -> str | None:
+    """The first line of a vmap refusal of a data-dependent forward (a Python ``if`` on a tensor,
+    ``.item()``, boolean-mask indexing, ``nonzero``: anything whose result shape or control flow
+    depends on values), else None."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else ""
+    markers = ("data-dependent", ".item()", "dynamic shape")
+    return first if first.startswith("vmap:") and any(m in text for m in markers) else None
 
-    Returns max |f(X)_i − f(x_i)| / max(1, max |f(X)|) when it exceeds √ε of the outputs' dtype (far
-    above the rounding of batched against per-sample kernels), else None. Samples interact through
-    any op over the batch dimension (x − x.mean(0), softmax(dim=0), batch statistics): the per-sample
-    kernel then describes another function than the one trained. Not checked (None) for one sample,
-    random forwards, whole-batch problems, or a forward vmap cannot run (the engines report that).
+
+def samples_interaction(problem: KernelProblem, batched: Tensor) -> tuple[float | None, str | None]:
+    """Whether f(X)_i, the batched forward's outputs, equal f(x_i), each sample run alone (vmapped);
+    and whether the forward can run alone at all.
+
+    Returns ``(difference, refusal)``. ``difference`` is max |f(X)_i − f(x_i)| / max(1, max |f(X)|)
+    when it exceeds √ε of the outputs' dtype (far above the rounding of batched against per-sample
+    kernels), else None. Samples interact through any op over the batch dimension (x − x.mean(0),
+    softmax(dim=0), batch statistics): the per-sample kernel then describes another function than the
+    one trained. Not checked (None) for one sample, random forwards, whole-batch problems, or a
+    forward vmap cannot run. ``refusal`` is vmap's reason when the forward is data-dependent and
+    cannot run one sample at a time (see :func:`_data_dependent`); the engines then differentiate
+    the whole-batch function.
     """
-    if problem.n < 2 or problem.stochastic or not problem.per_sample or not batched.is_floating_point():
-        return None
+    if not problem.per_sample or not batched.is_floating_point():
+        return None, None
 
     def alone(*xs: Tensor) -> Tensor:
         return problem.forward(inputs=tuple(x.unsqueeze(0) for x in xs)).squeeze(0)
 
     try:
-        single = vmap(alone, randomness="error")(*problem.inputs)
-    except Exception:  # noqa: BLE001 - random ops, unsupported layers: the engines explain those
-        return None
-    if single.shape != batched.shape:
-        return None
+        single = vmap(alone, randomness="different" if problem.stochastic else "error")(*problem.inputs)
+    except Exception as error:  # noqa: BLE001 - random ops, unsupported layers: the engines explain those
+        return None, _data_dependent(error)
+    if problem.n < 2 or problem.stochastic or single.shape != batched.shape:
+        return None, None
     scale = max(1.0, batched.abs().max().item())
     difference = (single.to(batched.dtype) - batched).abs().max().item() / scale
     tolerance = torch.finfo(batched.dtype).eps ** 0.5
-    return difference if not difference <= tolerance else None
+    return (difference if not difference <= tolerance else None), None
 
 
 Cotangents = Union[Tensor, Callable[[KernelProblem], Tensor]]

@@ -989,6 +989,8 @@ case("antialiased_resampling", lambda: (AntialiasedResampling(), (randn(N, 2, 7,
 # FractionalMaxPool2d draws its pooling regions at random even in eval mode; with (6 − 2)/(3 − 1) an
 # integer the regions do not depend on the draw, so K is deterministic and the random op still runs
 case("fractional_max_pool", lambda: _conv(seq(nn.Conv2d(1, 2, 3), nn.FractionalMaxPool2d(2, output_size=(3, 3))), (1, 8, 8), 2 * 3 * 3))
+for _kind in ("branch", "item", "routing"):
+    case(f"data_dependent_{_kind}", (lambda k: lambda: (DataDependent(k), (randn(N, 3),)))(_kind), whole_batch=True)
 case("old_style_autograd_function", lambda: (CustomFunctionNet(_OldStyleFunction), (randn(N, 3),)), refused=UnsupportedLayerError)
 for _cell in ("lstm", "gru", "rnn"):
     for _last in (False, True):
@@ -1118,6 +1120,34 @@ class PackedRecurrent(nn.Module):
             return self.head((h[0] if isinstance(h, tuple) else h)[-1])
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
         return self.head(out.sum(1))
+
+
+class DataDependent(nn.Module):
+    """Forwards vmap cannot run one sample at a time: a Python ``if`` on a batch statistic, a scale
+    read with ``.item()``, or mixture-of-experts routing by boolean-mask indexing. mgs_torch
+    differentiates the whole-batch function (with a warning); so does the reference."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.a, self.experts, self.b = kind, nn.Linear(3, 4), nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]), nn.Linear(4, Q)
+        self.router = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.kind == "branch":
+            if h.abs().max() > 0.5:
+                h = 0.5 * h
+        elif self.kind == "item":
+            h = h / h.detach().abs().max().item()
+        else:  # top-1 routing: each sample through the expert its router picks, weighted by its gate
+            gate = torch.softmax(self.router(h), -1)
+            pick = gate.argmax(-1)
+            out = torch.zeros_like(h)
+            for e, expert in enumerate(self.experts):
+                rows = pick == e
+                out[rows] = gate[rows, e : e + 1] * torch.tanh(expert(h[rows]))
+            h = out
+        return self.b(h)
 
 
 def build(case: Case, seed: int = 0):

@@ -63,8 +63,8 @@ def test_verify_catches_a_wrong_rule():
     assert "PROBLEM" in str(report)
 
 
-class Nonzero(nn.Module):
-    """Uses torch.nonzero (dynamic shape: no vmap support, no replacement)."""
+class Unique(nn.Module):
+    """Uses torch.unique: dynamic shape (no per-sample vmap, so the whole-batch route) and no derivative."""
 
     def __init__(self):
         super().__init__()
@@ -72,19 +72,23 @@ class Nonzero(nn.Module):
 
     def forward(self, x):
         h = self.a(x)
-        return self.b(h) + torch.nonzero(h).float().sum()
+        return self.b(h) + torch.unique(h).sum()
 
 
 def test_verify_names_the_layer_that_fails():
-    report = verify(Nonzero(), torch.randn(3, 3))
-    assert not report.ok and "nonzero" in report.failure
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the whole-batch route's warning
+        report = verify(Unique(), torch.randn(3, 3))
+    assert not report.ok and "unique" in report.failure
     assert report.routes["a.weight"].startswith("FAILS")
 
 
 def test_unsupported_ops_raise_an_error_that_says_what_to_do():
     for strategy in ("jacobian", "structured"):
-        with pytest.raises(UnsupportedLayerError, match="verify"):
-            mgs_kernel(Nonzero(), torch.randn(3, 3), strategy=strategy)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(UnsupportedLayerError, match=r"(?s)derivative for '_unique2'.*verify"):
+                mgs_kernel(Unique(), torch.randn(3, 3), strategy=strategy)
 
 
 def test_no_batching_rule_warnings_reach_the_user():
@@ -504,3 +508,25 @@ def test_verify_is_right_for_instance_norm_before_tokens():
 
     report = verify(Tokens(), torch.randn(3, 1, 5, 7), samples=3)
     assert report.ok, str(report)
+
+
+def test_a_data_dependent_forward_gets_the_whole_batch_jacobian_with_a_warning():
+    """Mixture-of-experts routing by boolean-mask indexing cannot run under a per-sample vmap: instead
+    of refusing, mgs_torch differentiates the whole-batch function (the one model(X) trains) and says
+    so once; chunked, Hutchinson and verify take the same route."""
+    import mgs_torch._warnings
+
+    model, x = build(by_name("data_dependent_routing"))
+    K_ref = kernel_loop(model, x, whole_batch=True)
+    mgs_torch._warnings._warned.discard("whole-batch-DataDependent")  # issued once per class and process
+    with pytest.warns(RuntimeWarning, match=r"cannot run one sample at a time.*boolean mask.*whole-batch function"):
+        K = mgs_kernel(model, x)
+    assert torch.allclose(K, K_ref, rtol=1e-10, atol=1e-12)
+    plain = torch.autograd.grad(mgs_penalty(model, x), list(model.parameters()), allow_unused=True)
+    chunked = torch.autograd.grad(mgs_penalty(model, x, chunk_size=1), list(model.parameters()), allow_unused=True)
+    for a, b, p in zip(plain, chunked, model.parameters()):  # an expert no sample picked has no gradient
+        assert torch.allclose(torch.zeros_like(p) if a is None else a, torch.zeros_like(p) if b is None else b, rtol=1e-10, atol=1e-13)
+    probes = mgs_trace(model, x, estimator="hutchinson", num_probes=4000, generator=torch.Generator().manual_seed(0))
+    assert abs(float(probes) / float(K_ref.trace()) - 1) < 0.05
+    report = verify(model, x, samples=3)
+    assert report.ok and any("whole-batch function" in note for note in report.notes), report
