@@ -82,13 +82,30 @@ def functional_model(model: nn.Module) -> nn.Module:
     """The module whose forward MGS differentiates: ``model`` itself, or what a data-parallel
     wrapper holds (``nn.DataParallel``, ``DistributedDataParallel``: the same function and the same
     Parameters, which torch.func cannot call through the wrapper). TorchScript modules are refused
-    with advice: torch.func cannot substitute their parameters."""
+    with advice: torch.func cannot substitute their parameters. So are models with a TorchScript
+    submodule: its ops run outside Python, where :class:`~mgs_torch.op_fixes.ExactOps` cannot replace
+    the ops whose torch.func derivatives are wrong (a scripted LayerNorm or PReLU gave a penalty
+    gradient 0.5–17 % off without any error). A ``torch.compile`` wrapper is unwrapped (the same
+    function and Parameters; MGS runs the module eagerly)."""
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        return model.module
+        model = model.module
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError(
             f"{type(model).__name__} is a TorchScript module (torch.jit.script/trace), whose parameters torch.func "
             f"cannot substitute; pass the nn.Module you scripted or traced (it shares the same Parameters)"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    scripted = [name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    if scripted:
+        raise TypeError(
+            f"{type(model).__name__} contains TorchScript submodules ({', '.join(scripted[:3])}"
+            f"{', …' if len(scripted) > 3 else ''}): their ops run outside Python, where mgs_torch cannot replace "
+            f"the ops whose torch.func derivatives are wrong (LayerNorm, PReLU, …), so K or the penalty gradient "
+            f"could be silently off. Put the original nn.Module there (scripting shares its Parameters) while "
+            f"computing MGS"
         )
     return model
 

@@ -82,6 +82,20 @@ def explained_failures(model, strategy: str) -> Iterator[None]:
                 f"hooks, which torch.func cannot differentiate; switch it off while computing MGS (mgs_torch's own "
                 f"chunk_size= bounds the memory of the kernel and the penalty instead)"
             ) from error
+        text = str(error)
+        if (
+            "mutate a captured Tensor" in text
+            or ("inplace arithmetic" in text and "more elements than `self`" in text)
+            or "doesn't match the broadcast shape" in text  # an in-place op whose target lacks the vmapped dim
+        ):
+            raise UnsupportedLayerError(
+                f"{type(model).__name__}'s forward writes in place into a tensor that is not computed from the "
+                f"sample: a buffer it updates (a running statistic, a step counter, a quantisation observer such as "
+                f"FakeQuantize's) or a tensor made without the batch dimension: {text.strip().splitlines()[0]}\n"
+                f"torch.func cannot differentiate a forward with that side effect. Switch the update off while "
+                f"MGS runs (FakeQuantize: model.apply(torch.ao.quantization.disable_observer); your own module: "
+                f"skip it under a flag or when not self.training), or write it out of place (x = x + y)."
+            ) from error
         if "must override the setup_context staticmethod" in str(error) or "does not have vmap support" in str(error):
             raise UnsupportedLayerError(
                 f"{type(model).__name__} calls a custom torch.autograd.Function that torch.func cannot transform: "

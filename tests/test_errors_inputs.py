@@ -127,6 +127,27 @@ def test_a_dtype_error_inside_an_embedding_model_is_not_blamed_on_its_indices():
     assert "x.float()" not in str(caught.value)
 
 
+def test_a_compiled_model_is_differentiated_as_its_original_module():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.PReLU(), nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    compiled = torch.compile(model)
+    assert torch.equal(mgs_kernel(compiled, x), mgs_kernel(model, x))
+    grads = torch.autograd.grad(mgs_penalty(compiled, x), list(model.parameters())[:-1])  # the last bias: constant ∂f
+    expected = torch.autograd.grad(mgs_penalty(model, x), list(model.parameters())[:-1])
+    assert all(torch.equal(a, b) for a, b in zip(grads, expected))
+
+
+def test_a_torchscript_submodule_is_refused_with_advice():
+    model = nn.Sequential(nn.Linear(3, 4), torch.jit.script(nn.PReLU()), nn.Linear(4, 2)).double()
+    x = torch.randn(3, 3, dtype=torch.float64)
+    before = _state(model)
+    for fn in FUNCTIONS:
+        with pytest.raises(TypeError, match=r"contains TorchScript submodules \(1\).*silently off.*original nn.Module"):
+            fn(model, x)
+    _unchanged(model, before)
+
+
 def test_data_parallel_is_unwrapped_and_torchscript_is_refused_with_advice():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
@@ -201,3 +222,39 @@ def test_verify_reports_a_refused_model_instead_of_raising():
         assert not report.ok
         assert report.failure.startswith("UnsupportedLayerError: GRU on a PackedSequence")
         assert "out[torch.arange(n), lengths - 1]" in report.failure
+
+
+class _RunningMean(nn.Module):
+    """Updates a buffer in place in its forward (as running statistics and quantisation observers do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 2)
+        self.register_buffer("run", torch.zeros(4))
+
+    def forward(self, x):
+        self.run.mul_(0.9).add_(0.1 * x.detach().mean(0))
+        return self.a(x - self.run)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "jacobian", "structured"])
+def test_a_buffer_written_in_place_in_forward_gets_advice(strategy):
+    model = _RunningMean().double()
+    before = _state(model)
+    with pytest.raises(UnsupportedLayerError, match=r"(?s)writes in place into a tensor.*buffer.*disable_observer.*out of place"):
+        mgs_kernel(model, X, strategy=strategy)
+    _unchanged(model, before)
+
+
+def test_fake_quantize_works_with_its_observer_off():
+    from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver, disable_observer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), FakeQuantize(MovingAverageMinMaxObserver, quant_min=0, quant_max=255),
+                          nn.Linear(5, 2)).double()
+    model(X)  # calibrate
+    with pytest.raises(UnsupportedLayerError, match="disable_observer"):
+        mgs_kernel(model, X)
+    model.apply(disable_observer)
+    report = verify(model, X, samples=3)
+    assert report.ok, report
