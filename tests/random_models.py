@@ -6,7 +6,7 @@ sequences (T, d) and vectors (d) — and the blocks that fit each: convolutions 
 padding (and padding mode), dilation and groups, transposed convolutions, every normalisation,
 pooling, upsampling, pixel shuffle, residual blocks, recurrent layers, attention and Transformer
 layers, bilinear and GLU layers, and, now and then, a block reused later in the network (weight
-sharing). Layouts change along the way (image → sequence → vector). The last layer is Linear(q).
+sharing) or a top-1 mixture-of-experts router on vectors (boolean-mask indexing: the whole-batch route). Layouts change along the way (image → sequence → vector). The last layer is Linear(q).
 
 ``python tests/random_models.py --seeds 0:500`` checks many seeds against the per-sample autograd
 loop and prints the failures; ``tests/test_random_models.py`` runs a fixed sample of seeds.
@@ -124,6 +124,24 @@ class TwoInputs(nn.Module):
         h = self.body(x).flatten(1)
         out = self.join(h, z) if self.bilinear else self.join(torch.cat([h, torch.tanh(self.side(z))], 1))
         return self.tail(out)
+
+
+class Routed(nn.Module):
+    """Top-1 mixture of experts on vectors: each sample through the expert its router picks (boolean-mask
+    indexing, so no per-sample vmap: mgs_torch takes the whole-batch route), weighted by its gate."""
+
+    def __init__(self, d: int, experts: int):
+        super().__init__()
+        self.router, self.experts = nn.Linear(d, experts), nn.ModuleList([nn.Linear(d, d) for _ in range(experts)])
+
+    def forward(self, x):
+        gate = torch.softmax(self.router(x), -1)
+        pick = gate.argmax(-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            rows = pick == e
+            out[rows] = gate[rows, e : e + 1] * torch.tanh(expert(x[rows]))
+        return out
 
 
 class Builder:
@@ -443,6 +461,9 @@ def random_model(seed: int) -> tuple[nn.Module, tuple[torch.Tensor, ...], str]:
                 shape = b.sequence_block(shape)
         else:
             shape = b.vector_block(shape)
+    if len(shape) == 1 and random.Random(seed + 2 * 10**6).random() < 0.15:  # its own stream: other seeds stay put
+        experts = b.pick(2, 3)
+        b.add(Routed(shape[0], experts), f"Routed({shape[0]}, {experts} experts, top-1)")
     features = 1
     for s in shape:
         features *= s
