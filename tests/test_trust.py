@@ -530,3 +530,31 @@ def test_a_data_dependent_forward_gets_the_whole_batch_jacobian_with_a_warning()
     assert abs(float(probes) / float(K_ref.trace()) - 1) < 0.05
     report = verify(model, x, samples=3)
     assert report.ok and any("whole-batch function" in note for note in report.notes), report
+
+
+class _UpcastRMSNorm(nn.Module):
+    """LLaMA's RMSNorm: computes in float32 whatever the input dtype, then casts back."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d) + 0.1 * torch.randn(d))
+
+    def forward(self, h):
+        dtype = h.dtype
+        h = h.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.weight * h.to(dtype)
+
+
+def test_verify_checks_a_model_with_float32_casts_to_float32_rounding_and_says_so():
+    """A Hugging Face LLaMA classifier failed verify at 7e-8 (tolerance 1e-8): its RMSNorm and rotary
+    embeddings compute in float32 even in the float64 copy, and with those casts removed both
+    computations agreed to 5e-16. The report now says so and checks to float32's rounding."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    upcast = nn.Sequential(nn.Linear(5, 6), _UpcastRMSNorm(6), nn.Tanh(), nn.Linear(6, 2))
+    report = verify(upcast, x, samples=3)
+    assert report.ok and report.tolerance == pytest.approx(100 * torch.finfo(torch.float32).eps)
+    assert any("computes some ops in float32" in note for note in report.notes), report
+    plain = verify(nn.Sequential(nn.Linear(5, 6), nn.RMSNorm(6), nn.Tanh(), nn.Linear(6, 2)), x, samples=3)
+    assert plain.ok and plain.tolerance == 1e-8 and not any("float32" in note for note in plain.notes)
