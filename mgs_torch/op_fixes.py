@@ -20,6 +20,8 @@ and their ``*_cell`` ops          inside ``vmap`` ("output with shape [1, h] doe
 ``F.embedding_bag``               no double backward (``_embedding_bag_backward``)
 ``F.conv_transpose1d/2d/3d``      ``vmap(jacrev)`` fails ("grad_weight needs to be contiguous") when a
                                   size-1 dimension of the input has a non-standard stride
+``torch.roll`` without ``dims``    on a 0-d per-sample tensor, ``vmap``'s rule rolls the *batch*: the
+                                  samples' values trade places (a scalar's roll is the identity)
 ``F.conv1d/2d/3d`` (opt-in)       right, but slow on the GPU: the weight-derivative of its backward
                                   runs as a convolution with the whole feature map as kernel
                                   (:func:`use_transposed_convolution_backward`)
@@ -364,6 +366,17 @@ def _cell(kind: str, x_proj: Tensor, h, w_hh, b_hh, w_hr):
     return torch.tanh(pre) if kind == "rnn_tanh" else torch.relu(pre)
 
 
+def _roll(op):
+    """``torch.roll`` / ``Tensor.roll``, with the 0-d case (the identity) kept away from ``vmap``'s rule."""
+
+    def roll(input, shifts, dims=None):
+        if input.dim() == 0:
+            return input.clone()
+        return op(input, shifts, dims) if dims is not None else op(input, shifts)
+
+    return roll
+
+
 def _make_rnn(kind: str):
     def rnn(input, hx, flat_weights, has_biases, num_layers, dropout, train, bidirectional, batch_first=False):
         # the PackedSequence overload is (data, batch_sizes, hx, flat_weights, has_biases, ...): its
@@ -437,6 +450,8 @@ REPLACED_OPS: dict = {
     F.conv_transpose1d: _transposed_convolution(F.conv_transpose1d),
     F.conv_transpose2d: _transposed_convolution(F.conv_transpose2d),
     F.conv_transpose3d: _transposed_convolution(F.conv_transpose3d),
+    torch.roll: _roll(torch.roll),
+    torch.Tensor.roll: _roll(torch.Tensor.roll),
     _VF.lstm: _make_rnn("lstm"),
     _VF.gru: _make_rnn("gru"),
     _VF.rnn_tanh: _make_rnn("rnn_tanh"),
@@ -450,6 +465,8 @@ REPLACED_OPS: dict = {
 
 _RECORDERS: list[set] = []
 _TRANSPOSED_CONVOLUTIONS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+# replacements that call the op they replace: they run with the mode off, or they would call themselves
+_CALL_THE_ORIGINAL = (*_TRANSPOSED_CONVOLUTIONS, torch.roll, torch.Tensor.roll)
 
 
 _CONVOLUTIONS = {F.conv1d: _convolution(1), F.conv2d: _convolution(2), F.conv3d: _convolution(3)}
@@ -506,7 +523,7 @@ class ExactOps(TorchFunctionMode):
             self.replaced.add(name)
             for record in _RECORDERS:
                 record.add(name)
-            if fix is multi_head_attention_forward or func in _TRANSPOSED_CONVOLUTIONS:  # call the original: mode off
+            if fix is multi_head_attention_forward or func in _CALL_THE_ORIGINAL:  # call the original: mode off
                 return fix(*args, **kwargs)
             with self:
                 return fix(*args, **kwargs)

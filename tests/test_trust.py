@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_zoo import Lambda, LayerNormSub, Scale, ScaleRule, by_name, build
-from reference import kernel_loop
+from reference import kernel_loop, relative_error
 from mgs_torch import (
     LayerRule, UnsupportedLayerError, layer_rule, mgs_kernel, mgs_penalty, mgs_trace, register_layer_rule, unregister_layer_rule,
     verify,
@@ -558,3 +558,37 @@ def test_verify_checks_a_model_with_float32_casts_to_float32_rounding_and_says_s
     assert any("computes some ops in float32" in note for note in report.notes), report
     plain = verify(nn.Sequential(nn.Linear(5, 6), nn.RMSNorm(6), nn.Tanh(), nn.Linear(6, 2)), x, samples=3)
     assert plain.ok and plain.tolerance == 1e-8 and not any("float32" in note for note in plain.notes)
+
+
+def test_verify_handles_outputs_that_do_not_depend_on_the_parameters():
+    """A thresholded output (no grad_fn at all) made verify's own loop raise; K is 0 and so is its gradient."""
+
+    class Thresholded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return (self.a(x) > 0).to(x.dtype)
+
+    report = verify(Thresholded(), torch.randn(4, 3))
+    assert report.ok and report.kernel_error == 0 and report.gradient_error == 0, report
+
+
+def test_a_per_sample_scalar_roll_is_the_identity_inside_mgs():
+    """A model that handles each sample in a loop and rolls a per-sample scalar: under vmap that roll
+    moved values between samples (upstream bug, see test_upstream_bugs); K must match the loop."""
+
+    class ScalarRoll(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 2), nn.Linear(1, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return self.b(torch.stack([torch.roll(h[i, 0] * h[i, 1], 1) for i in range(x.shape[0])])[:, None])
+
+    torch.manual_seed(0)
+    model, x = ScalarRoll().double(), torch.randn(3, 3, dtype=torch.float64)
+    for strategy in ("jacobian", "structured"):
+        assert relative_error(mgs_kernel(model, x, strategy=strategy), kernel_loop(model, x)) < 1e-12

@@ -183,3 +183,10 @@ def test_cpu_instance_norm_backward_is_wrong_at_batch_size_two_with_tokens_into_
         w += 1e-6
     fd = (hi - lo) / 2e-6
     assert relative_error(autograd, fd.reshape(1)) > 1e-3, FIXED_UPSTREAM.format(torch.__version__, "(nothing: the loops' instance-norm formula)")
+
+
+def test_vmap_rolls_a_scalar_across_the_batch():
+    """``torch.roll(t, 1)`` of a 0-d tensor is the identity; vmap's rule rolls the batch instead, so
+    sample i gets sample i−1's value. Found by tests/opinfo_sweep.py; ExactOps returns the scalar."""
+    x = torch.arange(3.0)
+    assert not torch.equal(vmap(lambda t: torch.roll(t, 1))(x), x), FIXED_UPSTREAM.format(torch.__version__, "torch.roll")
