@@ -1124,6 +1124,24 @@ class PackedRecurrent(nn.Module):
         return self.head(out.sum(1))
 
 
+class Routed(nn.Module):
+    """Top-1 mixture of experts on vectors: each sample through the expert its router picks (boolean-mask
+    indexing, so no per-sample vmap: mgs_torch takes the whole-batch route), weighted by its gate."""
+
+    def __init__(self, d: int, experts: int):
+        super().__init__()
+        self.router, self.experts = nn.Linear(d, experts), nn.ModuleList([nn.Linear(d, d) for _ in range(experts)])
+
+    def forward(self, x):
+        gate = torch.softmax(self.router(x), -1)
+        pick = gate.argmax(-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            rows = pick == e
+            out[rows] = gate[rows, e : e + 1] * torch.tanh(expert(x[rows]))
+        return out
+
+
 class DataDependent(nn.Module):
     """Forwards vmap cannot run one sample at a time: a Python ``if`` on a batch statistic, a scale
     read with ``.item()``, or mixture-of-experts routing by boolean-mask indexing. mgs_torch
@@ -1131,8 +1149,7 @@ class DataDependent(nn.Module):
 
     def __init__(self, kind: str):
         super().__init__()
-        self.kind, self.a, self.experts, self.b = kind, nn.Linear(3, 4), nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]), nn.Linear(4, Q)
-        self.router = nn.Linear(4, 2)
+        self.kind, self.a, self.routed, self.b = kind, nn.Linear(3, 4), Routed(4, 2), nn.Linear(4, Q)
 
     def forward(self, x):
         h = torch.tanh(self.a(x))
@@ -1141,14 +1158,8 @@ class DataDependent(nn.Module):
                 h = 0.5 * h
         elif self.kind == "item":
             h = h / h.detach().abs().max().item()
-        else:  # top-1 routing: each sample through the expert its router picks, weighted by its gate
-            gate = torch.softmax(self.router(h), -1)
-            pick = gate.argmax(-1)
-            out = torch.zeros_like(h)
-            for e, expert in enumerate(self.experts):
-                rows = pick == e
-                out[rows] = gate[rows, e : e + 1] * torch.tanh(expert(h[rows]))
-            h = out
+        else:
+            h = self.routed(h)
         return self.b(h)
 
 

@@ -19,7 +19,7 @@ import random
 import torch
 from torch import nn
 
-from model_zoo import with_running_stats
+from model_zoo import Routed, with_running_stats
 
 D = torch.float64
 
@@ -124,24 +124,6 @@ class TwoInputs(nn.Module):
         h = self.body(x).flatten(1)
         out = self.join(h, z) if self.bilinear else self.join(torch.cat([h, torch.tanh(self.side(z))], 1))
         return self.tail(out)
-
-
-class Routed(nn.Module):
-    """Top-1 mixture of experts on vectors: each sample through the expert its router picks (boolean-mask
-    indexing, so no per-sample vmap: mgs_torch takes the whole-batch route), weighted by its gate."""
-
-    def __init__(self, d: int, experts: int):
-        super().__init__()
-        self.router, self.experts = nn.Linear(d, experts), nn.ModuleList([nn.Linear(d, d) for _ in range(experts)])
-
-    def forward(self, x):
-        gate = torch.softmax(self.router(x), -1)
-        pick = gate.argmax(-1)
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            rows = pick == e
-            out[rows] = gate[rows, e : e + 1] * torch.tanh(expert(x[rows]))
-        return out
 
 
 class Builder:
