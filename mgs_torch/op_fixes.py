@@ -98,10 +98,10 @@ def explained_failures(model, strategy: str) -> Iterator[None]:
                 f"MGS runs (FakeQuantize: model.apply(torch.ao.quantization.disable_observer); your own module: "
                 f"skip it under a flag or when not self.training), or write it out of place (x = x + y)."
             ) from error
-        if "must override the setup_context staticmethod" in str(error) or "does not have vmap support" in str(error):
+        if "must override the setup_context staticmethod" in text or "does not have vmap support" in text:
             raise UnsupportedLayerError(
                 f"{type(model).__name__} calls a custom torch.autograd.Function that torch.func cannot transform: "
-                f"{str(error).strip().splitlines()[0]}\nGive that Function a separate setup_context(ctx, inputs, "
+                f"{text.strip().splitlines()[0]}\nGive that Function a separate setup_context(ctx, inputs, "
                 f"output) (forward then takes no ctx) and set generate_vmap_rule = True, as "
                 f"https://pytorch.org/docs/stable/notes/extending.func.html shows; its backward must itself be "
                 f"differentiable for the MGS penalty. Or leave the parameters it affects out with params=..."
@@ -464,9 +464,10 @@ REPLACED_OPS: dict = {
 
 
 _RECORDERS: list[set] = []
-_TRANSPOSED_CONVOLUTIONS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 # replacements that call the op they replace: they run with the mode off, or they would call themselves
-_CALL_THE_ORIGINAL = (*_TRANSPOSED_CONVOLUTIONS, torch.roll, torch.Tensor.roll)
+_CALL_THE_ORIGINAL = (
+    F.multi_head_attention_forward, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, torch.roll, torch.Tensor.roll,
+)
 
 
 _CONVOLUTIONS = {F.conv1d: _convolution(1), F.conv2d: _convolution(2), F.conv3d: _convolution(3)}
@@ -523,7 +524,7 @@ class ExactOps(TorchFunctionMode):
             self.replaced.add(name)
             for record in _RECORDERS:
                 record.add(name)
-            if fix is multi_head_attention_forward or func in _CALL_THE_ORIGINAL:  # call the original: mode off
+            if func in _CALL_THE_ORIGINAL:
                 return fix(*args, **kwargs)
             with self:
                 return fix(*args, **kwargs)

@@ -130,9 +130,13 @@ def _loop_rows(model: nn.Module, xs: tuple[Tensor, ...], params: list[Tensor], c
 def _gradient_row(output: Tensor, params: list[Tensor], create_graph: bool) -> Tensor:
     """∇θ of one output, flattened (zeros where it does not depend on a parameter, or on none)."""
     if not output.requires_grad:
-        return torch.cat([torch.zeros_like(p).reshape(-1) for p in params])
-    gs = torch.autograd.grad(output, params, retain_graph=True, create_graph=create_graph, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, params)])
+        return _flat([None] * len(params), params)
+    return _flat(torch.autograd.grad(output, params, retain_graph=True, create_graph=create_graph, allow_unused=True), params)
+
+
+def _flat(grads, params: list[Tensor]) -> Tensor:
+    """Gradients as one vector, zeros for the parameters autograd reports unused (``None``)."""
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
 
 
 def _whole_batch_rows(model: nn.Module, xs: tuple[Tensor, ...], params: list[Tensor], create_graph: bool) -> Tensor:
@@ -220,11 +224,11 @@ def verify(
         return report
     value = mgs_penalty(ref_model, xs, kind="trace", reduction="sum", strategy=strategy, params=params)
     ours = torch.autograd.grad(value, plist, allow_unused=True)
-    flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, plist)])  # noqa: E731
     # relative to the gradient, or to its natural size tr K / ‖θ‖ where it is far smaller: a penalty whose
     # gradient vanishes exactly (tr K constant in θ) would otherwise compare two round-offs of ~1e-17
     floor = 1e-6 * float((J.detach() ** 2).sum()) / max(float(torch.cat([p.detach().reshape(-1) for p in plist]).norm()), 1.0)
-    report.gradient_error = float((flat(ours) - flat(theirs)).norm()) / max(float(flat(theirs).norm()), floor, 1e-300)
+    ours, theirs = _flat(ours, plist), _flat(theirs, plist)
+    report.gradient_error = float((ours - theirs).norm()) / max(float(theirs.norm()), floor, 1e-300)
     return report
 
 
