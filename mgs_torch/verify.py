@@ -227,41 +227,53 @@ def verify(
         )
     named = dict(ref_model.named_parameters())
     plist = [named[k] for k in chosen]
-    # one loop with a graph serves K and the gradient check (attention through the math backend)
+    # one loop with a graph serves K and the gradient check (attention through the math backend); where that
+    # graph does not fit in memory, a loop without one checks K and finite differences check the gradient
+    rows = _whole_batch_rows if whole_batch else _loop_jacobian
+    failed_double_backward: BaseException | None = None
     try:
-        with sdpa_kernel(SDPBackend.MATH):
-            J = (_whole_batch_rows if whole_batch else _loop_jacobian)(ref_model, xs, plist, create_graph=True)
+        try:
+            with sdpa_kernel(SDPBackend.MATH):
+                J = rows(ref_model, xs, plist, create_graph=True)
+        except Exception as error:  # noqa: BLE001 - reported, as every failure
+            if not _is_out_of_memory(error):
+                raise
+            failed_double_backward = error
+            with sdpa_kernel(SDPBackend.MATH):
+                J = rows(ref_model, xs, plist, create_graph=False)
     except Exception as error:  # noqa: BLE001 - reported, as every failure
         report.failure = f"the plain autograd reference itself fails: {type(error).__name__}: {str(error).splitlines()[0]}"
         return report
     report.kernel_error = _relative(K, (J @ J.T).detach())
     trace = float((J.detach() ** 2).sum())
-    rows = _whole_batch_rows if whole_batch else _loop_jacobian
-    try:  # J constant in θ (linear models, outputs that do not depend on θ): a zero gradient
-        theirs = torch.autograd.grad((J**2).sum(), plist, allow_unused=True) if J.requires_grad else [None] * len(plist)
-    except (RuntimeError, NotImplementedError) as error:  # an op without a double backward upstream, or memory
-        del J
-        theirs, why = None, str(error).splitlines()[0][:200]
-        if not _is_out_of_memory(error):  # the same loop with those ops as formulas that have a double backward
-            try:
-                with _SecondOrderFormulas() as used, sdpa_kernel(SDPBackend.MATH):
-                    J = rows(ref_model, xs, plist, create_graph=True)
-                    theirs = torch.autograd.grad((J**2).sum(), plist, allow_unused=True) if J.requires_grad else [None] * len(plist)
-                del J
-                report.notes.append(
-                    f"PyTorch has no double backward for {', '.join(sorted(used))}: for the penalty gradient the loop "
-                    f"computes {'it' if len(used) == 1 else 'them'} by formula (K is checked against PyTorch's own kernels)"
-                )
-            except (RuntimeError, NotImplementedError) as second:
-                theirs, error = None, second
-        if theirs is None:
-            report.gradient_check = "finite differences"
-            report.gradient_tolerance = max(report.tolerance, FINITE_DIFFERENCE_TOLERANCE)
+    theirs = None
+    if failed_double_backward is None:
+        try:  # J constant in θ (linear models, outputs that do not depend on θ): a zero gradient
+            theirs = torch.autograd.grad((J**2).sum(), plist, allow_unused=True) if J.requires_grad else [None] * len(plist)
+        except (RuntimeError, NotImplementedError) as error:  # an op without a double backward upstream, or memory
+            failed_double_backward = error
+    del J
+    if theirs is None and not _is_out_of_memory(failed_double_backward):
+        try:  # the same loop with those ops as formulas that have a double backward
+            with _SecondOrderFormulas() as used, sdpa_kernel(SDPBackend.MATH):
+                J = rows(ref_model, xs, plist, create_graph=True)
+                theirs = torch.autograd.grad((J**2).sum(), plist, allow_unused=True) if J.requires_grad else [None] * len(plist)
+            del J
             report.notes.append(
-                f"the plain autograd reference's double backward "
-                f"{'ran out of memory (it keeps samples·q graphs)' if _is_out_of_memory(error) else f'fails ({why})'}: "
-                f"the penalty gradient is checked against central finite differences of the loop's tr K instead"
+                f"PyTorch has no double backward for {', '.join(sorted(used))}: for the penalty gradient the loop "
+                f"computes {'it' if len(used) == 1 else 'them'} by formula (K is checked against PyTorch's own kernels)"
             )
+        except (RuntimeError, NotImplementedError) as error:
+            theirs, failed_double_backward = None, error
+    if theirs is None:
+        why = failed_double_backward
+        report.gradient_check = "finite differences"
+        report.gradient_tolerance = max(report.tolerance, FINITE_DIFFERENCE_TOLERANCE)
+        report.notes.append(
+            f"the plain autograd reference's double backward "
+            f"{'ran out of memory (it keeps samples·q graphs)' if _is_out_of_memory(why) else f'fails ({str(why).splitlines()[0][:200]})'}: "
+            f"the penalty gradient is checked against central finite differences of the loop's tr K instead"
+        )
     value = mgs_penalty(ref_model, xs, kind="trace", reduction="sum", strategy=strategy, params=params)
     ours = _flat(torch.autograd.grad(value, plist, allow_unused=True), plist)
     # relative to the gradient, or to its natural size tr K / ‖θ‖ where it is far smaller: a penalty whose

@@ -101,6 +101,27 @@ def test_verify_checks_by_finite_differences_when_the_reference_runs_out_of_memo
     assert "central finite differences" in str(report)
 
 
+def test_verify_checks_big_models_whose_loop_with_a_graph_does_not_fit(monkeypatch):
+    """Where even the loop that keeps its graph runs out of memory, K comes from a loop without one and the
+    gradient from finite differences; the model is not reported as failing."""
+    import sys
+
+    module = sys.modules["mgs_torch.verify"]
+    real_row = module._gradient_row
+
+    def row(output, params, create_graph):
+        if create_graph:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_row(output, params, create_graph)
+
+    monkeypatch.setattr(module, "_gradient_row", row)
+    torch.manual_seed(0)
+    report = verify(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), torch.randn(3, 3))
+    assert report.failure is None and report.ok, str(report)
+    assert report.kernel_error < 1e-12 and report.gradient_check == "finite differences" and report.gradient_error < 1e-7
+    assert any("ran out of memory" in note for note in report.notes)
+
+
 def test_verify_finite_differences_catch_a_wrong_penalty_gradient(reference_runs_out_of_memory):
     model, x = _bag_model_with_a_detached_head()
     with layer_rule(nn.Linear, DetachedLinearRule()):
