@@ -122,6 +122,23 @@ def test_verify_checks_big_models_whose_loop_with_a_graph_does_not_fit(monkeypat
     assert any("ran out of memory" in note for note in report.notes)
 
 
+@pytest.mark.parametrize("message", ["CUDA out of memory. Tried to allocate 2.00 GiB", "some op has no derivative"])
+def test_verify_reports_rather_than_raises_when_the_penalty_itself_fails(monkeypatch, message):
+    import sys
+
+    def penalty(*args, **kwargs):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(sys.modules["mgs_torch.verify"], "mgs_penalty", penalty)
+    report = verify(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), torch.randn(3, 3))
+    assert report.kernel_error < 1e-12 and report.gradient_error is None
+    if "memory" in message:  # a resource limit of this check, not a fault of the model: K stands, the gradient is unchecked
+        assert report.failure is None and report.gradient_check == "not checked"
+        assert any("ran out of memory" in note for note in report.notes)
+    else:
+        assert not report.ok and "the penalty's gradient fails" in report.failure
+
+
 def test_verify_finite_differences_catch_a_wrong_penalty_gradient(reference_runs_out_of_memory):
     model, x = _bag_model_with_a_detached_head()
     with layer_rule(nn.Linear, DetachedLinearRule()):
