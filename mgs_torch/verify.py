@@ -323,19 +323,14 @@ class _SecondOrderFormulas(TorchFunctionMode):
 
 def _embedding_bag_formula(input, weight, offsets=None, max_norm=None, norm_type=2, scale_grad_by_freq=False, mode="mean",
                            sparse=False, per_sample_weights=None, include_last_offset=False, padding_idx=None):
-    if input.dim() != 2 or offsets is not None or max_norm is not None:
+    """Equal bags (a 2-D index tensor) as looked-up rows reduced over the bag; anything else as PyTorch's op."""
+    if input.dim() != 2 or offsets is not None or max_norm is not None or padding_idx is not None:
         return F.embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse,
                                per_sample_weights, include_last_offset, padding_idx)
-    keep = torch.ones_like(input, dtype=weight.dtype) if padding_idx is None else (input != padding_idx).to(weight.dtype)
-    rows = weight[input] * keep.unsqueeze(-1)
+    looked_up = weight.index_select(0, input.reshape(-1)).reshape(*input.shape, weight.shape[1])
     if per_sample_weights is not None:
-        rows = rows * per_sample_weights.unsqueeze(-1)
-    if mode == "sum":
-        return rows.sum(1)
-    if mode == "mean":
-        return rows.sum(1) / keep.sum(1, keepdim=True).clamp_min(1)
-    best = rows.masked_fill(keep.unsqueeze(-1) == 0, float("-inf")).max(1).values
-    return torch.where(torch.isinf(best), torch.zeros_like(best), best)
+        looked_up = looked_up * per_sample_weights.unsqueeze(-1)
+    return looked_up.sum(1) if mode == "sum" else looked_up.mean(1) if mode == "mean" else looked_up.amax(1)
 
 
 FINITE_DIFFERENCE_DIRECTIONS = 3
