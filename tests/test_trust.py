@@ -157,6 +157,18 @@ def test_verify_does_not_blame_mgs_torch_where_tr_k_jumps_under_finite_differenc
     assert verify(model, x).gradient_error < 1e-12  # the autograd loop, where it runs, settles it
 
 
+def test_verify_reports_a_check_that_runs_out_of_memory_anywhere(monkeypatch):
+    import sys
+
+    def relative(a, b):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(sys.modules["mgs_torch.verify"], "_relative", relative)
+    report = verify(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), torch.randn(3, 3))
+    assert report.failure is None and not report.ok and report.kernel_error is None
+    assert any("ran out of memory before it finished" in note for note in report.notes)
+
+
 def test_verify_finite_differences_catch_a_wrong_penalty_gradient(reference_runs_out_of_memory):
     model, x = _bag_model_with_a_detached_head()
     with layer_rule(nn.Linear, DetachedLinearRule()):
