@@ -66,6 +66,10 @@ class VerifyReport:
             and all(e <= t for e, t in checked)
         )
 
+    def _gradient_not_checked(self, why: str) -> None:
+        self.gradient_check, self.gradient_tolerance = "not checked", None
+        self.notes.append(f"penalty gradient not checked: {why}")
+
     def __str__(self) -> str:
         def fmt(e):
             return "not checked" if e is None else f"{e:.2e}"
@@ -262,8 +266,8 @@ def _compare_with_the_loop(report: VerifyReport, ref_model: nn.Module, xs, chose
     trace = float(torch.linalg.vector_norm(J.detach())) ** 2
     theirs = None
     if failed_double_backward is None:
-        try:  # J constant in θ (linear models, outputs that do not depend on θ): a zero gradient
-            theirs = torch.autograd.grad((J**2).sum(), plist, allow_unused=True) if J.requires_grad else [None] * len(plist)
+        try:
+            theirs = _loop_gradient(J, plist)
         except (RuntimeError, NotImplementedError) as error:  # an op without a double backward upstream, or memory
             failed_double_backward = error
     del J
@@ -271,7 +275,7 @@ def _compare_with_the_loop(report: VerifyReport, ref_model: nn.Module, xs, chose
         try:  # the same loop with those ops as formulas that have a double backward
             with _SecondOrderFormulas() as used, sdpa_kernel(SDPBackend.MATH):
                 J = rows(ref_model, xs, plist, create_graph=True)
-                theirs = torch.autograd.grad((J**2).sum(), plist, allow_unused=True) if J.requires_grad else [None] * len(plist)
+                theirs = _loop_gradient(J, plist)
             del J
             report.notes.append(
                 f"PyTorch has no double backward for {', '.join(sorted(used))}: for the penalty gradient the loop "
@@ -280,12 +284,11 @@ def _compare_with_the_loop(report: VerifyReport, ref_model: nn.Module, xs, chose
         except (RuntimeError, NotImplementedError) as error:
             theirs, failed_double_backward = None, error
     if theirs is None:
-        why = failed_double_backward
         report.gradient_check = "finite differences"
         report.gradient_tolerance = max(report.tolerance, FINITE_DIFFERENCE_TOLERANCE)
         report.notes.append(
             f"the plain autograd reference's double backward "
-            f"{'ran out of memory (it keeps samples·q graphs)' if _is_out_of_memory(why) else f'fails ({str(why).splitlines()[0][:200]})'}: "
+            f"{'ran out of memory (it keeps samples·q graphs)' if _is_out_of_memory(failed_double_backward) else f'fails ({str(failed_double_backward).splitlines()[0][:200]})'}: "
             f"the penalty gradient is checked against central finite differences of the loop's tr K instead"
         )
     try:
@@ -295,32 +298,37 @@ def _compare_with_the_loop(report: VerifyReport, ref_model: nn.Module, xs, chose
         if not _is_out_of_memory(error):
             report.failure = f"the penalty's gradient fails: {type(error).__name__}: {str(error).splitlines()[0]}"
             return report
-        report.gradient_check, report.gradient_tolerance = "not checked", None
-        report.notes.append(
-            "penalty gradient not checked: mgs_torch's penalty ran out of memory in float64 on this input "
-            "(chunk_size=... bounds it in training; check a smaller input here)"
+        report._gradient_not_checked(
+            "mgs_torch's penalty ran out of memory in float64 on this input (chunk_size=... bounds it in training; "
+            "check a smaller input here)"
         )
         return report
     # relative to the gradient, or to its natural size tr K / ‖θ‖ where it is far smaller: a penalty whose
     # gradient vanishes exactly (tr K constant in θ) would otherwise compare two round-offs of ~1e-17
-    theta = torch.cat([p.detach().reshape(-1) for p in plist])
-    floor = 1e-6 * trace / max(float(theta.norm()), 1.0)
+    theta_norm = float(torch.linalg.vector_norm(torch.cat([p.detach().reshape(-1) for p in plist])))
+    floor = 1e-6 * trace / max(theta_norm, 1.0)
     if theirs is None:
+        if low is not None:
+            report._gradient_not_checked(
+                f"finite differences are inconclusive here: the forward computes in {str(low).replace('torch.', '')}, "
+                f"too coarse for them"
+            )
+            return report
         try:
-            if low is not None:
-                raise FiniteDifferencesInconclusive(f"the forward computes in {str(low).replace('torch.', '')}, too coarse for them")
-            report.gradient_error = _finite_difference_error(ref_model, xs, plist, rows, ours, floor)
+            report.gradient_error = _finite_difference_error(ref_model, xs, plist, rows, ours, floor, theta_norm)
         except FiniteDifferencesInconclusive as error:
-            report.gradient_check, report.gradient_tolerance = "not checked", None
-            report.notes.append(
-                f"penalty gradient not checked: finite differences are inconclusive here: {error}")
+            report._gradient_not_checked(f"finite differences are inconclusive here: {error}")
         except Exception as error:  # noqa: BLE001 - verify never raises
-            report.gradient_check, report.gradient_tolerance = "not checked", None
-            report.notes.append(f"penalty gradient not checked: the finite differences fail ({str(error).splitlines()[0][:200]})")
+            report._gradient_not_checked(f"the finite differences fail ({str(error).splitlines()[0][:200]})")
         return report
     theirs = _flat(theirs, plist)
     report.gradient_error = float((ours - theirs).norm()) / max(float(theirs.norm()), floor, 1e-300)
     return report
+
+
+def _loop_gradient(J: Tensor, plist: list[Tensor]) -> list[Tensor | None]:
+    """∂ Σ J² / ∂θ through the loop's graph: all None where J is constant in θ (a linear model), a zero gradient."""
+    return torch.autograd.grad((J**2).sum(), plist, allow_unused=True) if J.requires_grad else [None] * len(plist)
 
 
 class _SecondOrderFormulas(TorchFunctionMode):
@@ -361,7 +369,7 @@ class FiniteDifferencesInconclusive(Exception):
     """tr K is not smooth at θ on the scale of the finite-difference steps."""
 
 
-def _finite_difference_error(model: nn.Module, xs, plist: list[Tensor], rows, ours: Tensor, floor: float) -> float:
+def _finite_difference_error(model: nn.Module, xs, plist: list[Tensor], rows, ours: Tensor, floor: float, theta_norm: float) -> float:
     """‖e‖/‖g‖ estimated along Gaussian directions v: |D_v trK − ⟨g, v⟩| / max(‖g‖, floor), the largest of
     ``FINITE_DIFFERENCE_DIRECTIONS``. For v ~ N(0, I) the difference ⟨g_true − g, v⟩ is N(0, ‖e‖²), so each
     direction estimates ‖e‖ whatever the number of parameters; D_v trK = ‖v‖ (f(θ + h v̂) − f(θ − h v̂)) / 2h,
@@ -374,7 +382,6 @@ def _finite_difference_error(model: nn.Module, xs, plist: list[Tensor], rows, ou
     :class:`FiniteDifferencesInconclusive` is raised rather than a difference reported."""
     generator = torch.Generator().manual_seed(0)
     saved = [p.detach().clone() for p in plist]
-    theta_norm = float(torch.cat([p.reshape(-1) for p in saved]).norm())
     scale = max(float(ours.norm()), floor, 1e-300)
 
     def trace_at(step: Tensor) -> float:
@@ -385,7 +392,7 @@ def _finite_difference_error(model: nn.Module, xs, plist: list[Tensor], rows, ou
                 offset += p.numel()
         try:
             with torch.random.fork_rng(devices=cuda_devices(plist)), sdpa_kernel(SDPBackend.MATH):
-                return float((rows(model, xs, plist, create_graph=False) ** 2).sum())
+                return float(torch.linalg.vector_norm(rows(model, xs, plist, create_graph=False))) ** 2
         finally:
             with torch.no_grad():
                 for p, p0 in zip(plist, saved):

@@ -169,6 +169,20 @@ def test_verify_reports_a_check_that_runs_out_of_memory_anywhere(monkeypatch):
     assert any("ran out of memory before it finished" in note for note in report.notes)
 
 
+def test_verify_does_not_use_finite_differences_on_a_forward_that_casts_to_float32(reference_runs_out_of_memory):
+    class CastsToFloat32(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)).float().to(x.dtype))
+
+    report = verify(CastsToFloat32(), torch.randn(3, 3))
+    assert report.failure is None and report.kernel_error is not None and report.gradient_check == "not checked"
+    assert any("computes in float32, too coarse" in note for note in report.notes)
+
+
 def test_verify_finite_differences_catch_a_wrong_penalty_gradient(reference_runs_out_of_memory):
     model, x = _bag_model_with_a_detached_head()
     with layer_rule(nn.Linear, DetachedLinearRule()):
