@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import mgs_torch
+from sweep_report import CATEGORIES, classify
 
 D = torch.float64
 
@@ -60,7 +61,7 @@ def batched(args: tuple, n: int = 3) -> tuple | None:
 def sweep(names: list[str] | None) -> dict[str, int]:
     from torch.testing._internal.common_modules import module_db
 
-    counts = {"ok": 0, "wrong": 0, "refused": 0, "interact": 0, "skipped": 0}
+    counts = dict.fromkeys(CATEGORIES + ("skipped",), 0)
     for info in module_db:
         name = info.module_cls.__name__
         # losses are not models; fractional max pooling draws random regions each call (K is random)
@@ -97,17 +98,10 @@ def sweep(names: list[str] | None) -> dict[str, int]:
                         except (ValueError, TypeError):  # dim 0 is not the batch, or nested inputs (LSTM states)
                             counts["skipped"] += 1
                             break
-                    if report.failure is not None:
-                        counts["refused"] += 1
-                        print(f"REFUSED  {label} {strategy}: {report.failure.splitlines()[0][:200]}", flush=True)
-                    elif report.samples_interact is not None:
-                        counts["interact"] += 1
-                        print(f"INTERACT {label} {strategy} (dim 0 is not the batch?)", flush=True)
-                    elif not report.ok:
-                        counts["wrong"] += 1
-                        print(f"WRONG    {label} {strategy}: K {report.kernel_error}, ∂tr K {report.gradient_error}", flush=True)
-                    else:
-                        counts["ok"] += 1
+                    category, detail = classify(report)
+                    counts[category] += 1
+                    if category != "ok":
+                        print(f"{category.upper():8s} {label} {strategy}: {detail}", flush=True)
     return counts
 
 

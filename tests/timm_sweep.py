@@ -29,6 +29,7 @@ import warnings
 import torch
 
 import mgs_torch
+from sweep_report import CATEGORIES, classify
 
 SIZES = (64, 96, 128, 160, 224, 256)
 
@@ -81,7 +82,7 @@ def build(name: str):
 
 
 def sweep(families: list[str], timeout: int, max_params: float) -> dict[str, int]:
-    counts = {"ok": 0, "K only": 0, "wrong": 0, "refused": 0, "interact": 0, "too big": 0, "unbuilt": 0, "timeout": 0}
+    counts = dict.fromkeys(CATEGORIES + ("unbuilt", "timeout"), 0)
     signal.signal(signal.SIGALRM, _alarm)
     for family in families:
         t0 = time.perf_counter()
@@ -111,27 +112,10 @@ def sweep(families: list[str], timeout: int, max_params: float) -> dict[str, int
                 continue
             finally:
                 signal.alarm(0)
-            if report.failure is not None and ("allocate memory" in report.failure or "out of memory" in report.failure):
-                counts["too big"] += 1
-                print(f"TOO BIG  {label} {strategy}: the float64 reference loop does not fit in --memory-gb", flush=True)
-            elif report.failure is not None:
-                counts["refused"] += 1
-                print(f"REFUSED  {label} {strategy}: {report.failure.splitlines()[0][:300]}", flush=True)
-            elif report.samples_interact is not None:
-                counts["interact"] += 1
-                print(f"INTERACT {label} {strategy}: {report.samples_interact:.1e}", flush=True)
-            elif not report.ok:
-                counts["wrong"] += 1
-                print(f"WRONG    {label} {strategy}: K {report.kernel_error}, ∂tr K {report.gradient_error}; "
-                      f"{'; '.join(report.notes)}", flush=True)
-            elif report.gradient_error is None:  # the reference's double backward fails (an op, or memory)
-                counts["K only"] += 1
-                print(f"K only   {label} {strategy}: K {report.kernel_error:.1e}; {'; '.join(report.notes)[:300]}", flush=True)
-            else:
-                counts["ok"] += 1
-                how = "" if report.gradient_check == "autograd" else " by finite differences"
-                print(f"ok       {label} {strategy}: K {report.kernel_error:.1e}, ∂tr K {report.gradient_error:.1e}{how} "
-                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            category, detail = classify(report)
+            counts[category] += 1
+            print(f"{category.upper() if category != 'ok' else 'ok':8s} {label} {strategy}: {detail} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
     return counts
 
 
@@ -142,7 +126,7 @@ def main() -> None:
     parser.add_argument("--families", nargs="*", help="timm module names (default: all)")
     parser.add_argument("--shard", default="0/1", help="i/m: every m-th family from the i-th (run m processes)")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per verify call")
-    parser.add_argument("--max-params", type=float, default=60e6, help="skip models still bigger after shrinking")
+    parser.add_argument("--max-params", type=float, default=30e6, help="skip models still bigger after shrinking")
     parser.add_argument("--memory-gb", type=float, default=10.0, help="address-space limit: big models fail, not the machine")
     args = parser.parse_args()
     hard = resource.getrlimit(resource.RLIMIT_AS)[1]
