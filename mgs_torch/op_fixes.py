@@ -175,19 +175,26 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
 
 def prelu(input, weight):
-    w = weight if weight.numel() == 1 or input.dim() < 2 else _channel_view(weight, input)
+    # one shared slope keeps the input's shape (a 0-d input stays 0-d, as in the public op)
+    w = weight.reshape(()) if weight.numel() == 1 else weight if input.dim() < 2 else _channel_view(weight, input)
     return torch.where(input >= 0, input, w * input)
 
 
+def _in_place(input: Tensor, result: Tensor, inplace: bool) -> Tensor:
+    """``result`` written into ``input`` when the public op would work in place (``inplace=True``):
+    a model may rely on the side effect and ignore the returned tensor."""
+    return input.copy_(result) if inplace else result
+
+
 def hardsigmoid(input, inplace=False):
-    return torch.clamp(input / 6.0 + 0.5, 0.0, 1.0)
+    return _in_place(input, torch.clamp(input / 6.0 + 0.5, 0.0, 1.0), inplace)
 
 
 def rrelu(input, lower=1.0 / 8, upper=1.0 / 3, training=False, inplace=False):
     if not training:
-        return F.leaky_relu(input, (lower + upper) / 2)
+        return F.leaky_relu(input, (lower + upper) / 2, inplace)
     slope = lower + (upper - lower) * torch.rand_like(input)
-    return torch.where(input >= 0, input, slope * input)
+    return _in_place(input, torch.where(input >= 0, input, slope * input), inplace)
 
 
 # ---------------------------------------------------------------------------------- embeddings
@@ -203,8 +210,16 @@ def _refuse_max_norm(max_norm) -> None:
         )
 
 
+def _padding_index(padding_idx, weight: Tensor) -> int | None:
+    """A negative ``padding_idx`` counts from the end, as in the public ops (-1 is the last row, not "none")."""
+    if padding_idx is not None and padding_idx < 0:
+        return weight.shape[0] + padding_idx
+    return padding_idx
+
+
 def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False):
     _refuse_max_norm(max_norm)
+    padding_idx = _padding_index(padding_idx, weight)
     return torch.embedding(weight, input, -1 if padding_idx is None else padding_idx, False, False)
 
 
@@ -218,8 +233,11 @@ def embedding_bag(
             "EmbeddingBag with 1-D input and offsets packs several samples into one row, so the "
             "per-sample kernel is undefined; pass a 2-D (batch, bag) index tensor"
         )
-    rows = F.embedding(input, weight, padding_idx)  # (B, L, D); padding rows are zero
+    padding_idx = _padding_index(padding_idx, weight)
+    rows = F.embedding(input, weight, padding_idx)  # (B, L, D)
     keep = torch.ones_like(input, dtype=rows.dtype) if padding_idx is None else (input != padding_idx).to(rows.dtype)
+    if padding_idx is not None:  # a bag leaves its padding entries out, whatever the padding row holds
+        rows = rows * keep.unsqueeze(-1)
     if per_sample_weights is not None:
         rows = rows * per_sample_weights.unsqueeze(-1)
     if mode == "sum":
@@ -310,7 +328,15 @@ def _convolution(dims: int):
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """PyTorch's own math backend (a composition of matmul and softmax): twice differentiable."""
+    """PyTorch's own math backend (a composition of matmul and softmax): twice differentiable.
+
+    The public op turns a boolean mask (True = attend) into an additive one (0 or −∞) before it picks a
+    backend; the math kernel adds whatever mask it gets, so a boolean one would be added as 1/0 and
+    every key would be attended (the padding mask of Hugging Face BERT, GPT-2, …). Converted here, as
+    the public op does; a row with no key left gives zeros, as there.
+    """
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill(attn_mask.logical_not(), float("-inf"))
     return torch.ops.aten._scaled_dot_product_attention_math(
         query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
     )[0]
