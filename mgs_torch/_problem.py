@@ -54,6 +54,9 @@ class KernelProblem:
             :func:`samples_interaction`).
         call_names: (attribute path, name in ``params``/``frozen``) for every distinct (module,
             attribute) holding a parameter or buffer (see :func:`functional_call_names`).
+        mutated_buffers: the buffers the forward writes in place (spectral norm's power-iteration
+            vectors in train mode, step counters). Every forward here starts from fresh copies of them,
+            so each computes what ``model(x)`` computes now, from the model's state as it is.
     """
 
     model: nn.Module
@@ -72,6 +75,7 @@ class KernelProblem:
     outputs_checked: bool = True
     samples_interact: float | None = None
     call_names: tuple[tuple[str, str], ...] = ()
+    mutated_buffers: frozenset[str] = frozenset()
 
     def check_outputs(self, out: Tensor) -> None:
         """Validate the (n, q') outputs of an engine's forward when :func:`build_problem` did not.
@@ -96,15 +100,17 @@ class KernelProblem:
         x = self.inputs if inputs is None else inputs
         return self.raw_forward(params, x, fresh_buffers).reshape(x[0].shape[0], -1)
 
-    def raw_forward(self, params=None, inputs=None, fresh_buffers: bool = False, exact_ops: bool = True):
+    def raw_forward(self, params=None, inputs=None, fresh_buffers: bool = False, exact_ops: bool = True, buffers=None):
         """Whatever the model returns (not yet validated or flattened).
 
         The forward runs under :class:`~mgs_torch.op_fixes.ExactOps` (``exact_ops``): the ops whose
         torch.func support is wrong are replaced by exact equivalents (only here, where the model's code runs).
+        It starts from fresh copies of the buffers the forward writes (all buffers with ``fresh_buffers``);
+        ``buffers`` substitutes given tensors for buffers by name.
         """
         state = {**self.frozen, **(self.params if params is None else params)}
-        if fresh_buffers:
-            state.update({k: state[k].clone() for k in self.buffer_names})
+        state.update({k: state[k].clone() for k in (self.buffer_names if fresh_buffers else self.mutated_buffers)})
+        state.update(buffers or {})
         with ExactOps() if exact_ops else contextlib.nullcontext():
             return call_with(self.model, state, self.inputs if inputs is None else inputs, self.call_names)
 
@@ -224,6 +230,7 @@ def build_problem(
         tuple(m.training for m in model.modules()),
         tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in x),
         dtype,
+        forward_structure(model),
     )
     n = x[0].shape[0]
     draft = KernelProblem(model, x, chosen, frozen, n, 0, (), per_sample, stochastic, owners, buffers, signature,
@@ -233,7 +240,7 @@ def build_problem(
     if checked:
         cached = validated_output_shape(draft)
         _OUTPUT_SHAPES.put(model, signature, cached)
-    output_shape, interact, refusal = cached
+    output_shape, interact, refusal, mutated = cached
     if refusal is not None and per_sample:
         per_sample = False  # the only exact route left: the whole-batch function
         warn_once(
@@ -260,7 +267,24 @@ def build_problem(
             )
     return dataclasses.replace(
         draft, q=max(1, math.prod(output_shape)), output_shape=output_shape, outputs_checked=checked,
-        per_sample=per_sample, samples_interact=interact,
+        per_sample=per_sample, samples_interact=interact, mutated_buffers=mutated,
+    )
+
+
+def forward_structure(model: nn.Module) -> tuple:
+    """What decides the function a forward computes besides parameters, modes and inputs: every module's
+    identity and type (a parametrization changes the type), its forward and forward-pre hooks, a
+    ``forward`` replaced on the instance, and the global module hooks. Part of every cache key, so a
+    hook registered or a forward patched after a first call makes mgs_torch plan (and self-check) anew."""
+    from torch.nn.modules import module as module_lib
+
+    hooks = tuple(
+        tuple(getattr(module_lib, name, {}))
+        for name in ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_forward_hooks_with_kwargs")
+    )
+    return hooks, tuple(
+        (id(m), type(m), tuple(m._forward_pre_hooks), tuple(m._forward_hooks), id(vars(m).get("forward")))
+        for m in model.modules()
     )
 
 
@@ -304,21 +328,26 @@ def with_fresh_outputs(model: nn.Module, compute):
         return compute(True)
 
 
-def validated_output_shape(problem: KernelProblem) -> tuple[tuple[int, ...], float | None, str | None]:
+def validated_output_shape(problem: KernelProblem) -> tuple[tuple[int, ...], float | None, str | None, frozenset[str]]:
     """One forward without graph or random-state change: validates the outputs; returns their
-    per-sample shape and the two results of :func:`samples_interaction`.
+    per-sample shape, the two results of :func:`samples_interaction`, and the buffers the forward
+    writes in place (see :attr:`KernelProblem.mutated_buffers`).
 
     The RNG is forked, so Dropout masks of a following forward are those ``model(X)`` would draw.
     """
     with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices(problem.params.values())):
+        buffers = {k: problem.frozen[k].clone() for k in problem.buffer_names}
+        versions = {k: b._version for k, b in buffers.items()}
         try:
-            out = problem.raw_forward()
+            out = problem.raw_forward(buffers=buffers)
         except RuntimeError as err:
             raise_integer_input_hint(problem.inputs, err, problem.model)
             _raise_if_the_model_fails_alone(problem, err)
             raise
+        mutated = frozenset(k for k, b in buffers.items() if b._version != versions[k])
         out = check_outputs(out, problem.n)
-        return (tuple(out.shape[1:]),) + samples_interaction(problem, out.reshape(problem.n, -1))
+        problem = dataclasses.replace(problem, mutated_buffers=mutated)
+        return (tuple(out.shape[1:]),) + samples_interaction(problem, out.reshape(problem.n, -1)) + (mutated,)
 
 
 def _raise_if_the_model_fails_alone(problem: KernelProblem, err: RuntimeError) -> None:

@@ -134,3 +134,101 @@ def test_in_place_activations_whose_result_is_unused_are_exact(which, strategy):
         assert_exact(model, x, strategy, penalty=False, tol=1e-7)
     else:
         assert_exact(model, x, strategy)
+
+
+# ----------------------------------------------------------------------------------- plans cached before a change
+
+
+def two_layer():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+
+
+def _doubling_hook(module, args, out):
+    return out * 2 if isinstance(module, nn.Linear) else None
+
+
+@pytest.mark.parametrize("change", ["global hook", "instance forward", "module pre-hook"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_hook_or_forward_added_after_a_first_call_is_seen(change, strategy):
+    """The first call plans (and caches) a rule for each Linear; the change afterwards alters what the first
+    Linear computes. K and the penalty must follow the model as it is now."""
+    model, x = two_layer(), torch.randn(4, 3, dtype=D)
+    mgs_kernel(model, x, strategy=strategy)
+    mgs_penalty(model, x, strategy=strategy)
+    undo = None
+    if change == "global hook":
+        undo = torch.nn.modules.module.register_module_forward_hook(_doubling_hook).remove
+    elif change == "instance forward":
+        original = model[0].forward
+        model[0].forward = lambda t: original(t) * 3
+    else:
+        undo = model[0].register_forward_pre_hook(lambda m, args: (args[0] * 2,)).remove
+    try:
+        assert_exact(model, x, strategy)
+    finally:
+        if undo is not None:
+            undo()
+    assert_exact(two_layer(), x, strategy)  # and again without the change
+
+
+def test_a_stale_plan_is_caught_at_run_time_even_if_the_cache_key_collides(monkeypatch):
+    """Cache keys hold ids, which Python may reuse: the structured engine re-checks at every forward that no
+    covered layer gained a hook or a patched forward since planning."""
+    from mgs_torch import _problem
+
+    monkeypatch.setattr(_problem, "forward_structure", lambda model: ())
+    model, x = two_layer(), torch.randn(4, 3, dtype=D)
+    mgs_kernel(model, x, strategy="structured")
+    with torch.nn.modules.module.register_module_forward_hook(_doubling_hook):
+        assert_exact(model, x, "structured")
+
+
+# ----------------------------------------------------------------------------------- forwards with state
+
+
+def stateful_kernel_loop(model, x, *, create_graph=False):
+    """The loop, each sample's forward starting from the model's state as it is now (buffers restored)."""
+    snapshot = {k: b.clone() for k, b in model.named_buffers()}
+
+    def restore():
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                b.copy_(snapshot[k])
+
+    rows = []
+    params = trainable(model)
+    for i in range(x.shape[0]):
+        restore()
+        out = model(x[i : i + 1]).reshape(-1)
+        for a in range(out.numel()):
+            grads = torch.autograd.grad(out[a], params, retain_graph=True, create_graph=create_graph, allow_unused=True)
+            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]))
+    restore()
+    J = torch.stack(rows)
+    return J @ J.T
+
+
+def spectral_model(form: str):
+    torch.manual_seed(0)
+    first = nn.Linear(6, 12)
+    first = (torch.nn.utils.parametrizations.spectral_norm if form == "parametrization" else torch.nn.utils.spectral_norm)(first)
+    return nn.Sequential(first, nn.Tanh(), nn.Linear(12, 2)).double().train()
+
+
+@pytest.mark.parametrize("form", ["parametrization", "hook"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_spectral_norm_in_train_mode_is_the_function_model_x_computes_now(form, strategy):
+    """Each forward of a train-mode spectral norm runs one more power iteration; K is that of model(x) now
+    (one iteration from the current vectors), and the model's vectors stay where they were."""
+    model, x = spectral_model(form), torch.randn(4, 6, dtype=D)
+    before = {k: b.clone() for k, b in model.named_buffers()}
+    K = mgs_kernel(model, x, strategy=strategy)
+    value = mgs_penalty(model, x, strategy=strategy, reduction="sum")
+    assert all(torch.equal(b, before[k]) for k, b in model.named_buffers())
+    assert relative_error(K, stateful_kernel_loop(model, x)) < 1e-12
+    ours = torch.autograd.grad(value, trainable(model), allow_unused=True)
+    theirs = torch.autograd.grad(stateful_kernel_loop(model, x, create_graph=True).trace(), trainable(model), allow_unused=True)
+    for a, b, p in zip(ours, theirs, trainable(model)):
+        a, b = (torch.zeros_like(p) if g is None else g for g in (a, b))
+        assert float((a - b).norm()) <= 1e-10 * max(float(b.norm()), 1.0)

@@ -105,28 +105,49 @@ def _watch_parameter_use(model: nn.Module, problem: KernelProblem, layers: dict[
 
     try:
         for name, mod in model.named_modules():
-            handles.append(mod.register_forward_pre_hook(lambda m, a, k, name=name: stack.append(name), with_kwargs=True))
-            handles.append(mod.register_forward_hook(pop, with_kwargs=True, always_call=True))
-        handles.append(model.register_forward_pre_hook(lambda *a: setattr(monitor, "active", True), with_kwargs=True, prepend=True))
-        handles.append(model.register_forward_hook(lambda *a: setattr(monitor, "active", False), with_kwargs=True, always_call=True))
+            _register(handles, mod.register_forward_pre_hook(lambda m, a, k, name=name: stack.append(name), with_kwargs=True))
+            _register(handles, mod.register_forward_hook(pop, with_kwargs=True, always_call=True))
+        _register(handles, model.register_forward_pre_hook(lambda *a: setattr(monitor, "active", True), with_kwargs=True, prepend=True))
+        _register(handles, model.register_forward_hook(lambda *a: setattr(monitor, "active", False), with_kwargs=True, always_call=True))
         with monitor:
             yield monitor
     finally:
-        for h in handles:
-            h.remove()
+        _remove(handles)
 
 
 def _layer_input(args: tuple, kwargs: dict) -> tuple[Tensor, ...]:
     return args if args else tuple(kwargs.values())
 
 
+# ids of the hooks the engine registers itself (planning, taps, parameter-use watching): not the user's
+_OWN_HOOKS: set[int] = set()
+
+
+def _register(handles: list, handle) -> None:
+    _OWN_HOOKS.add(handle.id)
+    handles.append(handle)
+
+
+def _remove(handles: list) -> None:
+    for h in handles:
+        h.remove()
+        _OWN_HOOKS.discard(h.id)
+
+
+def _foreign(hooks: dict) -> bool:
+    return any(k not in _OWN_HOOKS for k in hooks)
+
+
 def _module_reason(module: nn.Module) -> str | None:
-    """Why a module's own state makes its rule inexact (hooks, a patched forward), or None."""
-    if module._forward_hooks or module._forward_pre_hooks:
+    """Why a module's own state makes its rule inexact (hooks, a patched forward), or None.
+
+    Asked when planning and again at every forward of a planned layer (a hook registered or a forward
+    patched after planning makes the plan stale), so the engine's own hooks do not count."""
+    if _foreign(module._forward_hooks) or _foreign(module._forward_pre_hooks):
         return f"{type(module).__name__} has forward hooks, which may change what the rule assumes"
     if "forward" in vars(module):
         return f"{type(module).__name__}.forward is replaced on the instance"
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+    if _foreign(nn.modules.module._global_forward_hooks) or _foreign(nn.modules.module._global_forward_pre_hooks):
         return "global module forward hooks are registered"
     return None
 
@@ -231,7 +252,7 @@ def plan(problem: KernelProblem) -> Plan:
     devices = cuda_devices(problem.params.values())
     try:
         for name, layer in candidates.items():
-            handles.append(layer.module.register_forward_hook(record(name), with_kwargs=True, prepend=True))
+            _register(handles, layer.module.register_forward_hook(record(name), with_kwargs=True, prepend=True))
         with torch.no_grad(), torch.random.fork_rng(devices=devices), _watch_parameter_use(model, problem, candidates) as monitor:
             calls.clear()
             # random ops (FractionalMaxPool draws its regions even in eval mode) may run here: this
@@ -239,8 +260,7 @@ def plan(problem: KernelProblem) -> Plan:
             _per_sample(dataclasses.replace(problem, stochastic=True), body)(None, *problem.inputs)
         per_sample_calls = dict(calls)
     finally:
-        for h in handles:
-            h.remove()
+        _remove(handles)
 
     layers = []
     for name, layer in candidates.items():
@@ -341,6 +361,8 @@ def _layer_gradients(problem: KernelProblem, p: Plan, cotangents: Cotangents, ch
                     expected = (n, *shape_of(layer)) if p.rowwise else layer.out_shape
                     if saved[i] is not None or not isinstance(out, Tensor) or tuple(out.shape) != expected:
                         raise _StalePlan
+                    if _module_reason(mod) is not None:  # a hook or patched forward since planning
+                        raise _StalePlan
                     xs = _layer_input(args, kwargs)
                     if layer.clone_input:
                         xs = tuple(t.clone() for t in xs)
@@ -350,11 +372,10 @@ def _layer_gradients(problem: KernelProblem, p: Plan, cotangents: Cotangents, ch
 
             try:
                 for i, layer in enumerate(p.layers):
-                    handles.append(layer.module.register_forward_hook(make_hook(i, layer), with_kwargs=True, prepend=True))
+                    _register(handles, layer.module.register_forward_hook(make_hook(i, layer), with_kwargs=True, prepend=True))
                 out = problem.raw_forward(None, x)
             finally:
-                for h in handles:
-                    h.remove()
+                _remove(handles)
             if any(s is None for s in saved) or not isinstance(out, Tensor):
                 raise _StalePlan
             return out.reshape(-1), tuple(saved)
