@@ -19,32 +19,51 @@ __all__ = ["mgs_penalty", "default_generator", "KINDS", "ESTIMATORS", "REDUCTION
 
 
 class _RecomputedChunks(torch.autograd.Function):
-    """Σ_c value_c(θ) whose backward rebuilds one chunk's graph at a time (activation checkpointing).
+    """Σ_c value_c(t) whose backward rebuilds one chunk's graph at a time (activation checkpointing).
 
-    ``value_of(start, values)`` returns the chunk starting at ``start`` as a function of the parameter
-    tensors ``values`` (name -> tensor); the forward's total is passed in already computed.
+    ``value_of(start, leaves)`` returns the chunk starting at ``start`` as a function of ``leaves``,
+    tensors standing for ``tensors`` (the parameters, then the inputs that carry a graph: the features
+    of a backbone the penalised head sits on); the forward's total is passed in already computed.
     """
 
     @staticmethod
-    def forward(ctx, total, value_of, starts, names, *params):
-        ctx.value_of, ctx.starts, ctx.names = value_of, starts, names
-        ctx.save_for_backward(*params)
+    def forward(ctx, total, value_of, starts, *tensors):
+        ctx.value_of, ctx.starts = value_of, starts
+        ctx.save_for_backward(*tensors)
         return total.clone()
 
     @staticmethod
     def backward(ctx, grad_total):
-        params = ctx.saved_tensors
-        grads = [torch.zeros_like(p) for p in params]
+        tensors = ctx.saved_tensors
+        grads = [torch.zeros_like(t) for t in tensors]
         for start in ctx.starts:
             with torch.enable_grad():
-                leaves = [p.detach().requires_grad_() for p in params]
-                value = ctx.value_of(start, dict(zip(ctx.names, leaves)))
+                leaves = [t.detach().requires_grad_() for t in tensors]
+                value = ctx.value_of(start, leaves)
                 if not value.requires_grad:  # this chunk does not depend on θ (a linear model): no contribution
                     continue
                 for acc, g in zip(grads, torch.autograd.grad(value, leaves, allow_unused=True)):
                     if g is not None:
                         acc += g
-        return (None, None, None, None, *(grad_total * g for g in grads))
+        return (None, None, None, *(grad_total * g for g in grads))
+
+
+def _tensors_in(inputs) -> list[Tensor]:
+    """The tensors of ``inputs`` (a tensor, or a tuple, list or mapping of them), in order."""
+    if isinstance(inputs, Tensor):
+        return [inputs]
+    values = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else ()
+    return [t for t in values if isinstance(t, Tensor)]
+
+
+def _with_tensors(inputs, replace: dict[int, Tensor]):
+    """``inputs`` with each tensor whose id is in ``replace`` swapped for its replacement."""
+    swap = lambda t: replace.get(id(t), t) if isinstance(t, Tensor) else t  # noqa: E731
+    if isinstance(inputs, Tensor):
+        return swap(inputs)
+    if isinstance(inputs, dict):
+        return type(inputs)({k: swap(v) for k, v in inputs.items()})
+    return type(inputs)(swap(t) for t in inputs) if isinstance(inputs, (tuple, list)) else inputs
 
 
 def _trace_in_chunks(
@@ -57,29 +76,34 @@ def _trace_in_chunks(
     Returns the value and the (graph-free) problem it was computed on."""
     model = functional_model(model)
     rng = rng_states(model)
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    # inputs that carry a graph (features of a backbone): their gradient is recomputed chunk by chunk too
+    live = list({id(t): t for t in _tensors_in(inputs) if t.requires_grad}.values())
+    detached = _with_tensors(inputs, {id(t): t.detach() for t in live})
 
-    def problem_for(values: dict[str, Tensor] | None, revalidate: bool = False) -> KernelProblem:
+    def problem_for(leaves: list[Tensor] | None, revalidate: bool = False) -> KernelProblem:
         restore_rng_states(rng)
-        return build_problem(
-            model, inputs, create_graph=values is not None, batch_norm=batch_norm, values=values, revalidate=revalidate, **build
-        )
+        if leaves is None:  # the graph-free pass: nothing may keep a graph alive (that is what chunking bounds)
+            return build_problem(model, detached, batch_norm=batch_norm, revalidate=revalidate, **build)
+        values = {name: leaf for (name, _), leaf in zip(named, leaves)}
+        xs = _with_tensors(inputs, {id(t): leaf for t, leaf in zip(live, leaves[len(named):])})
+        return build_problem(model, xs, create_graph=True, batch_norm=batch_norm, values=values, revalidate=revalidate, **build)
 
     with preserved_state(model, batch_norm), explained_failures(model, "chunked"):
         problem = problem_for(None, revalidate=True)  # its q sizes the cotangents of every chunk
         # drawn once: every chunk and its recomputation slice the same probes
         cotangents = trace_cotangents(estimator, num_probes, generator)(problem)
 
-    def value_of(start: int, values: dict[str, Tensor] | None) -> Tensor:
+    def value_of(start: int, leaves: list[Tensor] | None) -> Tensor:
         with preserved_state(model, batch_norm), explained_failures(model, "chunked"):
-            chunk_problem = problem if values is None else problem_for(values)
+            chunk_problem = problem if leaves is None else problem_for(leaves)
             restore_rng_states(rng)
             engine = engine_for(strategy, chunk_problem)
             return engine.row_sq_norms(chunk_problem, cotangents[start : start + chunk_size]).sum()
 
     starts = list(range(0, cotangents.shape[0], chunk_size))
     total = sum((value_of(s, None) for s in starts[1:]), value_of(0, None))
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    value = _RecomputedChunks.apply(total, value_of, starts, [name for name, _ in named], *(p for _, p in named))
+    value = _RecomputedChunks.apply(total, value_of, starts, *(p for _, p in named), *live)
     return value, problem
 
 

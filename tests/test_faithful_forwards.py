@@ -232,3 +232,41 @@ def test_spectral_norm_in_train_mode_is_the_function_model_x_computes_now(form, 
     for a, b, p in zip(ours, theirs, trainable(model)):
         a, b = (torch.zeros_like(p) if g is None else g for g in (a, b))
         assert float((a - b).norm()) <= 1e-10 * max(float(b.norm()), 1.0)
+
+
+# ----------------------------------------------------------------------------------- inputs that carry a graph
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 2, 5])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_the_penalty_of_a_head_reaches_the_backbone_whatever_the_chunk_size(chunk_size, strategy):
+    """mgs_penalty(head, backbone(x)): tr K of the head at the backbone's features, differentiated through the
+    features into the backbone and the raw input, as the loop over the same features is."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(3, 4), nn.Tanh()).double()
+    head = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(4, 3, dtype=D, requires_grad=True)
+    wrt = [*backbone.parameters(), *head.parameters(), x]
+    value = mgs_penalty(head, backbone(x), chunk_size=chunk_size, strategy=strategy, reduction="sum")
+    ours = torch.autograd.grad(value, wrt, allow_unused=True)
+    theirs = torch.autograd.grad(kernel_loop(head, backbone(x), create_graph=True).trace(), wrt, allow_unused=True)
+    for a, b, t in zip(ours, theirs, wrt):
+        a, b = (torch.zeros_like(t) if g is None else g for g in (a, b))
+        assert float((a - b).norm()) <= 1e-10 * max(float(b.norm()), 1.0)
+    assert float(ours[0].norm()) > 0  # the backbone's first weight does get a penalty gradient
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3])
+def test_the_chunked_hutchinson_penalty_gives_the_inputs_the_unchunked_gradient(chunk_size):
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(3, 4), nn.Tanh()).double()
+    head = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(4, 3, dtype=D)
+    grads = []
+    for chunk in (None, chunk_size):
+        z = backbone(x)
+        value = mgs_penalty(head, (z,), chunk_size=chunk, estimator="hutchinson", num_probes=3,
+                            generator=torch.Generator().manual_seed(5))
+        grads.append(torch.autograd.grad(value, [*backbone.parameters(), z]))
+    for a, b in zip(*grads):
+        assert relative_error(b, a) < 1e-12
