@@ -24,7 +24,7 @@ from ._dtypes import as_dtype
 from ._guards import BATCH_NORM_TYPES, cuda_devices, restore_rng_states, rng_states
 from ._validation import Inputs, ParamFilter, as_input_tuple, check_input_arity, check_outputs, raise_integer_input_hint, select_parameters
 from ._warnings import warn_once
-from .op_fixes import ExactOps, ModelForwardError, _is_out_of_memory
+from .op_fixes import ExactOps, ModelForwardError, _is_out_of_memory, autograd_in_forward_error
 
 _DROPOUT_TYPES = (nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
@@ -351,19 +351,27 @@ def validated_output_shape(problem: KernelProblem) -> tuple[tuple[int, ...], flo
 
 
 def _raise_if_the_model_fails_alone(problem: KernelProblem, err: RuntimeError) -> None:
-    """The validation forward failed: if the plain forward (no op replacements, no transform) fails
-    too, the model's forward is at fault, and :class:`ModelForwardError` says so. Out-of-memory errors
-    keep their type (see :func:`~mgs_torch.op_fixes.explained_failures`)."""
+    """The validation forward (no graph) failed: if the plain forward (no op replacements, no transform,
+    gradients on as in training) fails too, the model's forward is at fault, and :class:`ModelForwardError`
+    says so; if it runs only with gradients on, the forward differentiates with torch.autograd itself
+    (:func:`~mgs_torch.op_fixes.autograd_in_forward_error`). Out-of-memory errors keep their type (see
+    :func:`~mgs_torch.op_fixes.explained_failures`)."""
     if _is_out_of_memory(err):
         return
-    try:
-        problem.raw_forward(fresh_buffers=True, exact_ops=False)
-    except RuntimeError as own:
-        raise ModelForwardError(
-            f"{type(problem.model).__name__}'s forward fails on these inputs before anything is differentiated, "
-            f"as model(x) would: {type(own).__name__}: {str(own).strip().splitlines()[0]}. Check that model(x) "
-            f"runs (input shapes and dtypes, parameters on one device and dtype)."
-        ) from own
+    with torch.enable_grad():
+        try:
+            problem.raw_forward(fresh_buffers=True, exact_ops=False)
+        except RuntimeError as own:
+            raise ModelForwardError(
+                f"{type(problem.model).__name__}'s forward fails on these inputs before anything is differentiated, "
+                f"as model(x) would: {type(own).__name__}: {str(own).strip().splitlines()[0]}. Check that model(x) "
+                f"runs (input shapes and dtypes, parameters on one device and dtype)."
+            ) from own
+        try:
+            problem.raw_forward(fresh_buffers=True)
+        except RuntimeError:
+            return  # not a matter of gradient mode: the caller explains the original error
+    raise autograd_in_forward_error(problem.model, err) from err
 
 
 def _data_dependent(error: Exception) -> str | None:

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ExactOps", "UnsupportedLayerError", "ModelForwardError", "REPLACED_OPS", "explained_failures"]
+__all__ = ["ExactOps", "UnsupportedLayerError", "ModelForwardError", "REPLACED_OPS", "explained_failures", "autograd_in_forward_error"]
 
 
 class UnsupportedLayerError(ValueError):
@@ -78,6 +78,8 @@ def explained_failures(model, strategy: str) -> Iterator[None]:
                 "instead of (n·q)×(n·q); or use a smaller batch."
             )
             raise
+        if "being transformed by a functorch transform" in str(error) or "autograd.functional" in str(error):
+            raise autograd_in_forward_error(model, error) from error
         if "saved tensor hooks" in str(error):
             raise UnsupportedLayerError(
                 f"{type(model).__name__} uses activation checkpointing (torch.utils.checkpoint) or other saved-tensor "
@@ -114,6 +116,19 @@ def explained_failures(model, strategy: str) -> Iterator[None]:
             f"equivalent composition of standard ops, leave its parameters out with params=..., or "
             f"register a LayerRule for it."
         ) from error
+
+
+def autograd_in_forward_error(model, error: BaseException) -> "UnsupportedLayerError":
+    """The forward differentiates with torch.autograd itself (a force field's F = −∂E/∂x): what to write instead."""
+    return UnsupportedLayerError(
+        f"{type(model).__name__}'s forward takes a derivative with torch.autograd (torch.autograd.grad, "
+        f".backward() or requires_grad_(), as force fields F = −∂E/∂x often do). That cannot run inside the "
+        f"torch.func transforms mgs_torch computes J with, nor in its gradient-free validation forward "
+        f"({type(error).__name__}: {str(error).strip().splitlines()[0][:160]}). Write the derivative with torch.func, "
+        f"which mgs_torch differentiates exactly in every strategy: e.g. "
+        f"forces = -torch.func.grad(lambda pos: self.energy(pos).sum())(positions) "
+        f"(torch.func.vjp or jacrev for other derivatives)."
+    )
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

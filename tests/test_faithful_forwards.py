@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reference import kernel_loop, penalty_grad_loop, relative_error, trainable
-from mgs_torch import mgs_kernel, mgs_penalty
+from mgs_torch import UnsupportedLayerError, mgs_kernel, mgs_penalty
 
 STRATEGIES = ["jacobian", "structured", "auto"]
 D = torch.float64
@@ -270,3 +270,43 @@ def test_the_chunked_hutchinson_penalty_gives_the_inputs_the_unchunked_gradient(
         grads.append(torch.autograd.grad(value, [*backbone.parameters(), z]))
     for a, b in zip(*grads):
         assert relative_error(b, a) < 1e-12
+
+
+# ----------------------------------------------------------------------------------- forces = −∂E/∂x
+
+
+class ForceField(nn.Module):
+    """A potential E(x) and its forces F = −∂E/∂x as the outputs (scientific ML), in three ways of writing it."""
+
+    def __init__(self, how: str = "torch.func"):
+        super().__init__()
+        self.energy, self.how = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)), how
+
+    def forward(self, pos):
+        if self.how == "torch.func":
+            return -torch.func.grad(lambda p: self.energy(p).sum())(pos)
+        if self.how == "autograd under enable_grad":
+            with torch.enable_grad():
+                pos = pos.detach().requires_grad_()
+                (force,) = torch.autograd.grad(self.energy(pos).sum(), pos, create_graph=True)
+            return -force
+        pos = pos.detach().requires_grad_()  # runs only where gradients are on, as in training
+        (force,) = torch.autograd.grad(self.energy(pos).sum(), pos, create_graph=True)
+        return -force
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_forces_written_with_torch_func_are_exact_in_every_strategy(strategy):
+    torch.manual_seed(0)
+    assert_exact(ForceField().double(), torch.randn(4, 3, dtype=D), strategy)
+
+
+@pytest.mark.parametrize("how", ["autograd under enable_grad", "autograd"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_forces_written_with_torch_autograd_get_an_error_naming_the_torch_func_form(how, strategy):
+    torch.manual_seed(0)
+    model, x = ForceField(how).double(), torch.randn(4, 3, dtype=D)
+    model(x)  # the model itself runs
+    with pytest.raises(UnsupportedLayerError, match=r"torch\.func\.grad\(lambda pos") as info:
+        mgs_kernel(model, x, strategy=strategy)
+    assert "fails on these inputs" not in str(info.value)  # never blamed on model(x), which runs

@@ -235,17 +235,25 @@ def plan(problem: KernelProblem) -> Plan:
 
     calls: dict[str, int] = {}
     seen: dict[str, tuple] = {}
+    nested: set[str] = set()
+    level: list = [None]
     handles = []
 
     def record(name):
         def hook(mod, args, kwargs, out):
             calls[name] = calls.get(name, 0) + 1
+            if torch._C._functorch.maybe_current_level() != level[0]:
+                # inside a transform the forward runs itself (torch.func.grad for forces = −∂E/∂x): the
+                # parameters also enter through that inner backward, which no rule describes
+                nested.add(name)
+                return
             x = _layer_input(args, kwargs)
             if isinstance(out, Tensor) and x and isinstance(x[0], Tensor):
                 seen[name] = (tuple(x[0].shape), tuple(out.shape), x[0], x[0]._version)
         return hook
 
     def body(_, x):
+        level[0] = torch._C._functorch.maybe_current_level()
         problem.raw_forward(None, x)
         return torch.zeros(())
 
@@ -266,7 +274,10 @@ def plan(problem: KernelProblem) -> Plan:
     for name, layer in candidates.items():
         reason = None
         n_calls = per_sample_calls.get(name, 0)
-        if n_calls != 1:
+        if name in nested:
+            reason = (f"{type(layer.module).__name__} runs inside a derivative the forward takes itself (torch.func.grad, "
+                      f"vjp, jacrev), so its parameters also enter through that derivative")
+        elif n_calls != 1:
             reason = f"{type(layer.module).__name__} runs {n_calls} times per forward"
         elif name in monitor.foreign:
             reason = "its parameters are used outside its own forward"
