@@ -24,7 +24,7 @@ from ._dtypes import as_dtype
 from ._guards import BATCH_NORM_TYPES, cuda_devices, restore_rng_states, rng_states
 from ._validation import Inputs, ParamFilter, as_input_tuple, check_input_arity, check_outputs, raise_integer_input_hint, select_parameters
 from ._warnings import warn_once
-from .op_fixes import ExactOps, ModelForwardError, _is_out_of_memory, autograd_in_forward_error
+from .op_fixes import ModelForwardError, _is_out_of_memory, autograd_in_forward_error, exact_computation
 
 _DROPOUT_TYPES = (nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
@@ -103,15 +103,15 @@ class KernelProblem:
     def raw_forward(self, params=None, inputs=None, fresh_buffers: bool = False, exact_ops: bool = True, buffers=None):
         """Whatever the model returns (not yet validated or flattened).
 
-        The forward runs under :class:`~mgs_torch.op_fixes.ExactOps` (``exact_ops``): the ops whose
-        torch.func support is wrong are replaced by exact equivalents (only here, where the model's code runs).
+        The forward runs under :func:`~mgs_torch.op_fixes.exact_computation` (``exact_ops``): the ops and
+        modules whose torch.func support is wrong are replaced by exact equivalents (only here, where the model's code runs).
         It starts from fresh copies of the buffers the forward writes (all buffers with ``fresh_buffers``);
         ``buffers`` substitutes given tensors for buffers by name.
         """
         state = {**self.frozen, **(self.params if params is None else params)}
         state.update({k: state[k].clone() for k in (self.buffer_names if fresh_buffers else self.mutated_buffers)})
         state.update(buffers or {})
-        with ExactOps() if exact_ops else contextlib.nullcontext():
+        with exact_computation(self.model) if exact_ops else contextlib.nullcontext():
             return call_with(self.model, state, self.inputs if inputs is None else inputs, self.call_names)
 
     def restrict(self, names: Iterable[str], *, strict_randomness: bool = False) -> "KernelProblem":

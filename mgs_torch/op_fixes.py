@@ -43,6 +43,7 @@ differentiate.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator
 
 import torch
@@ -50,7 +51,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ExactOps", "UnsupportedLayerError", "ModelForwardError", "REPLACED_OPS", "explained_failures", "autograd_in_forward_error"]
+__all__ = [
+    "ExactOps", "UnsupportedLayerError", "ModelForwardError", "REPLACED_OPS", "EXACT_FORWARDS", "exact_computation",
+    "explained_failures", "autograd_in_forward_error",
+]
 
 
 class UnsupportedLayerError(ValueError):
@@ -70,6 +74,12 @@ def explained_failures(model, strategy: str) -> Iterator[None]:
     except (RuntimeError, NotImplementedError) as error:
         if isinstance(error, ModelForwardError):
             raise
+        if _from_the_compiler(error):  # torch.compile's own failure: never blamed on a layer
+            error.add_note(
+                "This failure comes from torch.compile (Dynamo/Inductor), not from a layer of the model: "
+                "mgs_torch's computation runs eagerly when called outside the compiled function."
+            )
+            raise
         if _is_out_of_memory(error):  # not the layer's fault: keep the error (and its type) as it is
             error.add_note(
                 "mgs_torch ran out of memory computing the MGS kernel or penalty. The exact trace penalty holds "
@@ -80,6 +90,13 @@ def explained_failures(model, strategy: str) -> Iterator[None]:
             raise
         if "being transformed by a functorch transform" in str(error) or "autograd.functional" in str(error):
             raise autograd_in_forward_error(model, error) from error
+        if "_nested_tensor_from_mask" in str(error):
+            raise UnsupportedLayerError(
+                f"{type(model).__name__} runs an nn.TransformerEncoder in eval mode with src_key_padding_mask, whose "
+                f"PyTorch fast path turns the batch into a nested tensor, which torch.func cannot transform. Build the "
+                f"encoder with enable_nested_tensor=False (then, as in training mode, outputs at padded positions are "
+                f"computed rather than set to zero: pool over the unpadded positions), or compute MGS in train mode."
+            ) from error
         if "saved tensor hooks" in str(error):
             raise UnsupportedLayerError(
                 f"{type(model).__name__} uses activation checkpointing (torch.utils.checkpoint) or other saved-tensor "
@@ -128,6 +145,13 @@ def autograd_in_forward_error(model, error: BaseException) -> "UnsupportedLayerE
         f"which mgs_torch differentiates exactly in every strategy: e.g. "
         f"forces = -torch.func.grad(lambda pos: self.energy(pos).sum())(positions) "
         f"(torch.func.vjp or jacrev for other derivatives)."
+    )
+
+
+def _from_the_compiler(error: BaseException) -> bool:
+    """An exception raised by torch.compile's machinery (Dynamo, AOTAutograd, Inductor)."""
+    return type(error).__module__.startswith(("torch._dynamo", "torch._inductor", "torch._functorch._aot_autograd")) or (
+        torch.compiler.is_compiling()
     )
 
 
@@ -339,6 +363,100 @@ def _convolution(dims: int):
     return conv
 
 
+# ---------------------------------------------------------------------------------- quantisation-aware training
+
+
+def fused_moving_avg_obs_fake_quant(
+    input, observer_on, fake_quant_on, running_min, running_max, scale, zero_point, averaging_const, quant_min, quant_max,
+    ch_axis, per_row_fake_quant=False, symmetric_quant=False,
+):
+    """The op of QAT's default (fused) FakeQuantize, which has no batching rule: with its observer off,
+    it is the plain fake quantisation it applies (per tensor or per channel, the same values and the same
+    straight-through derivative). With the observer on it would update the running range and the scale from
+    the batch in place, which no per-sample Jacobian can do: refused with the switch that makes it exact."""
+    if int(observer_on.item()) == 1:
+        raise UnsupportedLayerError(
+            "a FakeQuantize observer is on: it updates its running range and scale from the batch in place during the "
+            "forward, so the forward is not a fixed function of the parameters. Switch the observers off while MGS "
+            "runs (model.apply(torch.ao.quantization.disable_observer); enable_observer switches them back on)."
+        )
+    if int(fake_quant_on.item()) != 1:
+        return input.clone()
+    # PyTorch recomputes scale and zero point from the running range on every call (and writes them): they
+    # depend on buffers only, so its own op computes them here, on a placeholder shaped like one sample
+    placeholder = torch.zeros(input.shape, dtype=input.dtype, device=input.device)
+    torch.fused_moving_avg_obs_fake_quant(
+        placeholder, observer_on, fake_quant_on, running_min, running_max, scale, zero_point, averaging_const,
+        quant_min, quant_max, ch_axis, per_row_fake_quant, symmetric_quant,
+    )
+    if per_row_fake_quant:
+        return torch.fake_quantize_per_channel_affine(input, scale, zero_point, ch_axis, quant_min, quant_max)
+    return torch.fake_quantize_per_tensor_affine(input, scale, zero_point, quant_min, quant_max)
+
+
+# ---------------------------------------------------------------------------------- modules computed by old-style Functions
+
+
+def _cross_map_window(channels: int, size: int) -> Tensor:
+    """Which channels' squares enter channel c's scale in ``nn.CrossMapLRN2d``: the running window of
+    PyTorch's own loop (it adds channel c + ⌈size/2⌉ − 1 and drops channel c − ⌈size/2⌉ as c advances)."""
+    pre_pad = int((size - 1) / 2 + 1)
+    member = torch.zeros(channels, channels, dtype=torch.bool)
+    member[0, : min(pre_pad, channels)] = True
+    for c in range(1, channels):
+        member[c] = member[c - 1]
+        if c < channels - pre_pad + 1:
+            member[c, c + pre_pad - 1] = True
+        if c > pre_pad:
+            member[c, c - pre_pad] = False
+    return member
+
+
+def cross_map_lrn2d(module, input: Tensor) -> Tensor:
+    """``nn.CrossMapLRN2d``: x_c · (k + α/size · Σ_{c' ∈ W(c)} x_c'²)^(−β), in standard ops. PyTorch computes it
+    with an old-style autograd.Function, which torch.func cannot transform, and whose hand-written backward is
+    not the derivative of its forward (2–14 % off where a window holds several channels, an error at size 1;
+    tests/test_upstream_bugs.py): here autograd differentiates the forward itself."""
+    if input.dim() != 4:
+        raise ValueError(f"CrossMapLRN2d: Expected input to be 4D, got {input.dim()}D instead.")
+    window = _cross_map_window(input.shape[1], module.size).to(input.dtype)
+    scale = module.k + module.alpha / module.size * torch.einsum("dc,nchw->ndhw", window.to(input.device), input * input)
+    return input * scale.pow(-module.beta)
+
+
+#: Modules whose forward PyTorch computes in a way torch.func cannot transform (an old-style autograd
+#: Function): while mgs_torch runs a model, their instances compute the same function by these forwards.
+EXACT_FORWARDS: dict = {torch.nn.CrossMapLRN2d: cross_map_lrn2d}
+
+
+@contextlib.contextmanager
+def exact_forwards(model) -> Iterator[None]:
+    """Instances of :data:`EXACT_FORWARDS` types in ``model`` forward through their exact equivalents while
+    active (an instance attribute, removed after; nothing else about the modules changes)."""
+    patched = [m for m in model.modules() if type(m) in EXACT_FORWARDS and "forward" not in vars(m)]
+
+    def exact(module, *args, **kwargs):
+        for record in _RECORDERS:
+            record.add(type(module).__name__)
+        return EXACT_FORWARDS[type(module)](module, *args, **kwargs)
+
+    try:
+        for m in patched:
+            m.forward = functools.partial(exact, m)
+        yield
+    finally:
+        for m in patched:
+            vars(m).pop("forward", None)
+
+
+@contextlib.contextmanager
+def exact_computation(model) -> Iterator["ExactOps"]:
+    """Everything mgs_torch changes while it runs ``model``'s forward: :class:`ExactOps` for ops,
+    :func:`exact_forwards` for modules. Yields the mode (its ``replaced`` set names what ran)."""
+    with exact_forwards(model), ExactOps() as mode:
+        yield mode
+
+
 # ---------------------------------------------------------------------------------- attention
 
 
@@ -491,6 +609,7 @@ REPLACED_OPS: dict = {
     F.conv_transpose1d: _transposed_convolution(F.conv_transpose1d),
     F.conv_transpose2d: _transposed_convolution(F.conv_transpose2d),
     F.conv_transpose3d: _transposed_convolution(F.conv_transpose3d),
+    torch.fused_moving_avg_obs_fake_quant: fused_moving_avg_obs_fake_quant,
     torch.roll: _roll(torch.roll),
     torch.Tensor.roll: _roll(torch.Tensor.roll),
     _VF.lstm: _make_rnn("lstm"),
@@ -507,7 +626,7 @@ REPLACED_OPS: dict = {
 _RECORDERS: list[set] = []
 # replacements that call the op they replace: they run with the mode off, or they would call themselves
 _CALL_THE_ORIGINAL = (
-    F.multi_head_attention_forward, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, torch.roll, torch.Tensor.roll,
+    F.multi_head_attention_forward, torch.fused_moving_avg_obs_fake_quant, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, torch.roll, torch.Tensor.roll,
 )
 
 

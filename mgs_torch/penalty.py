@@ -107,6 +107,17 @@ def _trace_in_chunks(
     return value, problem
 
 
+def _check_logdet_precision(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """log det K needs a Cholesky factor of K, which half precision neither offers nor resolves."""
+    computed_in = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if computed_in in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"kind='logdet' needs K in float32 or float64, but it would be computed in {computed_in} (the model's "
+            f"parameters): pass dtype=torch.float32 to compute K and its log-determinant in float32 from the "
+            f"half-precision model (the gradient still reaches its parameters)"
+        )
+
+
 def mgs_penalty(
     model: nn.Module,
     inputs: Inputs,
@@ -152,6 +163,8 @@ def mgs_penalty(
     """
     opts = PenaltyOptions(outputs, params, strategy, chunk_size, dtype, batch_norm, kind, estimator, num_probes, reduction, jitter)
     dtype = opts.dtype
+    if kind == "logdet":
+        _check_logdet_precision(model, dtype)
     generator = generator if generator is not None else default_generator()
     if kind == "trace" and chunk_size is not None:
         value, problem = _trace_in_chunks(

@@ -21,6 +21,13 @@ STRATEGIES = ["jacobian", "structured", "auto"]
 D = torch.float64
 
 
+def assert_gradients_match(ours, theirs, wrt, tol=1e-10):
+    """Gradient by gradient (None: zero), relative to the larger of the reference's norm and 1."""
+    for a, b, t in zip(ours, theirs, wrt):
+        a, b = (torch.zeros_like(t) if g is None else g for g in (a, b))
+        assert float((a - b).norm()) <= tol * max(float(b.norm()), 1.0)
+
+
 def assert_exact(model, inputs, strategy, *, penalty=True, tol=1e-10):
     """K and ∂ tr K/∂θ of mgs_torch against the loop."""
     K = mgs_kernel(model, inputs, strategy=strategy)
@@ -28,11 +35,7 @@ def assert_exact(model, inputs, strategy, *, penalty=True, tol=1e-10):
     if penalty:
         value = mgs_penalty(model, inputs, strategy=strategy, reduction="sum")
         ours = torch.autograd.grad(value, trainable(model), allow_unused=True)
-        theirs = penalty_grad_loop(model, inputs, "trace")
-        for a, b, p in zip(ours, theirs, trainable(model)):
-            a = torch.zeros_like(p) if a is None else a
-            b = torch.zeros_like(p) if b is None else b
-            assert relative_error(a, b) < tol or float((a - b).norm()) < 1e-12
+        assert_gradients_match(ours, penalty_grad_loop(model, inputs, "trace"), trainable(model), tol)
 
 
 # ----------------------------------------------------------------------------------- masked attention
@@ -229,9 +232,7 @@ def test_spectral_norm_in_train_mode_is_the_function_model_x_computes_now(form, 
     assert relative_error(K, stateful_kernel_loop(model, x)) < 1e-12
     ours = torch.autograd.grad(value, trainable(model), allow_unused=True)
     theirs = torch.autograd.grad(stateful_kernel_loop(model, x, create_graph=True).trace(), trainable(model), allow_unused=True)
-    for a, b, p in zip(ours, theirs, trainable(model)):
-        a, b = (torch.zeros_like(p) if g is None else g for g in (a, b))
-        assert float((a - b).norm()) <= 1e-10 * max(float(b.norm()), 1.0)
+    assert_gradients_match(ours, theirs, trainable(model))
 
 
 # ----------------------------------------------------------------------------------- inputs that carry a graph
@@ -250,9 +251,7 @@ def test_the_penalty_of_a_head_reaches_the_backbone_whatever_the_chunk_size(chun
     value = mgs_penalty(head, backbone(x), chunk_size=chunk_size, strategy=strategy, reduction="sum")
     ours = torch.autograd.grad(value, wrt, allow_unused=True)
     theirs = torch.autograd.grad(kernel_loop(head, backbone(x), create_graph=True).trace(), wrt, allow_unused=True)
-    for a, b, t in zip(ours, theirs, wrt):
-        a, b = (torch.zeros_like(t) if g is None else g for g in (a, b))
-        assert float((a - b).norm()) <= 1e-10 * max(float(b.norm()), 1.0)
+    assert_gradients_match(ours, theirs, wrt)
     assert float(ours[0].norm()) > 0  # the backbone's first weight does get a penalty gradient
 
 
@@ -310,3 +309,126 @@ def test_forces_written_with_torch_autograd_get_an_error_naming_the_torch_func_f
     with pytest.raises(UnsupportedLayerError, match=r"torch\.func\.grad\(lambda pos") as info:
         mgs_kernel(model, x, strategy=strategy)
     assert "fails on these inputs" not in str(info.value)  # never blamed on model(x), which runs
+
+
+# ----------------------------------------------------------------------------------- layers PyTorch computes oddly
+
+
+def qat_model(backend: str, observer: bool = False):
+    import torch.ao.quantization as quantization
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).train()
+    model.qconfig = quantization.get_default_qat_qconfig(backend)  # the fused FakeQuantize
+    model = quantization.prepare_qat(model)
+    model(torch.randn(16, 4))  # the observers see data once
+    if not observer:
+        model.apply(quantization.disable_observer)
+    return model
+
+
+@pytest.mark.parametrize("backend", ["x86", "fbgemm", "qnnpack"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_qat_with_the_default_fused_fake_quantize_is_exact_once_observers_are_off(backend, strategy):
+    """K and the penalty gradient of a QAT model with PyTorch's default qconfig (the straight-through derivative
+    autograd uses in QAT training), float32 against the loop in float32."""
+    model, x = qat_model(backend), torch.randn(3, 4)
+    before = {k: b.clone() for k, b in model.named_buffers()}
+    assert_exact(model, x, strategy, tol=1e-5)
+    assert all(torch.equal(b, before[k]) for k, b in model.named_buffers())
+
+
+def test_qat_with_observers_on_is_refused_with_the_switch_that_works():
+    model = qat_model("x86", observer=True)
+    with pytest.raises(UnsupportedLayerError, match="disable_observer"):
+        mgs_kernel(model, torch.randn(3, 4))
+
+
+class LoopCrossMapLRN2d(nn.Module):
+    """PyTorch's CrossMapLRN2d forward transliterated with out-of-place ops (its loop over channels, as written in
+    torch/nn/modules/_functions.py), so that autograd differentiates the forward itself: the test's reference,
+    written apart from mgs_torch's formula."""
+
+    def __init__(self, size, alpha, beta, k):
+        super().__init__()
+        self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+
+    def forward(self, x):
+        channels, square = x.shape[1], x * x
+        pre_pad = int((self.size - 1) / 2 + 1)
+        scales = [sum(square[:, c] for c in range(min(pre_pad, channels)))]
+        for c in range(1, channels):
+            current = scales[-1]
+            if c < channels - pre_pad + 1:
+                current = current + square[:, c + pre_pad - 1]
+            if c > pre_pad:
+                current = current - square[:, c - pre_pad]
+            scales.append(current)
+        scale = torch.stack(scales, 1) * (self.alpha / self.size) + self.k
+        return x * scale.pow(-self.beta)
+
+
+def lrn_model(layer):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 5, 3), layer, nn.Flatten(), nn.Linear(5 * 2 * 2, 2)).double()
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cross_map_lrn2d_is_exact(size, strategy):
+    """nn.CrossMapLRN2d (an old-style autograd.Function inside PyTorch, whose own backward is wrong): K and the
+    penalty gradient equal those of the loop over the transliterated forward."""
+    x = torch.randn(3, 2, 4, 4, dtype=D)
+    options = dict(alpha=0.3, beta=0.75, k=1.5)
+    model, twin = lrn_model(nn.CrossMapLRN2d(size, **options)), lrn_model(LoopCrossMapLRN2d(size, **options))
+    assert torch.allclose(model(x), twin(x), rtol=1e-13, atol=1e-13)  # the same function
+    K = mgs_kernel(model, x, strategy=strategy)
+    assert relative_error(K, kernel_loop(twin, x)) < 1e-10
+    value = mgs_penalty(model, x, strategy=strategy, reduction="sum")
+    ours = torch.autograd.grad(value, trainable(model), allow_unused=True)
+    assert_gradients_match(ours, penalty_grad_loop(twin, x, "trace"), trainable(model))
+
+
+def test_transformer_encoder_in_eval_mode_with_a_padding_mask_gets_advice_that_works():
+    torch.manual_seed(0)
+
+    def encoder(nested):
+        layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=8, dropout=0.0, batch_first=True)
+        return PaddedEncoder(nn.TransformerEncoder(layer, 2, enable_nested_tensor=nested)).double().eval()
+
+    x, keep = padded_batch()
+    with pytest.raises(UnsupportedLayerError, match="enable_nested_tensor=False"):
+        mgs_kernel(encoder(True), (x, keep))
+    for strategy in STRATEGIES:
+        assert_exact(encoder(False), (x, keep), strategy)
+
+
+def test_a_half_precision_log_det_asks_for_float32_before_computing_anything():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).to(torch.bfloat16)
+    x = torch.randn(3, 4, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"dtype=torch\.float32"):
+        mgs_penalty(model, x, kind="logdet")
+    value = mgs_penalty(model, x, kind="logdet", dtype=torch.float32)
+    assert value.dtype == torch.float32 and torch.isfinite(value)
+    assert torch.autograd.grad(value, model[0].weight)[0].dtype == torch.bfloat16
+
+
+class CompilerFailure(nn.Module):
+    """A forward that raises what torch.compile's machinery raises, only inside torch.func transforms."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        if torch._C._functorch.maybe_current_level() is not None:
+            raise torch._dynamo.exc.TorchRuntimeError("inductor could not lower this graph")
+        return self.fc(x)
+
+
+def test_a_compiler_failure_is_never_blamed_on_a_layer():
+    with pytest.raises(torch._dynamo.exc.TorchRuntimeError) as info:
+        mgs_kernel(CompilerFailure().double(), torch.randn(2, 3, dtype=D), strategy="jacobian")
+    assert not isinstance(info.value, UnsupportedLayerError)
+    assert any("torch.compile" in note for note in getattr(info.value, "__notes__", []))

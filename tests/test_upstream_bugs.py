@@ -190,3 +190,41 @@ def test_vmap_rolls_a_scalar_across_the_batch():
     sample i gets sample i−1's value. Found by tests/opinfo_sweep.py; ExactOps returns the scalar."""
     x = torch.arange(3.0)
     assert not torch.equal(vmap(lambda t: torch.roll(t, 1))(x), x), FIXED_UPSTREAM.format(torch.__version__, "torch.roll")
+
+
+@pytest.mark.parametrize("size, channels", [(2, 3), (3, 6), (5, 6)])
+def test_cross_map_lrn2d_backward_is_not_the_derivative_of_its_forward(size, channels):
+    """nn.CrossMapLRN2d's old-style autograd.Function has a hand-written backward that disagrees with central
+    differences of its own forward wherever a window holds several channels (mgs_torch computes the forward as
+    standard ops and lets autograd differentiate it: op_fixes.EXACT_FORWARDS)."""
+    torch.manual_seed(0)
+    module = nn.CrossMapLRN2d(size, alpha=0.3, beta=0.75, k=1.5)
+    x = torch.randn(2, channels, 3, 4, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(2, channels, 3, 4, dtype=torch.float64)
+    (backward,) = torch.autograd.grad((module(x) * c).sum(), x)
+    by_values = torch.zeros_like(x)
+    with torch.no_grad():
+        for e in range(x.numel()):
+            step = torch.zeros_like(x).view(-1)
+            step[e] = 1e-6
+            step = step.view_as(x)
+            by_values.view(-1)[e] = ((module(x + step) - module(x - step)) * c).sum() / 2e-6
+    assert relative_error(backward, by_values) > 1e-3, FIXED_UPSTREAM.format(torch.__version__, "nn.CrossMapLRN2d (EXACT_FORWARDS)")
+
+
+def test_cross_map_lrn2d_backward_fails_at_size_one():
+    x = torch.randn(2, 3, 3, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="exceeds dimension size"):
+        nn.CrossMapLRN2d(1)(x).sum().backward()
+
+
+def test_the_fused_fake_quantize_op_has_no_batching_rule():
+    """QAT's default qconfigs use FusedMovingAvgObsFakeQuantize, whose op vmap cannot run even with its observer
+    off (mgs_torch computes it from the plain fake-quantisation ops: op_fixes.fused_moving_avg_obs_fake_quant)."""
+    import torch.ao.quantization as quantization
+
+    fq = quantization.get_default_qat_qconfig("x86").activation()
+    fq(torch.randn(8, 4))
+    fq.apply(quantization.disable_observer)
+    with pytest.raises(RuntimeError, match="Batching rule not implemented for aten::(_fused_moving_avg_obs_fq_helper|fused_moving_avg_obs_fake_quant)"):
+        vmap(fq)(torch.randn(3, 2, 4))
