@@ -82,5 +82,75 @@ class CifarCNN(nn.Module):
         return self.fc(self.features(x).mean((2, 3)))
 
 
+class _BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + identity)
+
+
+class _ResNet18(nn.Module):
+    """torchvision's ResNet-18 layout (7×7 stem, max pooling, four stages of two basic blocks, 64–512 channels),
+    written out for machines without torchvision: 11.2 M parameters at 10 classes."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        stages, inplanes = [], 64
+        for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            stages.append(nn.Sequential(_BasicBlock(inplanes, planes, stride), _BasicBlock(planes, planes)))
+            inplanes = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def resnet18(num_classes: int = 10) -> nn.Module:
+    """torchvision's ``resnet18`` where torchvision is installed, else the same architecture written out."""
+    try:
+        import torchvision
+    except Exception:  # noqa: BLE001 - absent or unusable beside this torch build
+        return _ResNet18(num_classes)
+    return torchvision.models.resnet18(num_classes=num_classes)
+
+
+class _Logits(nn.Module):
+    """A Hugging Face classifier called on token ids, returning its logits tensor."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids).logits
+
+
+def tiny_bert(num_classes: int = 2) -> nn.Module:
+    """A tiny BertForSequenceClassification built from a config (2 layers, hidden 32, 2 heads, vocabulary 100), on
+    token ids of length 16: needs ``transformers`` (extra ``.[hf]``); nothing is downloaded."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=32, num_labels=num_classes)
+    return _Logits(BertForSequenceClassification(config))
+
+
 MODELS = {"lenet5": LeNet5, "fcn": fcn, "resnet": SmallResNet, "cifar_cnn": CifarCNN}
 INPUT_SHAPES = {"lenet5": (1, 28, 28), "fcn": (1, 28, 28), "resnet": (1, 28, 28), "cifar_cnn": (3, 32, 32)}

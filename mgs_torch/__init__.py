@@ -21,6 +21,7 @@ from .op_fixes import ModelForwardError, UnsupportedLayerError
 from .options import KernelOptions, PenaltyOptions
 from .penalty import mgs_penalty
 from .scores import SampleScores, mgs_sample_scores, sample_scores_from_kernel
+from .self_check import SelfCheckError, SelfCheckReport, self_check_reports, set_self_check
 from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
@@ -44,6 +45,10 @@ __all__ = [
     "UnsupportedLayerError",
     "ModelForwardError",
     "verify",
+    "set_self_check",
+    "self_check_reports",
+    "SelfCheckError",
+    "SelfCheckReport",
     "KernelOptions",
     "PenaltyOptions",
     "VerifyReport",

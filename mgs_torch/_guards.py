@@ -48,6 +48,9 @@ def preserved_state(model: nn.Module, batch_norm: str) -> Iterator[None]:
     not shift the training run's random stream. While a CUDA graph is being captured the CUDA random
     state cannot be read or set: it is not forked then, and the graph's own random offsets advance.
 
+    The caching of parametrizations (``torch.nn.utils.parametrize.cached()``) is off inside: a cached weight
+    was computed from the Parameter itself, not from what mgs_torch substitutes for it.
+
     Module backward hooks (``register_full_backward_hook``, its pre-hook and the legacy
     ``register_backward_hook``, per module and global) are set aside: they act on training
     gradients, not on the function, so K stays the true Jacobian — as for tensor hooks on the
@@ -56,6 +59,10 @@ def preserved_state(model: nn.Module, batch_norm: str) -> Iterator[None]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from torch.nn.utils import parametrize
+
+    caching = parametrize._cache_enabled  # parametrize.cached() would hand out weights made before substitution
+    parametrize._cache_enabled = 0
     flags = [(m, m.training) for m in model.modules()]
     hooks = _set_aside_backward_hooks(model)
     on_cuda = cuda_devices(model.parameters())
@@ -77,6 +84,7 @@ def preserved_state(model: nn.Module, batch_norm: str) -> Iterator[None]:
         for m, flag in flags:
             m.training = flag
         _restore_backward_hooks(hooks)
+        parametrize._cache_enabled = caching
 
 
 _MODULE_HOOK_DICTS = ("_backward_hooks", "_backward_pre_hooks")

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Union
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torch.overrides import TorchFunctionMode
 
 from ._dtypes import as_dtype
 from ._guards import BATCH_NORM_TYPES, cuda_devices, restore_rng_states, rng_states
@@ -57,6 +58,9 @@ class KernelProblem:
         mutated_buffers: the buffers the forward writes in place (spectral norm's power-iteration
             vectors in train mode, step counters). Every forward here starts from fresh copies of them,
             so each computes what ``model(x)`` computes now, from the model's state as it is.
+        held_params: Parameters the forward reaches other than through its modules' attributes (kept in a
+            list, a closure, ``functools.partial``), which ``functional_call`` cannot swap: every forward
+            substitutes them op by op instead (see :class:`~mgs_torch.op_fixes.ExactOps`).
     """
 
     model: nn.Module
@@ -76,6 +80,7 @@ class KernelProblem:
     samples_interact: float | None = None
     call_names: tuple[tuple[str, str], ...] = ()
     mutated_buffers: frozenset[str] = frozenset()
+    held_params: frozenset[str] = frozenset()
 
     def check_outputs(self, out: Tensor) -> None:
         """Validate the (n, q') outputs of an engine's forward when :func:`build_problem` did not.
@@ -111,8 +116,17 @@ class KernelProblem:
         state = {**self.frozen, **(self.params if params is None else params)}
         state.update({k: state[k].clone() for k in (self.buffer_names if fresh_buffers else self.mutated_buffers)})
         state.update(buffers or {})
-        with exact_computation(self.model) if exact_ops else contextlib.nullcontext():
+        held = {}
+        if self.held_params:
+            originals = dict(self.model.named_parameters())
+            held = {id(originals[k]): state[k] for k in self.held_params}
+        with exact_computation(self.model, held) if exact_ops else contextlib.nullcontext():
             return call_with(self.model, state, self.inputs if inputs is None else inputs, self.call_names)
+
+    def plain_forward(self, inputs: tuple[Tensor, ...]) -> Tensor:
+        """``model(*inputs)`` itself — its own Parameters and buffers, no substitution, no op replacements — as a
+        ``(batch, q)`` matrix: the independent side of the self-check (:mod:`mgs_torch.self_check`)."""
+        return self.model(*inputs).reshape(inputs[0].shape[0], -1)
 
     def restrict(self, names: Iterable[str], *, strict_randomness: bool = False) -> "KernelProblem":
         """The same problem with only ``names`` differentiated; the rest join ``frozen``."""
@@ -240,7 +254,7 @@ def build_problem(
     if checked:
         cached = validated_output_shape(draft)
         _OUTPUT_SHAPES.put(model, signature, cached)
-    output_shape, interact, refusal, mutated = cached
+    output_shape, interact, refusal, mutated, held = cached
     if refusal is not None and per_sample:
         per_sample = False  # the only exact route left: the whole-batch function
         warn_once(
@@ -267,7 +281,7 @@ def build_problem(
             )
     return dataclasses.replace(
         draft, q=max(1, math.prod(output_shape)), output_shape=output_shape, outputs_checked=checked,
-        per_sample=per_sample, samples_interact=interact, mutated_buffers=mutated,
+        per_sample=per_sample, samples_interact=interact, mutated_buffers=mutated, held_params=held,
     )
 
 
@@ -328,26 +342,47 @@ def with_fresh_outputs(model: nn.Module, compute):
         return compute(True)
 
 
-def validated_output_shape(problem: KernelProblem) -> tuple[tuple[int, ...], float | None, str | None, frozenset[str]]:
+def validated_output_shape(problem: KernelProblem) -> tuple:
     """One forward without graph or random-state change: validates the outputs; returns their
-    per-sample shape, the two results of :func:`samples_interaction`, and the buffers the forward
-    writes in place (see :attr:`KernelProblem.mutated_buffers`).
+    per-sample shape, the two results of :func:`samples_interaction`, the buffers the forward
+    writes in place (:attr:`KernelProblem.mutated_buffers`) and the Parameters it reaches other than through
+    its modules' attributes (:attr:`KernelProblem.held_params`).
 
     The RNG is forked, so Dropout masks of a following forward are those ``model(X)`` would draw.
     """
     with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices(problem.params.values())):
         buffers = {k: problem.frozen[k].clone() for k in problem.buffer_names}
         versions = {k: b._version for k, b in buffers.items()}
+        spy = _HeldParameters({id(p): k for k, p in problem.model.named_parameters()})
         try:
-            out = problem.raw_forward(buffers=buffers)
+            with spy:
+                out = problem.raw_forward(buffers=buffers)
         except RuntimeError as err:
             raise_integer_input_hint(problem.inputs, err, problem.model)
             _raise_if_the_model_fails_alone(problem, err)
             raise
         mutated = frozenset(k for k, b in buffers.items() if b._version != versions[k])
+        held = frozenset(spy.used)
         out = check_outputs(out, problem.n)
-        problem = dataclasses.replace(problem, mutated_buffers=mutated)
-        return (tuple(out.shape[1:]),) + samples_interaction(problem, out.reshape(problem.n, -1)) + (mutated,)
+        problem = dataclasses.replace(problem, mutated_buffers=mutated, held_params=held)
+        return (tuple(out.shape[1:]),) + samples_interaction(problem, out.reshape(problem.n, -1)) + (mutated, held)
+
+
+class _HeldParameters(TorchFunctionMode):
+    """Names the model's own Parameters that reach an op of a forward run through ``functional_call`` — which
+    swaps the tensors held by module attributes, so those arrived another way (a list, a closure)."""
+
+    def __init__(self, originals: dict[int, str]):
+        super().__init__()
+        self.originals, self.used = originals, set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for value in (*args, *kwargs.values()):
+            for t in (value if isinstance(value, (list, tuple)) else (value,)):
+                if isinstance(t, Tensor) and id(t) in self.originals:
+                    self.used.add(self.originals[id(t)])
+        return func(*args, **kwargs)
 
 
 def _raise_if_the_model_fails_alone(problem: KernelProblem, err: RuntimeError) -> None:

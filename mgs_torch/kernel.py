@@ -18,6 +18,7 @@ from .engines import engine_for
 from .estimators import default_generator, trace_from_rows
 from .op_fixes import explained_failures
 from .options import KernelOptions, PenaltyOptions
+from .self_check import checked_engine
 
 __all__ = ["mgs_kernel", "mgs_trace"]
 
@@ -67,7 +68,8 @@ def mgs_kernel(
     """
     opts = KernelOptions(outputs, params, strategy, chunk_size, dtype, batch_norm)
     return on_problem(
-        model, inputs, opts, create_graph, lambda problem, engine: engine.kernel(problem, outputs=outputs, chunk_size=chunk_size)
+        model, inputs, opts, create_graph, lambda problem, engine: engine.kernel(problem, outputs=outputs, chunk_size=chunk_size),
+        kernel=True,
     )
 
 
@@ -103,12 +105,14 @@ def mgs_trace(
     )
 
 
-def on_problem(model: nn.Module, inputs: Inputs, opts: KernelOptions, create_graph: bool, compute):
+def on_problem(model: nn.Module, inputs: Inputs, opts: KernelOptions, create_graph: bool, compute, *, kernel: bool = False):
     """``compute(problem, engine)`` on the validated problem of one call, without side effects.
 
     The shared shape of every entry point: guards (:func:`~mgs_torch._guards.preserved_state`),
-    raw torch.func failures explained, and a rebuild with a fresh validation forward if an engine
-    finds the cached output shape stale.
+    raw torch.func failures explained, a rebuild with a fresh validation forward if an engine
+    finds the cached output shape stale, and the engine's route self-checked on first use
+    (:mod:`mgs_torch.self_check`; ``kernel``: the computation forms K, so its cross-sample entries are checked
+    too; ``create_graph``: the penalty gradient as well).
     """
 
     model = functional_model(model)
@@ -118,7 +122,8 @@ def on_problem(model: nn.Module, inputs: Inputs, opts: KernelOptions, create_gra
             model, inputs, params=opts.params, dtype=opts.dtype, create_graph=create_graph, batch_norm=opts.batch_norm,
             revalidate=revalidate,
         )
-        return compute(problem, engine_for(opts.strategy, problem))
+        engine = checked_engine(problem, engine_for(opts.strategy, problem), kernel=kernel, gradient=create_graph)
+        return compute(problem, engine)
 
     with preserved_state(model, opts.batch_norm), explained_failures(model, opts.strategy):
         return with_fresh_outputs(model, attempt)

@@ -52,13 +52,22 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
-    "ExactOps", "UnsupportedLayerError", "ModelForwardError", "REPLACED_OPS", "EXACT_FORWARDS", "exact_computation",
+    "ExactOps", "UnsupportedLayerError", "ModelForwardError", "SelfCheckError", "REPLACED_OPS", "EXACT_FORWARDS", "exact_computation",
     "explained_failures", "autograd_in_forward_error",
 ]
 
 
 class UnsupportedLayerError(ValueError):
     """A layer or op whose Jacobian mgs_torch cannot compute exactly; the message says what to do."""
+
+
+class SelfCheckError(RuntimeError):
+    """mgs_torch's answer on this model disagrees with a plain autograd loop of the model's own ops, and no exact
+    route agrees either (:mod:`mgs_torch.self_check`). Its ``report`` says by how much."""
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report
 
 
 class ModelForwardError(RuntimeError):
@@ -72,7 +81,7 @@ def explained_failures(model, strategy: str) -> Iterator[None]:
     try:
         yield
     except (RuntimeError, NotImplementedError) as error:
-        if isinstance(error, ModelForwardError):
+        if isinstance(error, (ModelForwardError, SelfCheckError)):
             raise
         if _from_the_compiler(error):  # torch.compile's own failure: never blamed on a layer
             error.add_note(
@@ -450,10 +459,10 @@ def exact_forwards(model) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def exact_computation(model) -> Iterator["ExactOps"]:
-    """Everything mgs_torch changes while it runs ``model``'s forward: :class:`ExactOps` for ops,
-    :func:`exact_forwards` for modules. Yields the mode (its ``replaced`` set names what ran)."""
-    with exact_forwards(model), ExactOps() as mode:
+def exact_computation(model, substitutes: dict[int, Tensor] | None = None) -> Iterator["ExactOps"]:
+    """Everything mgs_torch changes while it runs ``model``'s forward: :class:`ExactOps` for ops (and the
+    Parameters it ``substitutes``), :func:`exact_forwards` for modules. Yields the mode."""
+    with exact_forwards(model), ExactOps(substitutes) as mode:
         yield mode
 
 
@@ -658,8 +667,21 @@ def recording_replacements() -> Iterator[set]:
         _RECORDERS.remove(names)
 
 
+def _substituted(value, substitutes: dict[int, Tensor]):
+    """``value`` with each tensor whose id is in ``substitutes`` swapped, one level of lists and tuples included."""
+    if isinstance(value, Tensor):
+        return substitutes.get(id(value), value)
+    if isinstance(value, (list, tuple)) and any(isinstance(v, Tensor) and id(v) in substitutes for v in value):
+        return type(value)(substitutes.get(id(v), v) if isinstance(v, Tensor) else v for v in value)
+    return value
+
+
 class ExactOps(TorchFunctionMode):
     """Route the ops of :data:`REPLACED_OPS` to their exact compositions while active.
+
+    ``substitutes`` maps ids of the model's own Parameters to the tensors that stand for them in this forward,
+    for the Parameters a forward reaches other than through its modules' attributes (a list, a closure,
+    ``functools.partial``), where ``functional_call`` cannot swap them.
 
     A replacement runs with the mode re-entered, so the ops it calls are routed too. Other functions
     run as they are, with the mode off inside them (as for any mode): a wrapper that calls a broken
@@ -667,12 +689,15 @@ class ExactOps(TorchFunctionMode):
     which replacements ran (``verify`` shows it).
     """
 
-    def __init__(self):
+    def __init__(self, substitutes: dict[int, Tensor] | None = None):
         super().__init__()
         self.replaced: set[str] = set()
+        self.substitutes = substitutes or {}
 
     def __torch_function__(self, func, types_=(), args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.substitutes:  # Parameters the forward reaches other than through its modules' attributes
+            args, kwargs = _substituted(args, self.substitutes), {k: _substituted(v, self.substitutes) for k, v in kwargs.items()}
         if func is _DATA_PTR and torch._C._functorch.is_functorch_wrapped_tensor(args[0]):
             # A torch.func wrapper has no storage. nn.LSTM/GRU/RNN on CUDA read the pointers of their
             # weights (flatten_parameters) only to see whether they alias; equal pointers make them

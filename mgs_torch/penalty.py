@@ -14,6 +14,7 @@ from .estimators import ESTIMATORS, KINDS, default_generator, trace_cotangents, 
 from .op_fixes import explained_failures
 from .kernel import on_problem
 from .options import REDUCTIONS, PenaltyOptions
+from .self_check import checked_engine
 
 __all__ = ["mgs_penalty", "default_generator", "KINDS", "ESTIMATORS", "REDUCTIONS"]
 
@@ -91,6 +92,9 @@ def _trace_in_chunks(
 
     with preserved_state(model, batch_norm), explained_failures(model, "chunked"):
         problem = problem_for(None, revalidate=True)  # its q sizes the cotangents of every chunk
+        # one route for every chunk and its recomputation (all share the problem's signature), self-checked once
+        engine = checked_engine(problem, engine_for(strategy, problem), kernel=False, gradient=True)
+        restore_rng_states(rng)
         # drawn once: every chunk and its recomputation slice the same probes
         cotangents = trace_cotangents(estimator, num_probes, generator)(problem)
 
@@ -98,7 +102,6 @@ def _trace_in_chunks(
         with preserved_state(model, batch_norm), explained_failures(model, "chunked"):
             chunk_problem = problem if leaves is None else problem_for(leaves)
             restore_rng_states(rng)
-            engine = engine_for(strategy, chunk_problem)
             return engine.row_sq_norms(chunk_problem, cotangents[start : start + chunk_size]).sum()
 
     starts = list(range(0, cotangents.shape[0], chunk_size))
@@ -182,7 +185,7 @@ def mgs_penalty(
                 ), problem
             return logdet_psd(engine.kernel(problem, outputs=outputs, chunk_size=chunk_size), jitter), problem
 
-        value, problem = on_problem(model, inputs, opts, True, compute)
+        value, problem = on_problem(model, inputs, opts, True, compute, kernel=kind == "logdet")
     if reduction == "mean":
         value = value / (problem.n * problem.q if outputs == "full" else problem.n)
     if not value.requires_grad and torch.is_grad_enabled():

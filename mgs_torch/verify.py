@@ -27,8 +27,10 @@ from ._validation import Inputs, as_input_tuple, functional_model, select_parame
 from .engines import engine_for, jacobian, structured
 from .kernel import mgs_kernel
 from .options import KernelOptions
-from .op_fixes import _is_out_of_memory, explained_failures, recording_replacements
+from ._plain_loop import FloatingDtypes, LoopFormulas, lowest_precision
+from .op_fixes import _is_out_of_memory, exact_forwards, explained_failures, recording_replacements
 from .penalty import mgs_penalty
+from .self_check import self_check_disabled
 
 __all__ = ["verify", "VerifyReport"]
 
@@ -97,41 +99,13 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-class _LoopFormulas(TorchFunctionMode):
-    """The loop's ``F.instance_norm`` and ``F.hardsigmoid``, as their formulas in elementary ops.
-
-    Instance norm: (x − mean) / sqrt(var + eps) · w + b over each map. PyTorch 2.13's CPU kernel calls
-    ``batch_norm`` on a batch of one, whose backward is wrong when the incoming gradient has
-    channels-last strides (a map turned into tokens). Hardsigmoid: relu6(x + 3) / 6. PyTorch's CPU
-    derivative multiplies by a single-precision 1/6 even in float64 (3·10⁻⁸ off), which made this
-    reference, not mgs_torch, wrong on MobileNetV3-style gates (tests/test_upstream_bugs.py)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.instance_norm:
-            return _instance_norm_formula(*args, **kwargs)
-        if func is F.hardsigmoid:
-            return F.relu6(args[0] + 3.0) / 6.0
-        return func(*args, **kwargs)
-
-
-def _instance_norm_formula(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True, momentum=0.1, eps=1e-5):
-    view = (1, -1) + (1,) * (x.dim() - 2)
-    dims = tuple(range(2, x.dim()))
-    mean = x.mean(dims, keepdim=True) if use_input_stats else running_mean.reshape(view)
-    var = x.var(dims, unbiased=False, keepdim=True) if use_input_stats else running_var.reshape(view)
-    y = (x - mean) / torch.sqrt(var + eps)
-    y = y if weight is None else y * weight.reshape(view)
-    return y if bias is None else y + bias.reshape(view)
-
-
 def _loop_jacobian(model: nn.Module, xs: tuple[Tensor, ...], params: list[Tensor], create_graph: bool) -> Tensor:
     """J of the per-sample outputs by plain autograd. Each sample runs as a batch of two identical
     copies (the first one's outputs differentiated): PyTorch 2.13's CPU ``batch_norm`` backward is wrong
     at batch size one when the incoming gradient has channels-last strides (a conv stem whose map is
     flattened and transposed into tokens), which would make this reference, not mgs_torch, wrong.
     Instance norm runs as its formula for the same reason (its kernel always uses a batch of one)."""
-    with _LoopFormulas():
+    with LoopFormulas(), exact_forwards(model):
         return _loop_rows(model, xs, params, create_graph)
 
 
@@ -157,7 +131,7 @@ def _flat(grads, params: list[Tensor]) -> Tensor:
 
 def _whole_batch_rows(model: nn.Module, xs: tuple[Tensor, ...], params: list[Tensor], create_graph: bool) -> Tensor:
     """J of the whole-batch function: one batched forward, a backward per output of model(X)."""
-    with _LoopFormulas():
+    with LoopFormulas(), exact_forwards(model):
         out = model(*xs).reshape(-1)
         return torch.stack([_gradient_row(out[a], params, create_graph) for a in range(out.numel())])
 
@@ -187,6 +161,11 @@ def verify(
     (``report.gradient_check``; tolerance 10⁻⁴). Never raises for a model mgs_torch cannot
     handle: the report's ``failure`` says what went wrong and which layers fail on their own.
     """
+    with self_check_disabled():  # verify is the whole check: it reports the engines as they are
+        return _verify(model, inputs, samples=samples, strategy=strategy, params=params, tolerance=tolerance)
+
+
+def _verify(model: nn.Module, inputs: Inputs, *, samples: int, strategy: str, params, tolerance: float) -> VerifyReport:
     model = functional_model(model)
     xs = tuple(x[:samples] for x in as_input_tuple(inputs))
     xs = tuple(x.double() if x.is_floating_point() else x for x in xs)
@@ -416,27 +395,11 @@ def _finite_difference_error(model: nn.Module, xs, plist: list[Tensor], rows, ou
     return worst
 
 
-class _FloatingDtypes(TorchFunctionMode):
-    """Records the floating dtypes of every op's tensor results."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: set[torch.dtype] = set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, Tensor) and t.is_floating_point():
-                self.seen.add(t.dtype)
-        return out
-
-
 def _lowest_precision(model: nn.Module, xs: tuple[Tensor, ...]) -> torch.dtype | None:
     """The least precise floating dtype below float64 that ``model``'s forward computes in, or None."""
-    with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices(model.parameters())), _FloatingDtypes() as spy:
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices(model.parameters())), FloatingDtypes() as spy:
         model(*xs)
-    low = [d for d in spy.seen if torch.finfo(d).eps > torch.finfo(torch.float64).eps]
-    return max(low, key=lambda d: torch.finfo(d).eps) if low else None
+    return lowest_precision(spy.seen)
 
 
 def _per_layer_failures(model: nn.Module, xs, strategy: str) -> dict[str, str]:

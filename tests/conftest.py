@@ -31,3 +31,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def no_self_check():
+    """Without mgs_torch's self-check on first use: for tests that make mgs_torch wrong on purpose (a deliberately
+    wrong layer rule) to see another mechanism at work."""
+    from mgs_torch.self_check import self_check_disabled
+
+    with self_check_disabled():
+        yield

@@ -432,3 +432,58 @@ def test_a_compiler_failure_is_never_blamed_on_a_layer():
         mgs_kernel(CompilerFailure().double(), torch.randn(2, 3, dtype=D), strategy="jacobian")
     assert not isinstance(info.value, UnsupportedLayerError)
     assert any("torch.compile" in note for note in getattr(info.value, "__notes__", []))
+
+
+# ----------------------------------------------------------------------------------- parameters held elsewhere, caches
+
+
+class HeldInAList(nn.Module):
+    """A Parameter the forward reaches through a plain list, not through its module's attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.held = [self.fc.weight]
+
+    def forward(self, x):
+        return self.out(torch.tanh(x @ self.held[0].T + self.fc.bias))
+
+
+class HeldInAPartial(nn.Module):
+    """Parameters bound into a functools.partial at construction."""
+
+    def __init__(self):
+        super().__init__()
+        import functools
+
+        self.fc, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.first = functools.partial(F.linear, weight=self.fc.weight, bias=self.fc.bias)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.first(x)))
+
+
+@pytest.mark.parametrize("cls", [HeldInAList, HeldInAPartial])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_parameters_reached_other_than_through_module_attributes_are_exact(cls, strategy):
+    torch.manual_seed(0)
+    assert_exact(cls().double(), torch.randn(3, 3, dtype=D), strategy)
+
+
+class Symmetric(nn.Module):
+    def forward(self, w):
+        return w.triu() + w.triu(1).T
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_parametrization_inside_parametrize_cached_is_exact(strategy):
+    import torch.nn.utils.parametrize as parametrize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    parametrize.register_parametrization(model[0], "weight", Symmetric())
+    x = torch.randn(4, 3, dtype=D)
+    mgs_kernel(model, x, strategy=strategy)  # planned outside the cache
+    with parametrize.cached():
+        assert_exact(model, x, strategy)
+        assert parametrize._cache_enabled == 1  # the user's caching is left as it was

@@ -56,6 +56,7 @@ class Plan:
     fallback: dict[str, str] = field(default_factory=dict)  # full parameter name -> reason
     registry_version: int = 0
     rowwise: bool = False  # the model provably keeps sample i in row i everywhere: the plain forward suffices
+    self_checks: dict = field(default_factory=dict)  # what mgs_torch.self_check has checked of this plan
 
     def routes(self) -> dict[str, str]:
         """Parameter name -> how it is computed: ``"rule:<Type>"`` or ``"reference: <reason>"``."""
