@@ -18,6 +18,9 @@ and their ``*_cell`` ops          inside ``vmap`` ("output with shape [1, h] doe
 ``F.hardsigmoid``                 no double backward (``hardsigmoid_backward``)
 ``F.rrelu``                       no ``vmap`` rule (``rrelu_with_noise``)
 ``F.embedding_bag``               no double backward (``_embedding_bag_backward``)
+``torch.cdist``                   ``jacrev`` gives a wrong Jacobian for every p (the batching rule of its
+                                  backward); no double backward
+``fused_moving_avg_obs_fake_quant`` no batching rule (QAT's default fused FakeQuantize)
 ``F.conv_transpose1d/2d/3d``      ``vmap(jacrev)`` fails ("grad_weight needs to be contiguous") when a
                                   size-1 dimension of the input has a non-standard stride
 ``torch.roll`` without ``dims``    on a 0-d per-sample tensor, ``vmap``'s rule rolls the *batch*: the
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from typing import Iterator
 
 import torch
@@ -97,6 +101,14 @@ def explained_failures(model, strategy: str) -> Iterator[None]:
                 "instead of (n·q)×(n·q); or use a smaller batch."
             )
             raise
+        second = re.search(r"derivative for '?(?:aten::)?(\w+?)(?:_backward)?'? is not implemented", str(error))
+        if second is not None:
+            raise UnsupportedLayerError(
+                f"{type(model).__name__} uses {second.group(1)}, whose derivative PyTorch cannot differentiate again. The "
+                f"MGS penalty is differentiated twice (its gradient is a derivative of J), so it cannot be trained through "
+                f"this op; the kernel, tr K and the metrics are exact (mgs_kernel, mgs_trace). Leave the parameters whose "
+                f"gradient passes through it out with params=..., or write the op as a composition of standard ops."
+            ) from error
         if "being transformed by a functorch transform" in str(error) or "autograd.functional" in str(error):
             raise autograd_in_forward_error(model, error) from error
         if "_nested_tensor_from_mask" in str(error):
@@ -372,6 +384,19 @@ def _convolution(dims: int):
     return conv
 
 
+# ---------------------------------------------------------------------------------- distances
+
+
+def cdist(x1, x2, p=2.0, compute_mode="use_mm_for_euclid_dist_if_necessary"):
+    """‖x1_i − x2_j‖_p for every pair (batched over leading dimensions), as a difference and a vector norm.
+
+    torch.func's Jacobian of ``torch.cdist`` is wrong for every p and either argument (``jacrev`` alone, 120–134 %
+    off; PyTorch 2.13), and PyTorch has no double backward for it. The difference costs P·R·M memory where the
+    public op's matrix-product route for large inputs does not; its values agree to rounding (the public op's
+    route is the less accurate one)."""
+    return torch.linalg.vector_norm(x1.unsqueeze(-2) - x2.unsqueeze(-3), ord=p, dim=-1)
+
+
 # ---------------------------------------------------------------------------------- quantisation-aware training
 
 
@@ -619,6 +644,7 @@ REPLACED_OPS: dict = {
     F.conv_transpose2d: _transposed_convolution(F.conv_transpose2d),
     F.conv_transpose3d: _transposed_convolution(F.conv_transpose3d),
     torch.fused_moving_avg_obs_fake_quant: fused_moving_avg_obs_fake_quant,
+    torch.cdist: cdist,
     torch.roll: _roll(torch.roll),
     torch.Tensor.roll: _roll(torch.Tensor.roll),
     _VF.lstm: _make_rnn("lstm"),

@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 SAMPLES = 2
-PROBES = 2
+PROBES = 1
 TOLERANCES = {torch.float64: 1e-6, torch.float32: 1e-3}
 FINITE_DIFFERENCE_TOLERANCE = 1e-5
 

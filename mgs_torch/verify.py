@@ -312,7 +312,7 @@ def _loop_gradient(J: Tensor, plist: list[Tensor]) -> list[Tensor | None]:
 
 class _SecondOrderFormulas(TorchFunctionMode):
     """A 2-D ``embedding_bag`` as the sum, mean or max of the rows it looks up (written here, apart from
-    :mod:`mgs_torch.op_fixes`): PyTorch cannot differentiate its own twice. Used for the gradient check
+    :mod:`mgs_torch.op_fixes`), and ``cdist`` as a difference and a norm: PyTorch cannot differentiate its own twice. Used for the gradient check
     only, so K is still compared with PyTorch's kernel. Records what it replaced in ``used``."""
 
     def __enter__(self):
@@ -325,6 +325,10 @@ class _SecondOrderFormulas(TorchFunctionMode):
         if func is F.embedding_bag:
             self.used.add("embedding_bag")
             return _embedding_bag_formula(*args, **kwargs)
+        if func is torch.cdist:
+            self.used.add("cdist")
+            x1, x2, p = args[0], args[1], (args[2] if len(args) > 2 else kwargs.get("p", 2.0))
+            return torch.linalg.vector_norm(x1.unsqueeze(-2) - x2.unsqueeze(-3), ord=p, dim=-1)
         return func(*args, **kwargs)
 
 

@@ -2,10 +2,11 @@
 
 The zoo and the random architectures cover layer families; this covers *ops*, from PyTorch's own
 operator database (``torch.testing._internal.common_methods_invocations.op_db``: each op with the
-sample inputs PyTorch's own tests use). For every op that supports float64 and double backward and
+sample inputs PyTorch's own tests use). For every op that supports float64 and a first derivative
+(ops without PyTorch's double backward included: their penalty gradient is checked by finite differences) and
 each of its first sample inputs, a tiny model applies the op to each sample of a batch,
 
-    f_i(θ) = op(x_i ⊙ θ, *other args)[:4]        (θ shaped like the op's input, x_i = input + noise),
+    f_i(θ) = op(x_i ⊙ θ₀, a₁ ⊙ θ₁, …)[:4]        (a θ on every floating argument, x_i = input + noise),
 
 so the op runs on torch.func's batched tensors inside mgs_torch's per-sample vmap, and
 :func:`mgs_torch.verify` compares K and the trace-penalty gradient with the plain loop. Anything above
@@ -13,7 +14,7 @@ the tolerance is a finding (a wrong batching rule or derivative: check it by fin
 route it in ``mgs_torch.op_fixes`` and pin it in ``test_upstream_bugs.py``); a refusal is listed.
 
 Needs PyTorch's test dependencies: ``pip install expecttest hypothesis``. Not part of the suite (it
-takes minutes). ``python tests/opinfo_sweep.py [--ops name ...] [--samples 2]``.
+takes minutes). ``python tests/opinfo_sweep.py [--ops name ...] [--samples 2] [--theta all|input]``.
 """
 
 from __future__ import annotations
@@ -34,15 +35,27 @@ SKIP = ("normal", "bernoulli", "dropout", "rand", "multinomial", "empty", "new_"
 
 
 class OpModel(nn.Module):
-    """f_i(θ) = op(x_i ⊙ θ, *args, **kwargs), its first floating output flattened, first ``q`` entries."""
+    """f_i(θ) = op(x_i ⊙ θ₀, a₁ ⊙ θ₁, …, k ⊙ θ_k), its first floating output flattened, first ``q`` entries.
 
-    def __init__(self, op, sample, q: int = 4):
+    ``theta="all"`` puts a parameter on every floating tensor argument (weights, biases, masks, keys and
+    values: the derivatives an op's first input never reaches); ``"input"`` on the first one only."""
+
+    def __init__(self, op, sample, q: int = 4, theta: str = "all"):
         super().__init__()
         self.op, self.args, self.kwargs, self.q = op, sample.args, sample.kwargs, q
         self.theta = nn.Parameter(1 + 0.1 * torch.randn_like(sample.input))
+        floating = lambda v: isinstance(v, torch.Tensor) and v.is_floating_point() and v.layout == torch.strided  # noqa: E731
+        self.arg_thetas = nn.ParameterDict({
+            str(i): nn.Parameter(1 + 0.1 * torch.randn_like(a)) for i, a in enumerate(self.args) if theta == "all" and floating(a)
+        })
+        self.kwarg_thetas = nn.ParameterDict({
+            k: nn.Parameter(1 + 0.1 * torch.randn_like(v)) for k, v in self.kwargs.items() if theta == "all" and floating(v)
+        })
 
     def one(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.op(x * self.theta, *self.args, **self.kwargs)
+        args = [a * self.arg_thetas[str(i)] if str(i) in self.arg_thetas else a for i, a in enumerate(self.args)]
+        kwargs = {k: v * self.kwarg_thetas[k] if k in self.kwarg_thetas else v for k, v in self.kwargs.items()}
+        out = self.op(x * self.theta, *args, **kwargs)
         if isinstance(out, (tuple, list)):
             out = next(t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point())
         return out.reshape(-1)[: self.q]
@@ -57,7 +70,7 @@ def candidates(names: list[str] | None):
     for op in op_db:
         if names and op.name not in names and f"{op.name}.{op.variant_test_name}" not in names:
             continue
-        if not (op.supports_autograd and op.supports_gradgrad) or D not in op.supported_dtypes("cpu"):
+        if not op.supports_autograd or D not in op.supported_dtypes("cpu"):
             continue
         if any(s in op.name for s in SKIP):
             continue
@@ -69,8 +82,8 @@ def report_line(findings: list[str], line: str) -> None:
     print(line, flush=True)
 
 
-def sweep(names: list[str] | None, samples: int, tol: float) -> list[str]:
-    findings, counts = [], {"ok": 0, "wrong": 0, "refused": 0, "skipped": 0}
+def sweep(names: list[str] | None, samples: int, tol: float, theta: str = "all") -> list[str]:
+    findings, counts = [], {"ok": 0, "wrong": 0, "refused": 0, "skipped": 0, "ok without PyTorch double backward": 0}
     for op in candidates(names):
         label = op.name + (f".{op.variant_test_name}" if op.variant_test_name else "")
         taken = 0
@@ -82,7 +95,7 @@ def sweep(names: list[str] | None, samples: int, tol: float) -> list[str]:
                 continue
             torch.manual_seed(taken)
             try:
-                model = OpModel(op.op, sample).eval()
+                model = OpModel(op.op, sample, theta=theta).eval()
                 x = torch.stack([x0 + 0.05 * torch.randn_like(x0) for _ in range(3)])
                 with torch.no_grad():
                     out = model(x)
@@ -107,6 +120,8 @@ def sweep(names: list[str] | None, samples: int, tol: float) -> list[str]:
                 report_line(findings, f"WRONG   {label} [{tuple(x0.shape)}, {sample.args and type(sample.args[0]).__name__}]: "
                                 f"K {report.kernel_error:.1e}, ∂tr K {report.gradient_error if report.gradient_error is None else f'{report.gradient_error:.1e}'}"
                                 f"{' ' + report.notes[-1][:120] if report.notes else ''}")
+            elif not op.supports_gradgrad:
+                counts["ok without PyTorch double backward"] += 1  # K against the loop, ∂ tr K by finite differences
             else:
                 counts["ok"] += 1
     findings.append(f"totals: {counts}")
@@ -118,10 +133,12 @@ def main() -> None:
     parser.add_argument("--ops", nargs="*", help="op names (default: every candidate)")
     parser.add_argument("--samples", type=int, default=2, help="sample inputs per op")
     parser.add_argument("--tolerance", type=float, default=1e-8)
+    parser.add_argument("--theta", choices=("all", "input"), default="all",
+                        help="a parameter on every floating argument of the op (default), or on its first input only")
     args = parser.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    print(sweep(args.ops, args.samples, args.tolerance)[-1])
+    print(sweep(args.ops, args.samples, args.tolerance, args.theta)[-1])
     print(f"{time.perf_counter() - t0:.0f} s")
 
 

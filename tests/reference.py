@@ -26,12 +26,20 @@ class _PlainInstanceNorm(TorchFunctionMode):
     own replacement (mgs_torch.op_fixes), which it checks.
     """
 
+    def __init__(self, second_order: bool = False):
+        super().__init__()
+        self.second_order = second_order
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.instance_norm:
             return _instance_norm(*args, **kwargs)
         if func is F.embedding_bag:
             return _embedding_bag(func, *args, **kwargs)
+        if func is torch.cdist and self.second_order:  # PyTorch has no double backward for it: its definition
+            x1, x2, p = args[0], args[1], (args[2] if len(args) > 2 else kwargs.get("p", 2.0))
+            return ((x1.unsqueeze(-2) - x2.unsqueeze(-3)).abs() ** p).sum(-1) ** (1 / p) if p != float("inf") else (
+                (x1.unsqueeze(-2) - x2.unsqueeze(-3)).abs().amax(-1))
         return func(*args, **kwargs)
 
 
@@ -96,7 +104,7 @@ def jacobian_loop(
             gs = torch.autograd.grad(out[a], params, retain_graph=True, create_graph=create_graph, allow_unused=True)
             rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, params)]))
 
-    with math_attention, _PlainInstanceNorm():
+    with math_attention, _PlainInstanceNorm(second_order=create_graph):
         if whole_batch:
             grads_of(model(*inputs).reshape(-1))
         else:

@@ -487,3 +487,85 @@ def test_a_parametrization_inside_parametrize_cached_is_exact(strategy):
     with parametrize.cached():
         assert_exact(model, x, strategy)
         assert parametrize._cache_enabled == 1  # the user's caching is left as it was
+
+
+class Annealed(nn.Module):
+    """A forward that counts its calls in a buffer and anneals its scale with the count (warm-up schedules)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.out(torch.tanh(self.fc(x)) * torch.clamp(self.calls / 10, max=1.0))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_forward_that_counts_its_calls_in_a_buffer_is_the_function_of_the_next_call(strategy):
+    torch.manual_seed(0)
+    model, x = Annealed().double(), torch.randn(4, 3, dtype=D)
+    model(x)  # calls = 1: model(x) would now compute with calls = 2
+    K = mgs_kernel(model, x, strategy=strategy)
+    assert float(model.calls) == 1  # left as it was
+    assert relative_error(K, stateful_kernel_loop(model, x)) < 1e-12
+
+
+class CountsInAnAttribute(Annealed):
+    """The same, with the count in a plain Python attribute: no buffer, so nothing mgs_torch can put back."""
+
+    def __init__(self):
+        super().__init__()
+        self.python_calls = 0
+
+    def forward(self, x):
+        self.python_calls += 1
+        return self.out(torch.tanh(self.fc(x)) * min(self.python_calls / 10, 1.0))
+
+
+def test_state_in_a_python_attribute_is_caught_by_the_self_check():
+    """Every forward mgs_torch runs moves the count, so no route computes model(x) as it is: the self-check, which
+    calls the model itself, refuses to return K rather than return the wrong one."""
+    from mgs_torch import SelfCheckError
+
+    torch.manual_seed(0)
+    with pytest.raises(SelfCheckError):
+        mgs_kernel(CountsInAnAttribute().double(), torch.randn(4, 3, dtype=D))
+
+
+class Prototypes(nn.Module):
+    """Negative distances to learned prototypes as logits (RBF and prototype networks): torch.cdist."""
+
+    def __init__(self, p: float = 2.0):
+        super().__init__()
+        self.fc, self.prototypes, self.p = nn.Linear(3, 4), nn.Parameter(torch.randn(5, 4)), p
+
+    def forward(self, x):
+        return -torch.cdist(torch.tanh(self.fc(x)), self.prototypes, p=self.p)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_distances_to_prototypes_are_exact(p, strategy):
+    torch.manual_seed(0)
+    assert_exact(Prototypes(p).double(), torch.randn(4, 3, dtype=D), strategy)
+
+
+class MarginOutput(nn.Module):
+    """Outputs through an op PyTorch cannot differentiate twice (multi_margin_loss)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x, target):
+        return F.multi_margin_loss(torch.tanh(self.fc(x)), target, reduction="none")[:, None]
+
+
+def test_the_penalty_through_an_op_without_a_second_derivative_is_refused_with_what_works():
+    torch.manual_seed(0)
+    model, inputs = MarginOutput().double(), (torch.randn(4, 3, dtype=D), torch.tensor([0, 1, 2, 3]))
+    assert relative_error(mgs_kernel(model, inputs), kernel_loop(model, inputs)) < 1e-12  # K is exact
+    with pytest.raises(UnsupportedLayerError, match=r"multi_margin_loss, whose derivative PyTorch cannot differentiate again"):
+        mgs_penalty(model, inputs)

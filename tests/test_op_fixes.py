@@ -81,6 +81,7 @@ OPINFO_NAMES = {
     F.conv_transpose2d: ["nn.functional.conv_transpose2d"],
     F.conv_transpose3d: ["nn.functional.conv_transpose3d"],
     torch.roll: ["roll"],
+    torch.cdist: ["cdist"],
     torch.Tensor.roll: ["roll"],
     F.conv1d: ["nn.functional.conv1d"],
     F.conv2d: ["nn.functional.conv2d"],

@@ -228,3 +228,19 @@ def test_the_fused_fake_quantize_op_has_no_batching_rule():
     fq.apply(quantization.disable_observer)
     with pytest.raises(RuntimeError, match="Batching rule not implemented for aten::(_fused_moving_avg_obs_fq_helper|fused_moving_avg_obs_fake_quant)"):
         vmap(fq)(torch.randn(3, 2, 4))
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, float("inf")])
+def test_jacrev_of_cdist_is_wrong(p):
+    """torch.func's Jacobian of torch.cdist (vmap over the cotangents of its backward) against central differences;
+    the plain autograd derivative agrees with them (mgs_torch computes cdist as a difference and a norm)."""
+    from torch.func import jacrev
+
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    f = lambda t: torch.cdist(t, b, p=p).reshape(-1)  # noqa: E731
+    steps = torch.eye(a.numel(), dtype=torch.float64).reshape(-1, *a.shape)
+    by_values = torch.stack([(f(a + 1e-6 * e) - f(a - 1e-6 * e)) / 2e-6 for e in steps], -1)
+    plain = torch.stack([torch.autograd.grad(f(a.requires_grad_()), a, v)[0].reshape(-1) for v in torch.eye(15, dtype=torch.float64)])
+    assert relative_error(plain, by_values) < 1e-8
+    assert relative_error(jacrev(f)(a.detach()).reshape(15, -1), by_values) > 0.1, FIXED_UPSTREAM.format(torch.__version__, "torch.cdist")
