@@ -6,7 +6,9 @@ loop, these ops give wrong numbers or fail inside the kernel and penalty computa
 ================================  ==============================================================
 op                                what goes wrong upstream
 ================================  ==============================================================
-``F.layer_norm``                  double backward through ``vmap`` over the cotangents of a
+``F.layer_norm`` (and             double backward through ``vmap`` over the cotangents of a
+``torch.layer_norm``,
+``torch.native_layer_norm``)
                                   ``vjp`` is 0.4–2 % off for the parameters upstream of the norm
 ``F.instance_norm``               same (a bias whose true gradient is 0 gets 3.5e-4)
 ``F.batch_norm`` (batch stats)    same, under ``batch_norm="batch"``
@@ -101,7 +103,7 @@ def explained_failures(model, strategy: str) -> Iterator[None]:
                 "instead of (n·q)×(n·q); or use a smaller batch."
             )
             raise
-        second = re.search(r"derivative for '?(?:aten::)?(\w+?)(?:_backward)?'? is not implemented", str(error))
+        second = re.search(r"derivative for '?(?:aten::)?(\w+?)_backward'? is not implemented", str(error))
         if second is not None:
             raise UnsupportedLayerError(
                 f"{type(model).__name__} uses {second.group(1)}, whose derivative PyTorch cannot differentiate again. The "
@@ -229,6 +231,28 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         return torch.batch_norm(input, weight, bias, running_mean, running_var, False, momentum, eps, True)
     dims = (0,) + tuple(range(2, input.dim()))
     return _affine_channels(_normalize(input, dims, eps), weight, bias)
+
+
+# the same kernels reached through torch.* (their own argument order): routed the same way
+def torch_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
+    return layer_norm(input, normalized_shape, weight, bias, eps)
+
+
+def native_layer_norm(input, normalized_shape, weight, bias, eps):
+    """``(y, mean, rstd)`` as ``torch.native_layer_norm`` returns them (statistics kept over the normalised dims)."""
+    dims = tuple(range(input.dim() - len(tuple(normalized_shape)), input.dim()))
+    mean = input.mean(dims, keepdim=True)
+    rstd = torch.rsqrt(((input - mean) ** 2).mean(dims, keepdim=True) + eps)
+    return layer_norm(input, normalized_shape, weight, bias, eps), mean, rstd
+
+
+def torch_instance_norm(input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn_enabled):
+    return instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+
+
+def torch_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled):
+    # called with the mode off (_CALL_THE_ORIGINAL): the eval branch of batch_norm calls torch.batch_norm itself
+    return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
 # ---------------------------------------------------------------------------------- activations
@@ -395,6 +419,13 @@ def cdist(x1, x2, p=2.0, compute_mode="use_mm_for_euclid_dist_if_necessary"):
     public op's matrix-product route for large inputs does not; its values agree to rounding (the public op's
     route is the less accurate one)."""
     return torch.linalg.vector_norm(x1.unsqueeze(-2) - x2.unsqueeze(-3), ord=p, dim=-1)
+
+
+def pdist(input, p=2.0):
+    """‖x_i − x_j‖_p for i < j in row-major order, as ``torch.pdist``: right under torch.func, but PyTorch has no
+    double backward for it (the penalty's gradient needs one)."""
+    i, j = torch.triu_indices(input.shape[0], input.shape[0], 1, device=input.device)
+    return torch.linalg.vector_norm(input[i] - input[j], ord=p, dim=-1)
 
 
 # ---------------------------------------------------------------------------------- quantisation-aware training
@@ -630,8 +661,12 @@ _DATA_PTR = torch.Tensor.data_ptr
 
 REPLACED_OPS: dict = {
     F.layer_norm: layer_norm,
+    torch.layer_norm: torch_layer_norm,
+    torch.native_layer_norm: native_layer_norm,
     F.instance_norm: instance_norm,
+    torch.instance_norm: torch_instance_norm,
     F.batch_norm: batch_norm,
+    torch.batch_norm: torch_batch_norm,
     F.prelu: prelu,
     torch.prelu: prelu,
     F.hardsigmoid: hardsigmoid,
@@ -645,6 +680,7 @@ REPLACED_OPS: dict = {
     F.conv_transpose3d: _transposed_convolution(F.conv_transpose3d),
     torch.fused_moving_avg_obs_fake_quant: fused_moving_avg_obs_fake_quant,
     torch.cdist: cdist,
+    torch.pdist: pdist,
     torch.roll: _roll(torch.roll),
     torch.Tensor.roll: _roll(torch.Tensor.roll),
     _VF.lstm: _make_rnn("lstm"),
@@ -661,7 +697,7 @@ REPLACED_OPS: dict = {
 _RECORDERS: list[set] = []
 # replacements that call the op they replace: they run with the mode off, or they would call themselves
 _CALL_THE_ORIGINAL = (
-    F.multi_head_attention_forward, torch.fused_moving_avg_obs_fake_quant, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, torch.roll, torch.Tensor.roll,
+    F.multi_head_attention_forward, torch.fused_moving_avg_obs_fake_quant, torch.batch_norm, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, torch.roll, torch.Tensor.roll,
 )
 
 

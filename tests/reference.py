@@ -36,6 +36,10 @@ class _PlainInstanceNorm(TorchFunctionMode):
             return _instance_norm(*args, **kwargs)
         if func is F.embedding_bag:
             return _embedding_bag(func, *args, **kwargs)
+        if func is torch.pdist and self.second_order:  # PyTorch has no double backward for it: its definition
+            x, p = args[0], (args[1] if len(args) > 1 else kwargs.get("p", 2.0))
+            i, j = torch.triu_indices(x.shape[0], x.shape[0], 1)
+            return ((x[i] - x[j]).abs() ** p).sum(-1) ** (1 / p)
         if func is torch.cdist and self.second_order:  # PyTorch has no double backward for it: its definition
             x1, x2, p = args[0], args[1], (args[2] if len(args) > 2 else kwargs.get("p", 2.0))
             return ((x1.unsqueeze(-2) - x2.unsqueeze(-3)).abs() ** p).sum(-1) ** (1 / p) if p != float("inf") else (

@@ -569,3 +569,45 @@ def test_the_penalty_through_an_op_without_a_second_derivative_is_refused_with_w
     assert relative_error(mgs_kernel(model, inputs), kernel_loop(model, inputs)) < 1e-12  # K is exact
     with pytest.raises(UnsupportedLayerError, match=r"multi_margin_loss, whose derivative PyTorch cannot differentiate again"):
         mgs_penalty(model, inputs)
+
+
+class NormAliases(nn.Module):
+    """Layer, instance and batch norm called through their torch.* forms, as some libraries do."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.fc, self.head, self.how = nn.Linear(3, 8), nn.Linear(8, 2), how
+        self.w, self.b = nn.Parameter(1 + 0.1 * torch.randn(8)), nn.Parameter(0.1 * torch.randn(8))
+        self.w2, self.b2 = nn.Parameter(1 + 0.1 * torch.randn(2)), nn.Parameter(0.1 * torch.randn(2))
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.how == "torch.layer_norm":
+            h = torch.layer_norm(h, (8,), self.w, self.b, 1e-5)
+        elif self.how == "torch.native_layer_norm":
+            h = torch.native_layer_norm(h, (8,), self.w, self.b, 1e-5)[0]
+        else:  # instance norm over 4 positions of 2 channels
+            h = torch.instance_norm(h.reshape(-1, 2, 4), self.w2, self.b2, None, None, True, 0.1, 1e-5, False).reshape(-1, 8)
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("how", ["torch.layer_norm", "torch.native_layer_norm", "torch.instance_norm"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_norms_through_their_torch_forms_are_exact(how, strategy):
+    torch.manual_seed(0)
+    assert_exact(NormAliases(how).double(), torch.randn(4, 3, dtype=D), strategy)
+
+
+class PairwiseDistances(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 8)
+
+    def forward(self, x):
+        return torch.stack([torch.pdist(torch.tanh(self.fc(row)).reshape(4, 2)) for row in x])
+
+
+@pytest.mark.parametrize("strategy", ["jacobian", "auto"])
+def test_pdist_is_exact_and_its_penalty_trains(strategy):
+    torch.manual_seed(0)
+    assert_exact(PairwiseDistances().double(), torch.randn(3, 3, dtype=D), strategy)

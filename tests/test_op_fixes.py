@@ -82,10 +82,23 @@ OPINFO_NAMES = {
     F.conv_transpose3d: ["nn.functional.conv_transpose3d"],
     torch.roll: ["roll"],
     torch.cdist: ["cdist"],
+    torch.pdist: ["nn.functional.pdist"],
+    torch.native_layer_norm: ["native_layer_norm"],
     torch.Tensor.roll: ["roll"],
     F.conv1d: ["nn.functional.conv1d"],
     F.conv2d: ["nn.functional.conv2d"],
     F.conv3d: ["nn.functional.conv3d"],
+}
+# torch.* forms of replaced F ops, called with the F op's OpInfo samples through their own argument order
+ALIASES = {
+    torch.layer_norm: (F.layer_norm, lambda input, normalized_shape, weight=None, bias=None, eps=1e-5: torch.layer_norm(
+        input, normalized_shape, weight, bias, eps)),
+    torch.instance_norm: (F.instance_norm, lambda input, running_mean=None, running_var=None, weight=None, bias=None,
+                          use_input_stats=True, momentum=0.1, eps=1e-5: torch.instance_norm(
+        input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, False)),
+    torch.batch_norm: (F.batch_norm, lambda input, running_mean, running_var, weight=None, bias=None, training=False,
+                       momentum=0.1, eps=1e-5: torch.batch_norm(
+        input, weight, bias, running_mean, running_var, training, momentum, eps, False)),
 }
 MODULE_CASES = {
     _VF.lstm: nn.LSTM, _VF.gru: nn.GRU, _VF.rnn_tanh: nn.RNN, _VF.rnn_relu: nn.RNN,
@@ -112,6 +125,7 @@ RUNNING_STATISTICS = (F.batch_norm, F.instance_norm)
 
 def _running_statistics(op, args, kwargs) -> set[int]:
     """ids of the running-statistics buffers among a norm's arguments (held fixed, never compared)."""
+    op = ALIASES.get(op, (op,))[0]  # the aliases take the F op's arguments (through their adapters)
     if op not in RUNNING_STATISTICS:
         return set()
     bound = inspect.signature(op).bind_partial(*args, **kwargs).arguments
@@ -119,6 +133,9 @@ def _running_statistics(op, args, kwargs) -> set[int]:
 
 
 def _opinfo_cases(op) -> list[Case]:
+    if op in ALIASES:
+        public, adapter = ALIASES[op]
+        return [dataclasses.replace(c, label=f"{_name(op)} {c.label}", fn=adapter) for c in _opinfo_cases(public)]
     cases = []
     for name in OPINFO_NAMES.get(op, []):
         for info in op_db:
