@@ -26,4 +26,7 @@ def test_quickstart_runs_and_logs_to_lightning_logs(tmp_path, monkeypatch, capsy
     ea = event_accumulator.EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
     assert {"mgs/trace", "mgs/logdet", "mgs/trace_epoch", "train/mgs_alpha", "train/data_loss"} <= set(ea.Tags()["scalars"])
     assert [e.step for e in ea.Scalars("mgs/trace")] == [9, 19]  # 22 steps, logged every 10
-    assert [e.value for e in ea.Scalars("train/mgs_alpha")] == [0.0, 0.0]  # still in the 20-step warm-up
+    assert [e.value for e in ea.Scalars("train/mgs_alpha")] == [0.0, pytest.approx(1e-3)]  # the 10-step warm-up, then α
+    # per-step values reach the logger in the first epoch (Lightning's default interval, 50, would log none)
+    (penalty,) = ea.Scalars("train/mgs_penalty")
+    assert penalty.step == 19 and penalty.value > 0
