@@ -127,6 +127,8 @@ def jacobian_rows(problem: KernelProblem, *, chunk_size: int | None = None) -> d
 
         def samples(start: int, stop: int) -> dict[str, Tensor]:
             jac, out = per_sample(problem.params, *(x[start:stop] for x in problem.inputs))
+            if out.shape[1:] != (q,):  # the cached q no longer fits this forward: rebuild (before reshaping J)
+                raise StaleOutputShape
             outs.append(out)
             return {k: v.reshape((stop - start) * q, *v.shape[2:]) for k, v in jac.items()}
 
