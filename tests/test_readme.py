@@ -42,7 +42,8 @@ def test_the_readme_is_a_guide_in_the_order_a_user_needs_it():
     headings = re.findall(r"^## (.+)$", README, flags=re.M)
     order = ["Install", "Plain PyTorch", "PyTorch Lightning", "Hugging Face", "Choosing α, and what a step costs",
              "Check it on your model: `verify`", "More"]
-    assert headings == order
+    assert [h for h in headings if h in order] == order  # in this order; other sections may sit between them
+    assert headings.index("PyTorch Lightning") <= 3  # Lightning within the first screenfuls, not behind internals
     assert len(README.splitlines()) <= 200
     # the two copy-paste commands come first, before any section
     first_section = README.index("\n## ")
