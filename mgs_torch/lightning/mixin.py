@@ -184,7 +184,7 @@ class MGSRegularizedMixin:
     Args:
         mgs_kind: ``"trace"`` or ``"logdet"`` (g above).
         mgs_alpha: α, the penalty's weight (a finite float ≥ 0; 0 disables the penalty). **Default
-            1e-3** with ``reduction="mean"`` (``docs/lightning.md`` says how to choose it). A negative α
+            1e-3** with ``reduction="mean"`` (the README's "Choosing α" says how to choose it). A negative α
             is refused unless ``mgs_allow_negative_alpha=True``.
         mgs_estimator: ``"exact"`` or ``"hutchinson"`` (trace only; unbiased, cheaper by ≈ q/num_probes).
         mgs_num_probes: Rademacher probes per sample for Hutchinson.
