@@ -249,6 +249,8 @@ def build_problem(
     n = x[0].shape[0]
     draft = KernelProblem(model, x, chosen, frozen, n, 0, (), per_sample, stochastic, owners, buffers, signature,
                           call_names=functional_call_names(model))
+    if n == 1 and not per_sample:
+        _refuse_a_batch_of_one(draft)
     cached = None if revalidate else _OUTPUT_SHAPES.get(model, signature)
     checked = cached is None
     if checked:
@@ -407,6 +409,24 @@ def _raise_if_the_model_fails_alone(problem: KernelProblem, err: RuntimeError) -
         except RuntimeError:
             return  # not a matter of gradient mode: the caller explains the original error
     raise autograd_in_forward_error(problem.model, err) from err
+
+
+def _refuse_a_batch_of_one(problem: KernelProblem) -> None:
+    """A train-mode BatchNorm over one value per channel has no batch statistics: ``model(x)`` raises
+    there, and so must MGS (the exact replacement of ``batch_norm`` in :class:`~mgs_torch.op_fixes.ExactOps`
+    does not check it). Runs the model's own forward once, on copies of the buffers, for a batch of one only."""
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices(problem.params.values())):
+        try:
+            problem.raw_forward(fresh_buffers=True, exact_ops=False)
+        except ValueError as own:
+            if "Expected more than 1 value per channel" not in str(own):
+                raise
+            raise ValueError(
+                f"batch_norm='batch' on a batch of one sample: BatchNorm in training mode normalises with the "
+                f"batch's statistics, which one sample does not have, and {type(problem.model).__name__}(x) raises "
+                f"the same ({own}). Pass at least two samples, or use the running statistics: batch_norm='eval' "
+                f"(the default) or model.eval()."
+            ) from own
 
 
 def _data_dependent(error: Exception) -> str | None:

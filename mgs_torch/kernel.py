@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ._costs import announced
 from ._guards import preserved_state
-
 from ._problem import build_problem, with_fresh_outputs
 
 from ._validation import Inputs, ParamFilter, functional_model
@@ -49,7 +49,10 @@ def mgs_kernel(
             or a callable ``(name, param) -> bool``. Default: every parameter with ``requires_grad``.
         strategy: ``"structured"`` (per-layer Gram products, falling back per parameter to the
             reference), ``"jacobian"`` (the reference: ``vmap(jacrev)`` contraction) or ``"auto"``.
-        chunk_size: bound memory: samples (reference) or output cotangents (structured) processed at once.
+        chunk_size: how many output cotangents (structured) or samples (reference; rows of J on its
+            whole-batch route) are processed at once: it bounds the working memory of the backward
+            passes. K itself (N² numbers) is always formed, and the reference also holds all of J
+            (n·q·p numbers); a value that splits nothing is reported once.
         dtype: compute in this dtype (e.g. ``torch.float64`` for stable log-determinants).
         batch_norm: ``"eval"`` (default) evaluates BatchNorm with its running statistics, so every
             sample has its own well-defined Jacobian; ``"batch"`` keeps train-mode BatchNorm on batch
@@ -64,13 +67,17 @@ def mgs_kernel(
     is left as it was); call ``model.eval()`` first for the kernel of the deterministic network.
 
     Cost: structured ≈ one forward + one backward at batch q·n + per-layer Grams; reference:
-    n·q per-sample backward passes, n·q·p memory for J, (n·q)²·p for the contraction.
+    n·q per-sample backward passes, n·q·p memory for J, (n·q)²·p for the contraction. A K of more
+    than ``mgs_torch._costs.LARGE_KERNEL_ROWS`` (4096) rows is announced once with its cost, and
+    running out of memory raises ``torch.OutOfMemoryError`` saying what the call holds and what to set.
     """
     opts = KernelOptions(outputs, params, strategy, chunk_size, dtype, batch_norm)
-    return on_problem(
-        model, inputs, opts, create_graph, lambda problem, engine: engine.kernel(problem, outputs=outputs, chunk_size=chunk_size),
-        kernel=True,
-    )
+
+    def compute(problem, engine):
+        with announced(problem, engine, what="kernel", outputs=outputs, chunk_size=chunk_size):
+            return engine.kernel(problem, outputs=outputs, chunk_size=chunk_size)
+
+    return on_problem(model, inputs, opts, create_graph, compute, kernel=True)
 
 
 def mgs_trace(
@@ -97,12 +104,15 @@ def mgs_trace(
     opts = PenaltyOptions(params=params, strategy=strategy, chunk_size=chunk_size, dtype=dtype, batch_norm=batch_norm,
                           estimator=estimator, num_probes=num_probes)
     generator = generator if generator is not None else default_generator()
-    return on_problem(
-        model, inputs, opts, create_graph,
-        lambda problem, engine: trace_from_rows(
-            problem, engine, estimator=estimator, num_probes=num_probes, generator=generator, chunk_size=chunk_size
-        ),
-    )
+
+    def compute(problem, engine):
+        cotangents = problem.q if estimator == "exact" else num_probes
+        with announced(problem, engine, what="trace", chunk_size=chunk_size, cotangents=cotangents):
+            return trace_from_rows(
+                problem, engine, estimator=estimator, num_probes=num_probes, generator=generator, chunk_size=chunk_size
+            )
+
+    return on_problem(model, inputs, opts, create_graph, compute)
 
 
 def on_problem(model: nn.Module, inputs: Inputs, opts: KernelOptions, create_graph: bool, compute, *, kernel: bool = False):

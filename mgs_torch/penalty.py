@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ._costs import announced, warn_if_idle_chunk
 from ._linalg import logdet_psd
 from ._guards import preserved_state, restore_rng_states, rng_states
 from ._problem import KernelProblem, build_problem
@@ -97,6 +98,7 @@ def _trace_in_chunks(
         restore_rng_states(rng)
         # drawn once: every chunk and its recomputation slice the same probes
         cotangents = trace_cotangents(estimator, num_probes, generator)(problem)
+    warn_if_idle_chunk(chunk_size, cotangents.shape[0], "outputs" if estimator == "exact" else "probes")
 
     def value_of(start: int, leaves: list[Tensor] | None) -> Tensor:
         with preserved_state(model, batch_norm), explained_failures(model, "chunked"):
@@ -152,7 +154,9 @@ def mgs_penalty(
 
     ``chunk_size`` bounds memory: for the trace, the graph of only ``chunk_size`` outputs (or probes)
     is alive at a time and is recomputed during ``backward`` (activation checkpointing: one extra
-    forward and backward per chunk); for the log-determinant it bounds the kernel computation only.
+    forward and backward per chunk); for the log-determinant it is :func:`mgs_torch.mgs_kernel`'s
+    ``chunk_size`` (K, and on the jacobian route J, are held whole). A log-det of a K with more than
+    4096 rows is announced once with its cost.
 
     The other arguments are those of :func:`mgs_torch.mgs_kernel`. The model's parameters, ``.grad``,
     train/eval flags, buffers and the global RNG are left untouched. Cost (structured engine, exact
@@ -179,11 +183,12 @@ def mgs_penalty(
     else:
 
         def compute(problem: KernelProblem, engine) -> tuple[Tensor, KernelProblem]:
-            if kind == "trace":
-                return trace_from_rows(
-                    problem, engine, estimator=estimator, num_probes=num_probes, generator=generator, chunk_size=chunk_size,
-                ), problem
-            return logdet_psd(engine.kernel(problem, outputs=outputs, chunk_size=chunk_size), jitter), problem
+            with announced(problem, engine, what=kind, outputs=outputs, chunk_size=chunk_size):
+                if kind == "trace":
+                    return trace_from_rows(
+                        problem, engine, estimator=estimator, num_probes=num_probes, generator=generator, chunk_size=chunk_size,
+                    ), problem
+                return logdet_psd(engine.kernel(problem, outputs=outputs, chunk_size=chunk_size), jitter), problem
 
         value, problem = on_problem(model, inputs, opts, True, compute, kernel=kind == "logdet")
     if reduction == "mean":

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import mlp
+from helpers import assert_close, mlp
 from mgs_torch import NonFiniteOutputError, mgs_kernel, mgs_penalty, mgs_trace
 
 X = torch.randn(3, 4, dtype=torch.float64)
@@ -144,3 +144,29 @@ def test_batch_norm_without_running_statistics_needs_the_batch_policy():
     with pytest.raises(ValueError, match="batch_norm='batch'"):
         mgs_kernel(model, X)
     assert mgs_kernel(model, X, batch_norm="batch").shape == (9, 9)
+
+
+@pytest.mark.parametrize("call", [mgs_kernel, mgs_trace, mgs_penalty], ids=["kernel", "trace", "penalty"])
+@pytest.mark.parametrize("running_stats", [True, False])
+def test_a_batch_of_one_under_batch_statistics_raises_as_the_model_does(call, running_stats):
+    """BatchNorm on batch statistics has none for one value per channel: model(x[:1]) raises, and so does MGS
+    (it used to return tr K / N = 1 from the normalised zeros)."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3, track_running_stats=running_stats), nn.Linear(3, 2)).double()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        model(X[:1])
+    with pytest.raises(ValueError, match="batch_norm='batch' on a batch of one sample.*at least two samples"):
+        call(model, X[:1], batch_norm="batch")
+    assert call(model, X[:2], batch_norm="batch").isfinite().all()
+
+
+def test_a_batch_of_one_with_several_values_per_channel_is_fine():
+    """BatchNorm2d over a 4×4 map has 16 values per channel in a batch of one: model(x) runs, and so does MGS,
+    exactly (the whole-batch loop's K); in eval mode a batch of one is a batch like any other."""
+    from reference import kernel_loop
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 4 * 4, 2)).double()
+    x = torch.randn(1, 1, 6, 6, dtype=torch.float64)
+    assert_close(mgs_kernel(model, x, batch_norm="batch"), kernel_loop(model, x, whole_batch=True))
+    bn = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).double().eval()
+    assert mgs_kernel(bn, X[:1], batch_norm="batch").shape == (2, 2)

@@ -450,3 +450,82 @@ def test_a_shared_block_and_backward_hooks_train_under_the_mixin_and_the_monitor
     assert fired
     traces = t.logger.values("mgs/trace")
     assert len(traces) == 3 and all(math.isfinite(v) for _, v in traces)
+
+
+# ----------------------------------------------------------------------------------------------
+# options that do not arrive (issue 24)
+
+
+def test_a_misspelled_option_names_the_valid_ones():
+    with pytest.raises(TypeError, match=r"unknown option\(s\) 'mgs_alhpa' \(did you mean 'mgs_alpha'\?\)") as caught:
+        RegNet(mgs_alhpa=0.1)
+    assert all(name in str(caught.value) for name in mixin_module.MGS_OPTIONS)
+    with pytest.raises(TypeError, match="'mgs_frobnicate'. Its options are: mgs_kind, mgs_alpha"):
+        RegNet(mgs_frobnicate=1)
+
+
+def test_the_default_alpha_is_the_documented_one():
+    assert RegNet().mgs_alpha == 1e-3 == mixin_module.MGSRegularizedMixin.__init__.__kwdefaults__["mgs_alpha"]
+    assert "Default\n            1e-3" in mixin_module.MGSRegularizedMixin.__doc__
+
+
+class Forgets(MGSRegularizedMixin, PlainNet):
+    """Takes the options but does not pass them on."""
+
+    def __init__(self, lr: float = 0.1, **mgs):
+        super().__init__(lr=lr)
+
+
+class NamesButForgets(MGSRegularizedMixin, PlainNet):
+    def __init__(self, mgs_alpha: float = 0.5, mgs_kind: str = "trace"):
+        super().__init__(mgs_kind=mgs_kind)
+
+
+class Outer(RegNet):
+    """Two levels: the outer class forwards, the inner (RegNet) forwards."""
+
+    def __init__(self, **mgs):
+        super().__init__(**mgs)
+
+
+class OuterForgets(RegNet):
+    def __init__(self, width: int = 3, **mgs):
+        super().__init__()
+
+
+def _fit_messages(model, tmp_path) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model, tmp_path, loader(16, 8))
+    return [str(w.message) for w in caught if "did not pass it on" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    "make, given, used",
+    [
+        (lambda: Forgets(mgs_alpha=0.1), "mgs_alpha=0.1", "mgs_alpha=0.001"),
+        (lambda: NamesButForgets(), "mgs_alpha=0.5", "mgs_alpha=0.001"),
+        (lambda: OuterForgets(mgs_alpha=0.2, mgs_kind="logdet"), "mgs_alpha=0.2, mgs_kind='logdet'",
+         "mgs_alpha=0.001, mgs_kind='trace'"),
+    ],
+)
+def test_a_subclass_that_does_not_pass_the_options_on_says_so_at_fit_start(tmp_path, monkeypatch, make, given, used):
+    spy = SpyPenalty(monkeypatch)
+    model = make()
+    (message,) = _fit_messages(model, tmp_path)  # once, not per step
+    assert f"was given {given} but did not pass it on" in message and f"training uses {used}" in message
+    assert "super().__init__(..., **mgs)" in message
+    assert spy.calls and model.mgs_alpha == 1e-3  # what the message says is what trains
+
+
+def test_a_swallowed_typo_is_named_at_fit_start(tmp_path):
+    (message,) = _fit_messages(Forgets(mgs_alhpa=0.1), tmp_path)
+    assert "mgs_alhpa=0.1" in message and "mgs_alhpa is not one of its options" in message
+
+
+@pytest.mark.parametrize("make", [lambda: RegNet(mgs_alpha=0.1), lambda: Outer(mgs_alpha=0.1), lambda: OnlyMixinSaves(mgs_alpha=0.1),
+                                  lambda: NamesButForgets(mgs_alpha=1e-3)])
+def test_options_passed_on_are_not_reported(tmp_path, make):
+    model = make()
+    assert _fit_messages(model, tmp_path) == []
+    assert model.mgs_alpha in (0.1, 1e-3)

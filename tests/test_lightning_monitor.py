@@ -417,3 +417,21 @@ def test_a_resumed_run_keeps_its_probe_and_schedule(tmp_path):
         t.fit(PlainNet(), loader(32, 8, seed=5), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert torch.equal(second.probe_inputs[0], first.probe_inputs[0])
     assert [s for s, _ in t.logger.values("mgs/trace")] == [4, 5, 6, 7]
+    # the history holds the whole run: the checkpoint's records, then the resumed ones (issue 24)
+    assert [r["step"] for r in second.history] == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert second.history[:4] == first.history and second.last_metrics == second.history[-1]
+    assert [r["mgs/trace"] for r in second.history[4:]] == [v for _, v in t.logger.values("mgs/trace")]
+
+
+def test_the_history_survives_a_checkpoint_file(tmp_path):
+    monitor = MGSMonitor(probe="train", max_samples=4, log_every_n_steps=1, log_on_epoch_end=True)
+    t = fit(PlainNet(), tmp_path, loader(16, 8), callbacks=[monitor])
+    t.save_checkpoint(tmp_path / "m.ckpt")
+    state = torch.load(tmp_path / "m.ckpt", weights_only=True)["callbacks"][monitor.state_key]  # plain values only
+    restored = MGSMonitor(probe="train", max_samples=4, log_every_n_steps=1, log_on_epoch_end=True)
+    restored.load_state_dict(state)
+    assert restored.history == monitor.history and [r["stage"] for r in restored.history] == ["step", "step", "epoch"]
+    assert restored.last_metrics == monitor.last_metrics
+    old = {k: v for k, v in state.items() if k != "history"}  # a checkpoint written before the history was kept
+    restored.load_state_dict(old)
+    assert restored.history == [] and restored.last_metrics is None

@@ -9,6 +9,11 @@ tutorial's "Jacobian contraction"). Two routes:
   and ``vmap`` of its vjp over the n·q one-hot cotangents. Cost: n·q backward passes of the whole
   batch (n times the per-sample route), exact for the batch function.
 
+``chunk_size`` here counts samples (per-sample route) or rows of J (whole-batch route) processed at
+once: it bounds the working memory of the backward passes. K needs every row of J, so :func:`kernel`
+always holds J whole (n·q·p numbers, written chunk by chunk into one buffer, never concatenated);
+:func:`row_sq_norms` keeps only the norms, so there memory is bounded by the chunk.
+
 Contract shared with every engine (see :mod:`mgs_torch.engines`):
 ``kernel(problem, outputs=..., chunk_size=...) -> K`` and
 ``row_sq_norms(problem, cotangents, chunk_size=...) -> (k, n)``.
@@ -82,26 +87,64 @@ def _contract(jac: dict[str, Tensor], n: int, q: int, outputs: str) -> Tensor:
             part = flat @ flat.T
         else:
             part = torch.einsum("iap,jap->ij", j, j)
-        K = part if K is None else K + part
+        K = part if K is None else K.add_(part)  # in place: an addition saves nothing for backward
     return K
+
+
+def chunks(count: int, chunk_size: int | None) -> list[tuple[int, int]]:
+    """``(start, stop)`` ranges covering ``range(count)`` in steps of ``chunk_size`` (one range for None)."""
+    step = count if chunk_size is None else max(1, chunk_size)
+    return [(start, min(start + step, count)) for start in range(0, count, step)]
+
+
+def _rows_in_one_buffer(block, count: int, chunk_size: int | None, rows_per_item: int = 1) -> dict[str, Tensor]:
+    """``{name: (count·rows_per_item, ...)}`` from ``block(start, stop)``, the rows of items ``start:stop``,
+    called per chunk of ``chunk_size`` items, each chunk written into one
+    preallocated buffer as it comes: never the chunks and their concatenation at once (which is what
+    ``vmap(..., chunk_size=...)`` builds, doubling J's memory). Differentiable (slice assignment)."""
+    ranges = chunks(count, chunk_size)
+    if len(ranges) == 1:
+        return block(0, count)
+    rows: dict[str, Tensor] = {}
+    for start, stop in ranges:
+        for name, part in block(start, stop).items():
+            if name not in rows:
+                rows[name] = part.new_empty((count * rows_per_item, *part.shape[1:]))
+            rows[name][start * rows_per_item : stop * rows_per_item] = part
+    return rows
 
 
 @retry_if_random
 def jacobian_rows(problem: KernelProblem, *, chunk_size: int | None = None) -> dict[str, Tensor]:
-    """J as ``{name: (n·q, *param_shape)}``, rows ordered (sample, output)."""
+    """J as ``{name: (n·q, *param_shape)}``, rows ordered (sample, output); ``chunk_size`` samples
+    (per-sample route) or rows (whole-batch route) at a time."""
     n, q = problem.n, problem.q
     if problem.per_sample:
         f = _with_outputs(_single_sample_fn(problem))
         in_dims = (None,) + (0,) * len(problem.inputs)
-        jac, out = vmap(jacrev(f, has_aux=True), in_dims=in_dims, chunk_size=chunk_size, randomness=_randomness(problem))(
-            problem.params, *problem.inputs
-        )
-        problem.check_outputs(out)
-        return {k: v.reshape(n * q, *v.shape[2:]) for k, v in jac.items()}
+        per_sample = vmap(jacrev(f, has_aux=True), in_dims=in_dims, randomness=_randomness(problem))
+        outs = []
+
+        def samples(start: int, stop: int) -> dict[str, Tensor]:
+            jac, out = per_sample(problem.params, *(x[start:stop] for x in problem.inputs))
+            if out.shape[1:] != (q,):  # the cached q no longer fits this forward: rebuild (before reshaping J)
+                raise StaleOutputShape
+            outs.append(out)
+            return {k: v.reshape((stop - start) * q, *v.shape[2:]) for k, v in jac.items()}
+
+        rows = _rows_in_one_buffer(samples, n, chunk_size, rows_per_item=q)
+        problem.check_outputs(torch.cat(outs))
+        return rows
     out, vjp_fn = vjp(lambda p: problem.forward(p, fresh_buffers=True).reshape(-1), problem.params)
     problem.check_outputs(out.reshape(n, -1))
-    eye = torch.eye(n * q, dtype=out.dtype, device=out.device)
-    return vmap(vjp_fn, chunk_size=chunk_size)(eye)[0]
+    return _rows_in_one_buffer(lambda a, b: vmap(vjp_fn)(_one_hot_rows(a, b, out))[0], n * q, chunk_size)
+
+
+def _one_hot_rows(start: int, stop: int, out: Tensor) -> Tensor:
+    """Rows ``start:stop`` of the identity of ``out``'s size: the cotangents of those rows of J."""
+    rows = torch.zeros(stop - start, out.numel(), dtype=out.dtype, device=out.device)
+    rows[torch.arange(stop - start), torch.arange(start, stop)] = 1
+    return rows
 
 
 def kernel(problem: KernelProblem, *, outputs: str = "full", chunk_size: int | None = None) -> Tensor:
@@ -143,5 +186,8 @@ def row_sq_norms(problem: KernelProblem, cotangents: Cotangents, *, chunk_size: 
     problem.check_outputs(out)
     eye = torch.eye(n, dtype=out.dtype, device=out.device)
     cots = torch.einsum("kia,ij->kija", cotangents.to(out.dtype), eye).reshape(k * n, n, q)
-    grads = vmap(vjp_fn, chunk_size=chunk_size)(cots)[0]
-    return sum((g.reshape(k * n, -1) ** 2).sum(1) for g in grads.values()).reshape(k, n)
+    norms = []
+    for start, stop in chunks(k * n, chunk_size):  # only the chunk's gradients are alive at a time
+        grads = vmap(vjp_fn)(cots[start:stop])[0]
+        norms.append(sum((g.reshape(stop - start, -1) ** 2).sum(1) for g in grads.values()))
+    return torch.cat(norms).reshape(k, n)

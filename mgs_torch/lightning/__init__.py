@@ -1,4 +1,4 @@
-"""PyTorch Lightning integration of mgs_torch (needs ``pip install 'mgs-torch[lightning]'``).
+"""PyTorch Lightning integration of mgs_torch (needs PyTorch Lightning: ``pip install -e ".[lightning]"`` in a clone).
 
 * :class:`MGSMonitor` — a callback that logs the MGS metrics (``mgs/trace``, ``mgs/logdet``, …)
   through the Trainer's loggers during training.

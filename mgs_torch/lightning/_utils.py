@@ -21,7 +21,8 @@ except ImportError:  # pragma: no cover - depends on the environment
         from lightning.pytorch.utilities.exceptions import MisconfigurationException  # type: ignore[no-redef]
     except ImportError as err:
         raise ImportError(
-            "mgs_torch.lightning needs PyTorch Lightning: pip install 'mgs-torch[lightning]'"
+            "mgs_torch.lightning needs PyTorch Lightning (>= 2.6): pip install 'pytorch-lightning>=2.6', or, in a clone "
+            "of mgs_torch, pip install -e '.[lightning]'"
         ) from err
 
 from .. import options

@@ -146,7 +146,8 @@ class MGSMonitor(pl.Callback):
           warning is issued once per kind of error, and NaN is logged for that step. A singular K
           is not an error: ``logdet = -inf`` is logged.
         * The values are also kept in :attr:`history` (a list of dicts with ``step``, ``epoch``,
-          ``stage`` ("step"/"epoch"), the metrics and rank 0's ``seconds``; the same on every rank)
+          ``stage`` ("step"/"epoch"), the metrics and rank 0's ``seconds``; the same on every rank;
+          saved in checkpoints, so a resumed run's history holds the records from before the resume)
           and :attr:`last_metrics`; :attr:`computations` counts the kernels this process computed;
           :meth:`compute` gives the metrics of the current weights on demand.
 
@@ -343,8 +344,10 @@ class MGSMonitor(pl.Callback):
         self._last_batch = None
 
     def state_dict(self) -> dict[str, Any]:
-        """The probe batch (CPU tensors) and the schedule's position, so that a resumed run goes on alike."""
+        """The probe batch (CPU tensors), the schedule's position and :attr:`history`, so that a resumed run
+        goes on alike and its history holds the whole run."""
         return {
+            "history": [dict(record) for record in self.history],
             "probe": self.probe,
             "max_samples": self.max_samples,
             "seed": self.seed,
@@ -357,6 +360,8 @@ class MGSMonitor(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = int(state_dict.get("last_step", -1))
         self._last_epoch = int(state_dict.get("last_epoch", -1))
+        self.history = [dict(record) for record in state_dict.get("history", [])]  # older checkpoints have none
+        self.last_metrics = self.history[-1] if self.history else None
         same_probe = (state_dict.get("probe"), state_dict.get("max_samples"), state_dict.get("seed")) == (
             self.probe, self.max_samples, self.seed
         )

@@ -13,6 +13,7 @@ r"""MGSRegularizedMixin: train a LightningModule with the MGS penalty, no extra 
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 from collections.abc import Mapping
@@ -33,9 +34,10 @@ from ._utils import (
     default_inputs,
     lightning_trainer,
     pl,
+    rank_zero_warn,
 )
 
-__all__ = ["MGSRegularizedMixin", "LOG_KEYS"]
+__all__ = ["MGSRegularizedMixin", "LOG_KEYS", "MGS_OPTIONS"]
 
 #: the keys logged by the mixin (``mgs_log=True``)
 LOG_KEYS = {"penalty": "train/mgs_penalty", "data_loss": "train/data_loss", "alpha": "train/mgs_alpha"}
@@ -59,6 +61,53 @@ def _negative_alpha_message(alpha: float, what: str = "mgs_alpha is") -> str:
         f"{what} {alpha:g} < 0: a negative weight rewards dissimilar gradients, so tr K / log det K grow without "
         f"bound and training diverges. Use mgs_alpha >= 0, or pass mgs_allow_negative_alpha=True if you mean it"
     )
+
+
+def _refuse_unknown_options(kwargs: dict[str, Any]) -> None:
+    """An ``mgs_*`` keyword the mixin does not know is a typo: name the valid ones (Lightning's own
+    ``__init__`` would only say "unexpected keyword argument")."""
+    unknown = sorted(k for k in kwargs if k.startswith("mgs_"))
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name[4:], [o[4:] for o in MGS_OPTIONS], n=1)  # the shared "mgs_" would match all
+        hints.append(f"{name!r}" + (f" (did you mean 'mgs_{close[0]}'?)" if close else ""))
+    raise TypeError(
+        f"MGSRegularizedMixin got the unknown option(s) {', '.join(hints)}. Its options are: {', '.join(MGS_OPTIONS)}"
+    )
+
+
+def _given_to_subclass_inits(obj: Any) -> dict[str, Any]:
+    """The ``mgs_*`` values held by the ``__init__`` frames of ``obj``'s classes that led to the mixin's
+    ``__init__`` (their parameters and ``**kwargs``), the one nearest the mixin first: what the subclasses
+    were given, to compare with what reached the mixin."""
+    frame = inspect.currentframe()
+    frame = frame.f_back.f_back if frame is not None and frame.f_back is not None else None  # skip the mixin's
+    given: dict[str, Any] = {}
+    while frame is not None and frame.f_code.co_name == "__init__":
+        code, local = frame.f_code, frame.f_locals
+        names = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+        if not names or local.get(names[0]) is not obj:
+            break
+        values = {name: local[name] for name in names[1:] if name.startswith("mgs_") and name in local}
+        if code.co_flags & inspect.CO_VARKEYWORDS:
+            extra = local.get(code.co_varnames[len(names) + bool(code.co_flags & inspect.CO_VARARGS)])
+            if isinstance(extra, Mapping):
+                values.update({k: v for k, v in extra.items() if isinstance(k, str) and k.startswith("mgs_")})
+        for name, value in values.items():
+            given.setdefault(name, value)
+        frame = frame.f_back
+    return given
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - tensors, modules: only identity counts
+        return False
 
 
 def _wrap_training_step(step: Callable[..., Any]) -> Callable[..., Any]:
@@ -134,7 +183,8 @@ class MGSRegularizedMixin:
 
     Args:
         mgs_kind: ``"trace"`` or ``"logdet"`` (g above).
-        mgs_alpha: α, the penalty's weight (a finite float ≥ 0; 0 disables the penalty). A negative α
+        mgs_alpha: α, the penalty's weight (a finite float ≥ 0; 0 disables the penalty). **Default
+            1e-3** with ``reduction="mean"`` (the README's "Choosing α" says how to choose it). A negative α
             is refused unless ``mgs_allow_negative_alpha=True``.
         mgs_estimator: ``"exact"`` or ``"hutchinson"`` (trace only; unbiased, cheaper by ≈ q/num_probes).
         mgs_num_probes: Rademacher probes per sample for Hutchinson.
@@ -150,9 +200,15 @@ class MGSRegularizedMixin:
         mgs_log: log the three values above.
         mgs_allow_negative_alpha: accept α < 0 (rewarding dissimilar gradients; diverges in general).
 
+    Every ``mgs_*`` keyword must be one of these: a misspelled one (``mgs_alhpa``) raises a
+    ``TypeError`` that names the valid options. A subclass whose ``__init__`` was given ``mgs_*``
+    options but did not pass them on to ``super().__init__`` (so the mixin trains with other values,
+    e.g. the default α) gets a warning when training starts, naming the options that were dropped.
+
     Raises:
         MGSConfigurationError: (a ``ValueError`` and a ``MisconfigurationException``) for an invalid value.
-        TypeError: wrong types, the mixin listed after LightningModule, or used without one.
+        TypeError: wrong types, an unknown ``mgs_*`` option, the mixin listed after LightningModule, or
+            used without one.
 
     Cost per step: about one extra training step at batch q·n for the exact trace (num_probes·n
     for Hutchinson); the log-determinant adds the kernel (N²·p) and a Cholesky factorisation (N³/3).
@@ -197,6 +253,8 @@ class MGSRegularizedMixin:
         mgs_allow_negative_alpha: bool = False,
         **kwargs: Any,
     ) -> None:
+        received = {k: v for k, v in locals().items() if k.startswith("mgs_")}  # first: the arguments as given
+        _refuse_unknown_options(kwargs)
         super().__init__(*args, **kwargs)
         if not isinstance(self, pl.LightningModule):
             raise TypeError(
@@ -230,6 +288,12 @@ class MGSRegularizedMixin:
         self._mgs_generator = torch.Generator()
         self._mgs_seed_key: tuple[int, int] | None = None
         self._mgs_calls = 0
+        #: options a subclass's ``__init__`` was given but did not pass on: {name: (given, in effect)}
+        self._mgs_not_passed_on = {
+            name: (value, received.get(name))  # None: not an option at all (a typo the subclass swallowed)
+            for name, value in _given_to_subclass_inits(self).items()
+            if name not in received or not _same(value, received[name])
+        }
         self.save_hyperparameters(self.mgs_hparams())
 
     # ------------------------------------------------------------------------------------------
@@ -293,10 +357,12 @@ class MGSRegularizedMixin:
         Logs ``train/mgs_penalty`` (g) and ``train/mgs_alpha`` (α_t) when a Trainer is attached.
         Call it from ``training_step`` in manual optimisation; automatic optimisation calls it for you.
         """
+        trainer = lightning_trainer(self)  # type: ignore[arg-type]
+        if trainer is not None and self._mgs_not_passed_on:
+            self._mgs_warn_not_passed_on()
         alpha = float(self.mgs_current_alpha())
         if alpha < 0 and not self.mgs_allow_negative_alpha:  # e.g. an overridden schedule
             raise MGSConfigurationError(_negative_alpha_message(alpha, "mgs_current_alpha() returned"))
-        trainer = lightning_trainer(self)  # type: ignore[arg-type]
         logging = self.mgs_log and trainer is not None
         if logging:
             self.log(LOG_KEYS["alpha"], alpha, on_step=True, on_epoch=False)  # type: ignore[attr-defined]
@@ -311,6 +377,20 @@ class MGSRegularizedMixin:
 
     # ------------------------------------------------------------------------------------------
     # internals
+
+    def _mgs_warn_not_passed_on(self) -> None:
+        """Once, at the first training step: the options a subclass's ``__init__`` dropped."""
+        dropped, self._mgs_not_passed_on = self._mgs_not_passed_on, {}
+        given = ", ".join(f"{k}={v!r}" for k, (v, _) in dropped.items())
+        used = ", ".join(f"{k}={u!r}" for k, (_, u) in dropped.items() if k in MGS_OPTIONS)
+        unknown = [k for k in dropped if k not in MGS_OPTIONS]
+        rank_zero_warn(
+            f"{type(self).__name__}.__init__ was given {given} but did not pass it on to MGSRegularizedMixin"
+            + (f", so training uses {used}" if used else "")
+            + (f"; {', '.join(unknown)} is not one of its options ({', '.join(MGS_OPTIONS)})" if unknown else "")
+            + ". Pass the options through: def __init__(self, ..., **mgs): super().__init__(..., **mgs).",
+            category=RuntimeWarning,
+        )
 
     def _mgs_add_penalty(self, out: Any, batch: Any) -> Any:
         if isinstance(out, Tensor):
@@ -342,3 +422,7 @@ class MGSRegularizedMixin:
         else:  # outside a Trainer: a running count
             self._mgs_seed_key, self._mgs_calls = None, self._mgs_calls + 1
         return self._mgs_generator.manual_seed(_mix_seed(self.mgs_seed, rank, batches, self._mgs_calls))
+
+
+#: every keyword option of :class:`MGSRegularizedMixin`
+MGS_OPTIONS: tuple[str, ...] = tuple(n for n in inspect.signature(MGSRegularizedMixin.__init__).parameters if n.startswith("mgs_"))
