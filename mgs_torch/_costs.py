@@ -149,9 +149,7 @@ class announced:
             warn_if_idle_chunk(chunk_size, *chunk_extent(problem, self.engine, k, rows_of_j=self.what != "trace"))
 
     def __exit__(self, kind, error, traceback) -> None:
-        if not isinstance(error, (RuntimeError, MemoryError)) or not (
-            _is_out_of_memory(error) or isinstance(error, MemoryError) or "not enough memory" in str(error)
-        ):
+        if not isinstance(error, (RuntimeError, MemoryError)) or not _is_out_of_memory(error):
             return  # anything else propagates as it is
         raise torch.OutOfMemoryError(
             f"mgs_torch ran out of memory ({str(error).strip().splitlines()[0][:200]}). "

@@ -179,11 +179,11 @@ def _from_the_compiler(error: BaseException) -> bool:
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
-    """A CUDA out-of-memory error or the CPU allocator's refusal."""
-    if isinstance(error, torch.cuda.OutOfMemoryError):
+    """A CUDA out-of-memory error, Python's MemoryError, or the CPU allocator's refusal (in either wording)."""
+    if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
         return True
     text = str(error)
-    return "can't allocate memory" in text or "out of memory" in text.lower()
+    return "can't allocate memory" in text or "not enough memory" in text or "out of memory" in text.lower()
 
 
 # ---------------------------------------------------------------------------------- normalisation
