@@ -83,7 +83,10 @@ def report_line(findings: list[str], line: str) -> None:
 
 
 def sweep(names: list[str] | None, samples: int, tol: float, theta: str = "all") -> list[str]:
-    findings, counts = [], {"ok": 0, "wrong": 0, "refused": 0, "skipped": 0, "ok without PyTorch double backward": 0}
+    findings, counts = [], {
+        "ok": 0, "ok without PyTorch double backward": 0, "wrong": 0, "refused": 0, "skipped": 0,
+        "random": 0, "not differentiable by PyTorch": 0,
+    }
     for op in candidates(names):
         label = op.name + (f".{op.variant_test_name}" if op.variant_test_name else "")
         taken = 0
@@ -106,11 +109,20 @@ def sweep(names: list[str] | None, samples: int, tol: float, theta: str = "all")
                 counts["skipped"] += 1
                 continue
             taken += 1
+            with torch.no_grad():
+                if not torch.equal(model(x), out):  # dropout in training mode, random ops: no kernel to compare
+                    counts["random"] += 1
+                    continue
+            try:  # PyTorch's own first derivative with respect to every θ (a target or running statistics has none)
+                torch.autograd.grad(model(x).sum(), list(model.parameters()), allow_unused=True)
+            except RuntimeError:
+                counts["not differentiable by PyTorch"] += 1
+                continue
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 report = mgs_torch.verify(model, x, samples=3, strategy="jacobian", tolerance=tol)
-            if report.kernel_error is not None and report.kernel_error != report.kernel_error:  # NaN: a derivative
-                counts["skipped"] += 1  # is infinite at this input (acos at ±1): nothing to compare
+            if any(e is not None and e != e for e in (report.kernel_error, report.gradient_error)):  # NaN: a derivative
+                counts["skipped"] += 1  # is infinite at this input (acos at ±1, logaddexp of -inf): nothing to compare
                 continue
             if report.failure is not None:
                 counts["refused"] += 1

@@ -221,3 +221,21 @@ def test_the_check_leaves_the_model_as_it_was():
 def test_the_public_api_names_the_self_check():
     for name in ("set_self_check", "self_check_reports", "SelfCheckError", "SelfCheckReport"):
         assert name in mgs_torch.__all__
+
+
+@pytest.mark.parametrize("replay", ["cdist", "torch.layer_norm"])
+def test_replays_of_the_bugs_the_extended_sweeps_found_are_caught(monkeypatch, replay):
+    """Without their replacements: cdist's K is wrong under torch.func; torch.layer_norm's K is right but its penalty
+    gradient is not (the double-backward bug), which only the gradient comparison sees."""
+    from test_faithful_forwards import NormAliases, Prototypes
+
+    torch.manual_seed(0)
+    if replay == "cdist":
+        monkeypatch.delitem(REPLACED_OPS, torch.cdist)
+        model, x, call = Prototypes().double(), torch.randn(4, 3, dtype=D), mgs_kernel
+    else:
+        monkeypatch.delitem(REPLACED_OPS, torch.layer_norm)
+        model, x, call = NormAliases("torch.layer_norm").double(), torch.randn(4, 3, dtype=D), mgs_penalty
+    with pytest.raises(SelfCheckError) as info:
+        call(model, x, strategy="jacobian")
+    assert max(info.value.report.errors.values()) > 1e-3
