@@ -109,3 +109,30 @@ def loop_trace_gradient(model, batch: dict, **kwargs) -> list[torch.Tensor]:
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm()) / max(float(b.norm()), 1e-300)
+
+
+def text_rows(count: int = 8, seed: int = 0, pad: int = 0) -> list[dict]:
+    """A tiny text data set as a tokenizer's rows: variable-length token ids and a label each."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 7, (count,), generator=g)
+    return [{"input_ids": torch.randint(2, VOCAB, (int(k),), generator=g).tolist(), "labels": i % 2} for i, k in enumerate(lengths)]
+
+
+def pad_collate(features: list[dict], pad: int = 0) -> dict:
+    """What DataCollatorWithPadding returns for these rows: right-padded ids, the attention mask, labels."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.tensor([f["input_ids"] + [pad] * (width - len(f["input_ids"])) for f in features])
+    mask = torch.tensor([[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in features])
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([f["labels"] for f in features])}
+
+
+def trace_penalty_gradient(model, batch: dict, reduction: str = "mean") -> list[torch.Tensor]:
+    """∂ g / ∂θ of the loop for g = tr K / (n·q) (``"mean"``) or tr K, K over each sample alone without padding."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    grads = loop_trace_gradient(model, inputs)
+    if reduction == "sum":
+        return grads
+    with torch.no_grad():
+        q = model(**unpadded(inputs, 0)).logits.shape[-1]
+    n = inputs["input_ids"].shape[0]
+    return [g / (n * q) for g in grads]
