@@ -108,6 +108,7 @@ def loop_trace_gradient(model, batch: dict, **kwargs) -> list[torch.Tensor]:
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).norm()) / max(float(b.norm()), 1e-300)
 
 
