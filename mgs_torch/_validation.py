@@ -14,7 +14,7 @@ from ._guards import capturing_cuda_graph
 
 __all__ = [
     "Inputs", "ParamFilter", "NonFiniteOutputError", "OUTPUT_MODES", "BATCH_NORM_POLICIES", "as_input_tuple",
-    "select_parameters", "functional_model", "check_outputs", "raise_integer_input_hint",
+    "select_parameters", "functional_model", "check_outputs", "raise_integer_input_hint", "select_metrics",
 ]
 
 #: a tensor (``model(x)``), a tuple of tensors (``model(*inputs)``) or a mapping of keyword arguments
@@ -54,6 +54,18 @@ def as_input_tuple(inputs: Inputs) -> tuple[Tensor, ...]:
         if x.shape[0] != n:
             raise ValueError(f"inputs disagree on the batch size: input 0 has {n} samples, input {i} has {x.shape[0]}")
     return items
+
+
+def select_metrics(metrics: Sequence[str] | str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """The metric names a monitor logs: ``"all"`` (every one of ``allowed``) or a non-empty selection of them."""
+    if isinstance(metrics, str):
+        if metrics != "all":
+            raise ValueError(f"metrics must be 'all' or a sequence of names from {allowed}, got {metrics!r}")
+        return allowed
+    metrics = tuple(metrics)
+    if not metrics or any(m not in allowed for m in metrics):
+        raise ValueError(f"metrics must be a non-empty selection of {allowed} (or 'all'), got {metrics!r}")
+    return metrics
 
 
 def functional_model(model: nn.Module) -> nn.Module:

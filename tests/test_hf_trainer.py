@@ -195,7 +195,7 @@ def test_configuration_errors(tmp_path):
         MGSTrainerCallback(model_mode="test")
     with pytest.raises(TypeError, match="logits="):
         MGSTrainerCallback(logits=1.5)
-    with pytest.raises(ValueError, match="mgs_alpha must be a finite float ≥ 0"):
+    with pytest.raises(ValueError, match="mgs_alpha must be a finite number >= 0.0"):
         MGSTrainer(model=tiny("bert"), args=make_args(tmp_path), mgs_alpha=-1.0)
     with pytest.raises(ValueError, match="kind"):
         MGSTrainer(model=tiny("bert"), args=make_args(tmp_path), mgs_kind="frobenius")

@@ -27,10 +27,10 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("mgs_torch.hf needs Hugging Face transformers: pip install 'mgs-torch[hf]'") from err
 
 from .._io import OutputSelector, check_selector, map_tensors, take_samples
-from .._validation import ParamFilter, functional_model
+from .._validation import ParamFilter, functional_model, select_metrics
 from ..kernel import mgs_kernel
 from ..metrics import MGSMetrics, mgs_metrics
-from ..options import KernelOptions, PenaltyOptions
+from ..options import KernelOptions, PenaltyOptions, check_choice, check_float, check_int
 from ..penalty import mgs_penalty
 
 __all__ = ["MGSTrainerCallback", "MGSTrainerMixin", "MGSTrainer", "METRIC_NAMES", "DEFAULT_METRICS"]
@@ -86,13 +86,6 @@ def compute_dtype(model: nn.Module, args: Any, requested: torch.dtype | None) ->
 def _strategy(args: Any) -> str:
     """``args.logging_strategy`` as its value ("steps", "epoch", "no")."""
     return str(getattr(args.logging_strategy, "value", args.logging_strategy))
-
-
-def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int ≥ {minimum}{' or None' if allow_none else ''}, got {value!r}")
 
 
 class MGSTrainerCallback(TrainerCallback):
@@ -157,24 +150,15 @@ class MGSTrainerCallback(TrainerCallback):
     ) -> None:
         if trainer is not None and not isinstance(trainer, Trainer):
             raise TypeError(f"trainer must be a transformers.Trainer or None, got {type(trainer).__name__}")
-        _check_int("max_samples", max_samples, 1, allow_none=True)
-        _check_int("logging_steps", logging_steps, 1, allow_none=True)
-        _check_int("seed", seed, 0)
-        if isinstance(metrics, str):
-            if metrics != "all":
-                raise ValueError(f"metrics must be 'all' or a sequence of names from {METRIC_NAMES}, got {metrics!r}")
-            metrics = METRIC_NAMES
-        metrics = tuple(metrics)
-        unknown = [m for m in metrics if m not in METRIC_NAMES]
-        if unknown or not metrics:
-            raise ValueError(f"metrics must be a non-empty selection of {METRIC_NAMES} (or 'all'), got {metrics!r}")
+        check_int("max_samples", max_samples, minimum=1, allow_none=True)
+        check_int("logging_steps", logging_steps, minimum=1, allow_none=True)
+        check_int("seed", seed, minimum=0)
+        metrics = select_metrics(metrics, METRIC_NAMES)
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
-        if model_mode not in MODEL_MODES:
-            raise ValueError(f"model_mode must be one of {MODEL_MODES}, got {model_mode!r}")
+        check_choice("model_mode", model_mode, MODEL_MODES)
         check_selector(logits)
-        if not isinstance(jitter, (int, float)) or not math.isfinite(jitter) or jitter < 0:
-            raise ValueError(f"jitter must be a finite float ≥ 0, got {jitter!r}")
+        check_float("jitter", jitter, minimum=0.0)
         #: the options of every kernel this callback computes
         self.kernel_options = KernelOptions(outputs, params, strategy, chunk_size, dtype, batch_norm)
         self.trainer = trainer
@@ -303,7 +287,7 @@ class MGSTrainerMixin:
     and ``mgs/alpha`` join the Trainer's training log rows (``loss``, ``learning_rate``, …).
 
     Args:
-        mgs_alpha: α ≥ 0 (0 computes nothing).
+        mgs_alpha: α ≥ 0 (0 computes nothing; a negative α, rewarding dissimilar gradients, is refused).
         mgs_kind: ``"trace"`` or ``"logdet"``.
         mgs_estimator, mgs_num_probes: ``"exact"`` or ``"hutchinson"`` with its Rademacher probes per sample,
             drawn from a generator seeded by (``mgs_seed``, process, step, micro-batch), never the global RNG.
@@ -336,10 +320,9 @@ class MGSTrainerMixin:
         mgs_seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(mgs_alpha, (int, float)) or isinstance(mgs_alpha, bool) or not math.isfinite(mgs_alpha) or mgs_alpha < 0:
-            raise ValueError(f"mgs_alpha must be a finite float ≥ 0, got {mgs_alpha!r}")
-        _check_int("mgs_max_samples", mgs_max_samples, 1, allow_none=True)
-        _check_int("mgs_seed", mgs_seed, 0)
+        check_float("mgs_alpha", mgs_alpha, minimum=0.0)
+        check_int("mgs_max_samples", mgs_max_samples, minimum=1, allow_none=True)
+        check_int("mgs_seed", mgs_seed, minimum=0)
         check_selector(mgs_logits)
         #: the penalty's options (validated once)
         self.mgs_options = PenaltyOptions(

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .._io import OutputSelector, batch_size, check_selector, map_tensors
+from .._validation import select_metrics
 from ..kernel import mgs_kernel
 from ..metrics import MGSMetrics, mgs_metrics
 from ..options import Inputs, KernelOptions, ParamFilter
@@ -196,14 +197,8 @@ class MGSMonitor(pl.Callback):
         check_int("log_every_n_steps", log_every_n_steps, minimum=0, allow_none=True)
         check_choice("probe", probe, PROBES)
         check_int("max_samples", max_samples, minimum=1, allow_none=True)
-        if isinstance(metrics, str):
-            if metrics != "all":
-                raise MGSConfigurationError(f"metrics must be 'all' or a sequence of names from {METRIC_NAMES}, got {metrics!r}")
-            metrics = METRIC_NAMES
-        metrics = tuple(metrics)
-        unknown = [m for m in metrics if m not in METRIC_NAMES]
-        if unknown or not metrics:
-            raise MGSConfigurationError(f"metrics must be a non-empty selection of {METRIC_NAMES} (or 'all'), got {metrics!r}")
+        with configuration_errors():
+            metrics = select_metrics(metrics, METRIC_NAMES)
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
         check_choice("model_mode", model_mode, MODEL_MODES)
