@@ -179,7 +179,7 @@ def table(rows: list) -> str:
         base = by_name[(r["section"], r["baseline"])]
         ratio = r["median_ms"] / base["median_ms"]
         peak = f"{r['peak_mb']:.1f}" if r["peak_mb"] is not None else ""
-        lines.append(f"| {r['section']} | {r['method']} | {r['median_ms']:.1f} | {ratio:.2f} | "
+        lines.append(f"| {r['section']} | {r['method']} | {r['median_ms']:.1f} | {ratio:.3g} | "
                      f"{r['baseline'] if r['baseline'] != r['method'] else ''} | {peak} |")
     return "\n".join(lines)
 

@@ -87,3 +87,23 @@ def test_a_padded_batch_without_its_mask_is_another_function():
     exact = relative(mgs_kernel(model, batch), K_loop)
     assert exact <= 1e-11
     assert relative(mgs_kernel(model, no_mask), K_loop) > 1e4 * max(exact, 1e-16)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_without_the_mask_fix_padded_batches_fall_to_the_whole_batch_route(name, monkeypatch):
+    """The root cause, pinned: with transformers' mask helpers left to read the padding mask under vmap, the
+    forward is refused per sample and mgs_torch differentiates the whole-batch function (n times the cost). That
+    route is exact too for a masked batch (the boolean SDPA mask through op_fixes, commit c5e1183)."""
+    import contextlib
+
+    import mgs_torch.hf._masks as masks
+
+    model, batch = tiny(name), batch_for(name)
+    monkeypatch.setattr(masks, "masks_built_under_transforms", contextlib.nullcontext)
+    assert not _takes_the_per_sample_route(model, batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its one-time whole-batch warning
+        K = mgs_kernel(model, batch)
+    assert relative(K, loop_kernel(model, batch)) <= 1e-11
+    monkeypatch.undo()
+    assert _takes_the_per_sample_route(model, batch)
