@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_helpers import T, batch_for, loop_jacobian, loop_kernel, loop_trace_gradient, relative, tiny, unpadded
+from hf_helpers import T, batch_for, loop_kernel, loop_trace_gradient, relative, tiny, unpadded
 from mgs_torch import mgs_kernel, mgs_penalty, mgs_sample_scores, mgs_trace, verify
 
 

@@ -11,7 +11,6 @@ its configuration, a few steps, offline:
 
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys
