@@ -23,7 +23,8 @@ from torch.overrides import TorchFunctionMode
 
 from ._dtypes import as_dtype
 from ._guards import BATCH_NORM_TYPES, cuda_devices, restore_rng_states, rng_states
-from ._validation import Inputs, ParamFilter, as_input_tuple, check_input_arity, check_outputs, raise_integer_input_hint, select_parameters
+from ._io import ModelCall, OutputSelector, model_call
+from ._validation import Inputs, ParamFilter, check_outputs, raise_integer_input_hint, select_parameters
 from ._warnings import warn_once
 from .op_fixes import ModelForwardError, _is_out_of_memory, autograd_in_forward_error, exact_computation
 
@@ -61,6 +62,8 @@ class KernelProblem:
         held_params: Parameters the forward reaches other than through its modules' attributes (kept in a
             list, a closure, ``functools.partial``), which ``functional_call`` cannot swap: every forward
             substitutes them op by op instead (see :class:`~mgs_torch.op_fixes.ExactOps`).
+        call: how ``inputs`` call the model (positionally or as keywords, with the mapping's other
+            values) and which of its outputs are the raw outputs (:class:`~mgs_torch._io.ModelCall`).
     """
 
     model: nn.Module
@@ -81,6 +84,7 @@ class KernelProblem:
     call_names: tuple[tuple[str, str], ...] = ()
     mutated_buffers: frozenset[str] = frozenset()
     held_params: frozenset[str] = frozenset()
+    call: ModelCall = ModelCall()
 
     def check_outputs(self, out: Tensor) -> None:
         """Validate the (n, q') outputs of an engine's forward when :func:`build_problem` did not.
@@ -106,7 +110,7 @@ class KernelProblem:
         return self.raw_forward(params, x, fresh_buffers).reshape(x[0].shape[0], -1)
 
     def raw_forward(self, params=None, inputs=None, fresh_buffers: bool = False, exact_ops: bool = True, buffers=None):
-        """Whatever the model returns (not yet validated or flattened).
+        """The model's raw outputs, as ``self.call`` selects them from what it returns (not yet validated or flattened).
 
         The forward runs under :func:`~mgs_torch.op_fixes.exact_computation` (``exact_ops``): the ops and
         modules whose torch.func support is wrong are replaced by exact equivalents (only here, where the model's code runs).
@@ -121,12 +125,13 @@ class KernelProblem:
             originals = dict(self.model.named_parameters())
             held = {id(originals[k]): state[k] for k in self.held_params}
         with exact_computation(self.model, held) if exact_ops else contextlib.nullcontext():
-            return call_with(self.model, state, self.inputs if inputs is None else inputs, self.call_names)
+            return call_with(self.model, state, self.inputs if inputs is None else inputs, self.call_names, self.call)
 
     def plain_forward(self, inputs: tuple[Tensor, ...]) -> Tensor:
         """``model(*inputs)`` itself — its own Parameters and buffers, no substitution, no op replacements — as a
         ``(batch, q)`` matrix: the independent side of the self-check (:mod:`mgs_torch.self_check`)."""
-        return self.model(*inputs).reshape(inputs[0].shape[0], -1)
+        own = dataclasses.replace(self.call, transformers=False)  # the model's own code, untouched
+        return own(self.model, inputs).reshape(inputs[0].shape[0], -1)
 
     def restrict(self, names: Iterable[str], *, strict_randomness: bool = False) -> "KernelProblem":
         """The same problem with only ``names`` differentiated; the rest join ``frozen``."""
@@ -158,15 +163,18 @@ def functional_call_names(model: nn.Module) -> tuple[tuple[str, str], ...]:
     return tuple(names)
 
 
-def call_with(model: nn.Module, state: dict[str, Tensor], inputs: tuple, names: tuple[tuple[str, str], ...]):
-    """``model(*inputs)`` with ``state`` (keyed by canonical names) substituted for its tensors.
+def call_with(model: nn.Module, state: dict[str, Tensor], inputs: tuple, names: tuple[tuple[str, str], ...],
+              call: ModelCall = ModelCall()) -> Tensor:
+    """The model's raw outputs on ``inputs`` (called and selected as ``call`` says) with ``state`` (keyed by
+    canonical names) substituted for its tensors.
 
     Not :func:`torch.func.functional_call`'s own weight tying: for a module registered under two names
     it restores the aliases in the wrong order and leaves the module holding the substituted (detached)
     tensor instead of its Parameter, so training would silently stop updating that layer (PyTorch
     2.13; ``tests/test_upstream_bugs.py``). Each attribute is swapped exactly once here.
     """
-    return functional_call(model, {path: state[name] for path, name in names if name in state}, inputs, tie_weights=False)
+    substitute = {path: state[name] for path, name in names if name in state}
+    return call(lambda *args, **kwargs: functional_call(model, substitute, args, kwargs, tie_weights=False), inputs)
 
 
 def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
@@ -183,6 +191,7 @@ def build_problem(
     batch_norm: str = "eval",
     values: dict[str, Tensor] | None = None,
     revalidate: bool = False,
+    logits: OutputSelector = None,
 ) -> KernelProblem:
     """Validate the model and inputs and assemble a :class:`KernelProblem`; call inside :func:`preserved_state`
     with options already checked by :class:`~mgs_torch.options.KernelOptions`.
@@ -191,11 +200,11 @@ def build_problem(
     selected and frozen parameters stay connected to the model's parameters, so the kernel can be
     back-propagated to all of them. ``values`` substitutes tensors for parameters by name.
     The validation forward that fixes ``q`` runs once per (model, signature); ``revalidate`` forces it.
+    ``inputs`` and ``logits`` as :func:`mgs_torch._io.model_call` takes them.
     """
     dtype = as_dtype("dtype", dtype)  # a name ("float64") as a torch.dtype: the one rule, see options.py
     selected = select_parameters(model, params)
-    x = as_input_tuple(inputs)
-    check_input_arity(model, x)
+    x, call = model_call(model, inputs, logits)
     device = next(iter(selected.values())).device
     x = tuple(_cast(t.to(device), dtype) for t in x)
     if dtype is None:
@@ -205,7 +214,7 @@ def build_problem(
             if t.is_floating_point() and len(pdtypes) == 1 and t.dtype not in pdtypes:
                 (pdtype,) = pdtypes
                 raise TypeError(
-                    f"input {i} has dtype {t.dtype} but the model's parameters are {pdtype}, so model(x) would fail "
+                    f"input {i if call.keys is None else repr(call.keys[i])} has dtype {t.dtype} but the model's parameters are {pdtype}, so model(x) would fail "
                     f"too; cast the input (x.to({pdtype})) or pass dtype={pdtype} (or another floating dtype) to "
                     f"compute the kernel in that dtype"
                 )
@@ -245,10 +254,11 @@ def build_problem(
         tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in x),
         dtype,
         forward_structure(model),
+        call.key,
     )
     n = x[0].shape[0]
     draft = KernelProblem(model, x, chosen, frozen, n, 0, (), per_sample, stochastic, owners, buffers, signature,
-                          call_names=functional_call_names(model))
+                          call_names=functional_call_names(model), call=call)
     if n == 1 and not per_sample:
         _refuse_a_batch_of_one(draft)
     cached = None if revalidate else _OUTPUT_SHAPES.get(model, signature)

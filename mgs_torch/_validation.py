@@ -5,8 +5,7 @@ Each check raises a ``ValueError``/``TypeError`` that says what was wrong and wh
 
 from __future__ import annotations
 
-import inspect
-from typing import Callable, Iterable, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -15,10 +14,12 @@ from ._guards import capturing_cuda_graph
 
 __all__ = [
     "Inputs", "ParamFilter", "NonFiniteOutputError", "OUTPUT_MODES", "BATCH_NORM_POLICIES", "as_input_tuple",
-    "check_input_arity", "select_parameters", "functional_model", "check_outputs", "raise_integer_input_hint",
+    "select_parameters", "functional_model", "check_outputs", "raise_integer_input_hint", "select_metrics",
 ]
 
-Inputs = Union[Tensor, Sequence[Tensor]]
+#: a tensor (``model(x)``), a tuple of tensors (``model(*inputs)``) or a mapping of keyword arguments
+#: (``model(**inputs)``; see :mod:`mgs_torch._io`), tensors with the batch on dim 0
+Inputs = Union[Tensor, Sequence[Tensor], Mapping[str, Any]]
 ParamFilter = Union[None, Callable[[str, nn.Parameter], bool], Iterable[Union[str, nn.Module, nn.Parameter]]]
 
 class NonFiniteOutputError(ValueError):
@@ -39,9 +40,9 @@ def as_input_tuple(inputs: Inputs) -> tuple[Tensor, ...]:
         if isinstance(inputs, (tuple, list)):
             what += " of " + ", ".join(sorted({type(x).__name__ for x in inputs})) if inputs else " (empty)"
         raise TypeError(
-            f"inputs must be a torch.Tensor or a non-empty tuple of tensors with the batch on dim 0 "
-            f"(passed to the model as model(*inputs)); got {what}. If your data loader yields "
-            f"(inputs, targets), pass only the inputs."
+            f"inputs must be a torch.Tensor, a non-empty tuple of tensors (passed to the model as model(*inputs)) "
+            f"or a mapping of keyword arguments (model(**inputs)), tensors with the batch on dim 0; got {what}. "
+            f"If your data loader yields (inputs, targets), pass only the inputs."
         )
     for i, x in enumerate(items):
         if x.dim() == 0:
@@ -55,27 +56,16 @@ def as_input_tuple(inputs: Inputs) -> tuple[Tensor, ...]:
     return items
 
 
-def check_input_arity(model: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-    """Raise a clear TypeError when ``model.forward`` cannot take ``len(inputs)`` positional inputs.
-
-    The common case: a data loader's ``(x, y)`` batch passed whole, where ``model(x, y)`` would fail with
-    Python's "takes 2 positional arguments but 3 were given".
-    """
-    forward = getattr(model, "forward", None)
-    try:
-        sig = inspect.signature(forward)
-    except (TypeError, ValueError):  # builtins, C++ modules: let the forward speak for itself
-        return
-    params = list(sig.parameters.values())
-    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
-        return
-    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    if len(inputs) > len(positional):
-        raise TypeError(
-            f"{type(model).__name__}.forward takes {len(positional)} input(s) "
-            f"({', '.join(p.name for p in positional) or 'none'}) but {len(inputs)} tensors were given as inputs; "
-            f"a tuple is passed as model(*inputs). If your data loader yields (inputs, targets), pass only the inputs"
-        )
+def select_metrics(metrics: Sequence[str] | str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """The metric names a monitor logs: ``"all"`` (every one of ``allowed``) or a non-empty selection of them."""
+    if isinstance(metrics, str):
+        if metrics != "all":
+            raise ValueError(f"metrics must be 'all' or a sequence of names from {allowed}, got {metrics!r}")
+        return allowed
+    metrics = tuple(metrics)
+    if not metrics or any(m not in allowed for m in metrics):
+        raise ValueError(f"metrics must be a non-empty selection of {allowed} (or 'all'), got {metrics!r}")
+    return metrics
 
 
 def functional_model(model: nn.Module) -> nn.Module:
@@ -167,7 +157,7 @@ def check_outputs(out: object, n: int) -> Tensor:
     if not isinstance(out, Tensor):
         raise TypeError(
             f"the model returned {type(out).__name__}, not a tensor; MGS needs the raw outputs (logits). "
-            f"Wrap the model so that forward returns one tensor of shape (batch, ...)"
+            f"Pass logits= (a key, an index or a callable) to say where they are in what the model returns"
         )
     if out.dim() == 0 or out.shape[0] != n:
         raise ValueError(

@@ -13,6 +13,7 @@ from ._costs import announced
 from ._guards import preserved_state
 from ._problem import build_problem, with_fresh_outputs
 
+from ._io import OutputSelector
 from ._validation import Inputs, ParamFilter, functional_model
 from .engines import engine_for
 from .estimators import default_generator, trace_from_rows
@@ -34,6 +35,7 @@ def mgs_kernel(
     dtype: torch.dtype | None = None,
     batch_norm: str = "eval",
     create_graph: bool = False,
+    logits: OutputSelector = None,
 ) -> Tensor:
     """The MGS kernel of one mini-batch: K = J Jᵀ with J = ∂ f(X) / ∂θ.
 
@@ -42,9 +44,11 @@ def mgs_kernel(
     it has the same trace as the full kernel.
 
     Args:
-        model: any ``nn.Module`` returning raw outputs of shape (n,), (n, q) or (n, *shape) (flattened).
-        inputs: a tensor or a tuple of tensors (``model(*inputs)``), batch on dim 0; moved to the
-            model's device.
+        model: any ``nn.Module`` returning raw outputs of shape (n,), (n, q) or (n, *shape) (flattened),
+            or a ``ModelOutput``/dict/tuple holding them (see ``logits``).
+        inputs: a tensor, a tuple of tensors (``model(*inputs)``) or a mapping of keyword arguments
+            (``model(**inputs)``: a tokenizer's or data collator's dict; its tensors need the batch on
+            dim 0, other values are passed unchanged), batch on dim 0; moved to the model's device.
         params: restrict J's columns: parameter names, name prefixes, submodules, parameter objects,
             or a callable ``(name, param) -> bool``. Default: every parameter with ``requires_grad``.
         strategy: ``"structured"`` (per-layer Gram products, falling back per parameter to the
@@ -62,6 +66,11 @@ def mgs_kernel(
             the first call compares ``model(X)`` with each sample run alone and warns under
             ``"eval"``; under ``"batch"`` such models get the whole-batch Jacobian.
         create_graph: return K differentiable with respect to the parameters (for penalties).
+        logits: where the raw outputs are in what the model returns. ``None``: a tensor as it is, or
+            the ``"logits"`` entry of a Hugging Face ``ModelOutput`` or dict. A key or attribute name
+            (``"start_logits"``), a tuple index (``0``), or a callable ``out -> Tensor`` or ``(out,
+            inputs) -> Tensor`` (called per sample on the same inputs; e.g.
+            :func:`mgs_torch.hf.next_token_logits` for language models).
 
     Dropout in train mode draws an independent mask per sample from a fork of the global RNG (which
     is left as it was); call ``model.eval()`` first for the kernel of the deterministic network.
@@ -77,7 +86,7 @@ def mgs_kernel(
         with announced(problem, engine, what="kernel", outputs=outputs, chunk_size=chunk_size):
             return engine.kernel(problem, outputs=outputs, chunk_size=chunk_size)
 
-    return on_problem(model, inputs, opts, create_graph, compute, kernel=True)
+    return on_problem(model, inputs, opts, create_graph, compute, kernel=True, logits=logits)
 
 
 def mgs_trace(
@@ -93,12 +102,13 @@ def mgs_trace(
     dtype: torch.dtype | None = None,
     batch_norm: str = "eval",
     create_graph: bool = False,
+    logits: OutputSelector = None,
 ) -> Tensor:
     """tr K = Σ_i Σ_a ‖∇θ f_a(x_i)‖² without forming K (only the squared norms of J's rows).
 
     ``estimator="hutchinson"`` uses ``num_probes`` Rademacher probes drawn from ``generator``
     (default: :func:`mgs_torch.estimators.default_generator`, never the global RNG). Other arguments
-    as in :func:`mgs_kernel`. Cost (structured): one forward and one backward at batch q·n
+    as in :func:`mgs_kernel` (``logits`` included). Cost (structured): one forward and one backward at batch q·n
     (exact) or num_probes·n (Hutchinson), plus per-layer norms.
     """
     opts = PenaltyOptions(params=params, strategy=strategy, chunk_size=chunk_size, dtype=dtype, batch_norm=batch_norm,
@@ -112,10 +122,13 @@ def mgs_trace(
                 problem, engine, estimator=estimator, num_probes=num_probes, generator=generator, chunk_size=chunk_size
             )
 
-    return on_problem(model, inputs, opts, create_graph, compute)
+    return on_problem(model, inputs, opts, create_graph, compute, logits=logits)
 
 
-def on_problem(model: nn.Module, inputs: Inputs, opts: KernelOptions, create_graph: bool, compute, *, kernel: bool = False):
+def on_problem(
+    model: nn.Module, inputs: Inputs, opts: KernelOptions, create_graph: bool, compute, *, kernel: bool = False,
+    logits: OutputSelector = None,
+):
     """``compute(problem, engine)`` on the validated problem of one call, without side effects.
 
     The shared shape of every entry point: guards (:func:`~mgs_torch._guards.preserved_state`),
@@ -130,7 +143,7 @@ def on_problem(model: nn.Module, inputs: Inputs, opts: KernelOptions, create_gra
     def attempt(revalidate: bool):
         problem = build_problem(
             model, inputs, params=opts.params, dtype=opts.dtype, create_graph=create_graph, batch_norm=opts.batch_norm,
-            revalidate=revalidate,
+            revalidate=revalidate, logits=logits,
         )
         engine = checked_engine(problem, engine_for(opts.strategy, problem), kernel=kernel, gradient=create_graph)
         return compute(problem, engine)

@@ -9,6 +9,7 @@ from ._costs import announced, warn_if_idle_chunk
 from ._linalg import logdet_psd
 from ._guards import preserved_state, restore_rng_states, rng_states
 from ._problem import KernelProblem, build_problem
+from ._io import OutputSelector
 from ._validation import Inputs, ParamFilter, functional_model
 from .engines import engine_for
 from .estimators import ESTIMATORS, KINDS, default_generator, trace_cotangents, trace_from_rows
@@ -139,6 +140,7 @@ def mgs_penalty(
     dtype: torch.dtype | None = None,
     batch_norm: str = "eval",
     jitter: float = 0.0,
+    logits: OutputSelector = None,
 ) -> Tensor:
     """g(K) as a scalar differentiable with respect to the model's parameters (double backward).
 
@@ -158,7 +160,8 @@ def mgs_penalty(
     ``chunk_size`` (K, and on the jacobian route J, are held whole). A log-det of a K with more than
     4096 rows is announced once with its cost.
 
-    The other arguments are those of :func:`mgs_torch.mgs_kernel`. The model's parameters, ``.grad``,
+    The other arguments are those of :func:`mgs_torch.mgs_kernel` (``inputs`` may be a mapping of keyword
+    arguments, ``logits`` selects the raw outputs of a ``ModelOutput``/dict/tuple). The model's parameters, ``.grad``,
     train/eval flags, buffers and the global RNG are left untouched. Cost (structured engine, exact
     trace): one forward + one backward at batch q·n, and about twice that again for the double
     backward of ``loss.backward()`` — about a plain training step at batch q·n.
@@ -176,7 +179,7 @@ def mgs_penalty(
     if kind == "trace" and chunk_size is not None:
         value, problem = _trace_in_chunks(
             model, inputs, strategy, estimator=estimator, num_probes=num_probes, generator=generator,
-            chunk_size=chunk_size, batch_norm=batch_norm, build={"params": params, "dtype": dtype},
+            chunk_size=chunk_size, batch_norm=batch_norm, build={"params": params, "dtype": dtype, "logits": logits},
         )
         if estimator == "hutchinson":
             value = value / num_probes
@@ -190,7 +193,7 @@ def mgs_penalty(
                     ), problem
                 return logdet_psd(engine.kernel(problem, outputs=outputs, chunk_size=chunk_size), jitter), problem
 
-        value, problem = on_problem(model, inputs, opts, True, compute, kernel=kind == "logdet")
+        value, problem = on_problem(model, inputs, opts, True, compute, kernel=kind == "logdet", logits=logits)
     if reduction == "mean":
         value = value / (problem.n * problem.q if outputs == "full" else problem.n)
     if not value.requires_grad and torch.is_grad_enabled():

@@ -40,7 +40,8 @@ from torch import Tensor, nn
 
 from ._dtypes import as_dtype
 from ._linalg import check_square
-from ._validation import Inputs, as_input_tuple
+from ._io import ModelCall, model_call
+from ._validation import Inputs
 from .kernel import mgs_kernel
 
 __all__ = ["SampleScores", "mgs_sample_scores", "sample_scores_from_gram", "sample_scores_from_kernel", "LOSSES"]
@@ -119,14 +120,16 @@ def _output_gradients(outputs: Tensor, targets: Tensor, loss: str) -> Tensor:
 
 
 class _LossDirection(nn.Module):
-    """x, w -> Σ_a w_a f_a(x): one scalar per sample whose gradient is sample i's loss gradient."""
+    """x, w -> Σ_a w_a f_a(x): one scalar per sample whose gradient is sample i's loss gradient
+    (``call`` maps the input tensors onto ``model`` and selects its raw outputs)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, call: ModelCall):
         super().__init__()
         self.model = model
+        self.call = call
 
     def forward(self, w: Tensor, *inputs: Tensor) -> Tensor:
-        out = self.model(*inputs)
+        out = self.call(self.model, inputs)
         return (out.reshape(out.shape[0], -1) * w).sum(1)
 
 
@@ -145,7 +148,7 @@ def mgs_sample_scores(
         targets: ``None``: the outputs form (label-free). Given: the loss form, the Gram of per-sample
             loss gradients, with ``loss`` ``"cross_entropy"`` (class labels) or ``"mse"`` (targets
             shaped like the outputs).
-        kernel_kwargs: ``params``, ``strategy``, ``chunk_size``, ``dtype``, ``batch_norm`` of ``mgs_kernel``.
+        kernel_kwargs: ``params``, ``strategy``, ``chunk_size``, ``dtype``, ``batch_norm``, ``logits`` of ``mgs_kernel``.
 
     Leaves the model as it was (what ``mgs_kernel`` guarantees). Cost: see the module docstring.
     """
@@ -156,7 +159,8 @@ def mgs_sample_scores(
         return sample_scores_from_gram(S, "outputs")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    x = as_input_tuple(inputs)
+    logits = kernel_kwargs.pop("logits", None)
+    x, call = model_call(model, inputs, logits)
     if not isinstance(targets, Tensor) or targets.shape[0] != x[0].shape[0]:
         raise ValueError(f"targets must be a tensor with one row per sample ({x[0].shape[0]}), got {getattr(targets, 'shape', type(targets).__name__)}")
     was_training = [m.training for m in model.modules()]
@@ -168,7 +172,7 @@ def mgs_sample_scores(
                         m.eval()
             devices = [p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"][:1]
             with torch.random.fork_rng(devices=devices):
-                outputs = model(*x)
+                outputs = call(model, x)
     finally:
         for m, flag in zip(model.modules(), was_training):
             m.training = flag
@@ -176,7 +180,7 @@ def mgs_sample_scores(
     w = _output_gradients(outputs, targets, loss)
     w = w.to(dtype or next(p for p in model.parameters() if p.requires_grad).dtype)
     params = kernel_kwargs.pop("params", None)
-    S = mgs_kernel(_LossDirection(model), (w, *x), params=_prefixed(params), **kernel_kwargs)
+    S = mgs_kernel(_LossDirection(model, call), (w, *x), params=_prefixed(params), **kernel_kwargs)
     return sample_scores_from_gram(S, "loss", labels=targets if loss == "cross_entropy" else None)
 
 

@@ -11,6 +11,8 @@ upstream ops were replaced by exact equivalents (:mod:`mgs_torch.op_fixes`).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +25,8 @@ from ._guards import cuda_devices, preserved_state
 
 from ._problem import build_problem
 
-from ._validation import Inputs, as_input_tuple, functional_model, select_parameters
+from ._io import ModelCall, OutputSelector, model_call
+from ._validation import Inputs, functional_model, select_parameters
 from .engines import engine_for, jacobian, structured
 from .kernel import mgs_kernel
 from .options import KernelOptions
@@ -99,20 +102,21 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _loop_jacobian(model: nn.Module, xs: tuple[Tensor, ...], params: list[Tensor], create_graph: bool) -> Tensor:
-    """J of the per-sample outputs by plain autograd. Each sample runs as a batch of two identical
+def _loop_jacobian(model: nn.Module, xs: tuple[Tensor, ...], params: list[Tensor], create_graph: bool, call: ModelCall) -> Tensor:
+    """J of the per-sample outputs by plain autograd (``call`` maps ``xs`` onto the model and selects its
+    outputs). Each sample runs as a batch of two identical
     copies (the first one's outputs differentiated): PyTorch 2.13's CPU ``batch_norm`` backward is wrong
     at batch size one when the incoming gradient has channels-last strides (a conv stem whose map is
     flattened and transposed into tokens), which would make this reference, not mgs_torch, wrong.
     Instance norm runs as its formula for the same reason (its kernel always uses a batch of one)."""
     with LoopFormulas(), exact_forwards(model):
-        return _loop_rows(model, xs, params, create_graph)
+        return _loop_rows(model, xs, params, create_graph, call)
 
 
-def _loop_rows(model: nn.Module, xs: tuple[Tensor, ...], params: list[Tensor], create_graph: bool) -> Tensor:
+def _loop_rows(model: nn.Module, xs: tuple[Tensor, ...], params: list[Tensor], create_graph: bool, call: ModelCall) -> Tensor:
     rows = []
     for i in range(xs[0].shape[0]):
-        out = model(*(torch.cat([x[i : i + 1]] * 2) for x in xs))[:1].reshape(-1)
+        out = call(model, tuple(torch.cat([x[i : i + 1]] * 2) for x in xs))[:1].reshape(-1)
         rows += [_gradient_row(out[a], params, create_graph) for a in range(out.numel())]
     return torch.stack(rows)
 
@@ -129,10 +133,10 @@ def _flat(grads, params: list[Tensor]) -> Tensor:
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
 
 
-def _whole_batch_rows(model: nn.Module, xs: tuple[Tensor, ...], params: list[Tensor], create_graph: bool) -> Tensor:
+def _whole_batch_rows(model: nn.Module, xs: tuple[Tensor, ...], params: list[Tensor], create_graph: bool, call: ModelCall) -> Tensor:
     """J of the whole-batch function: one batched forward, a backward per output of model(X)."""
     with LoopFormulas(), exact_forwards(model):
-        out = model(*xs).reshape(-1)
+        out = call(model, xs).reshape(-1)
         return torch.stack([_gradient_row(out[a], params, create_graph) for a in range(out.numel())])
 
 
@@ -148,12 +152,14 @@ def verify(
     strategy: str = "auto",
     params=None,
     tolerance: float = 1e-8,
+    logits: OutputSelector = None,
 ) -> VerifyReport:
     """Compare mgs_torch's K and trace-penalty gradient with a per-sample autograd loop on your model.
 
     Run it once on a new architecture: ``print(mgs_torch.verify(model, x))``. It uses the first
     ``samples`` samples of ``inputs``, a float64 copy of the model in eval mode (random layers would
-    make K random), and ``params`` as in :func:`mgs_torch.mgs_kernel`. Cost: samples·q backward passes
+    make K random), and ``params``, ``logits`` and the forms of ``inputs`` (a tensor, tuple or mapping of
+    keyword arguments such as a padded batch with its attention mask) as in :func:`mgs_torch.mgs_kernel`. Cost: samples·q backward passes
     for the reference, twice that for the gradient check. The loop computes ``hardsigmoid`` by its
     formula (PyTorch's derivative is single precision) and, for the gradient check, ``embedding_bag`` too
     (PyTorch cannot differentiate it twice); where its double backward still fails (another such op, or
@@ -162,13 +168,16 @@ def verify(
     handle: the report's ``failure`` says what went wrong and which layers fail on their own.
     """
     with self_check_disabled():  # verify is the whole check: it reports the engines as they are
-        return _verify(model, inputs, samples=samples, strategy=strategy, params=params, tolerance=tolerance)
+        return _verify(model, inputs, samples=samples, strategy=strategy, params=params, tolerance=tolerance, logits=logits)
 
 
-def _verify(model: nn.Module, inputs: Inputs, *, samples: int, strategy: str, params, tolerance: float) -> VerifyReport:
+def _verify(model: nn.Module, inputs: Inputs, *, samples: int, strategy: str, params, tolerance: float,
+            logits: OutputSelector) -> VerifyReport:
     model = functional_model(model)
-    xs = tuple(x[:samples] for x in as_input_tuple(inputs))
+    tensors, call = model_call(model, inputs, logits)
+    xs = tuple(x[:samples] for x in tensors)
     xs = tuple(x.double() if x.is_floating_point() else x for x in xs)
+    loop_call = dataclasses.replace(call, transformers=False)  # the reference runs the model's own code, untouched
     ref_model = copy.deepcopy(model).double().eval()
     report = VerifyReport(strategy, xs[0].shape[0], tolerance=tolerance)
     if model.training:
@@ -178,7 +187,7 @@ def _verify(model: nn.Module, inputs: Inputs, *, samples: int, strategy: str, pa
         params = list(select_parameters(model, params))
     try:
         with preserved_state(ref_model, "eval"), explained_failures(ref_model, strategy):
-            problem = build_problem(ref_model, xs, params=params)
+            problem = build_problem(ref_model, call.inputs(xs), params=params, logits=logits)
             report.samples_interact = problem.samples_interact
             whole_batch = not problem.per_sample
             if whole_batch:
@@ -194,13 +203,13 @@ def _verify(model: nn.Module, inputs: Inputs, *, samples: int, strategy: str, pa
                 report.routes = structured.cached_plan(problem)[0].routes()
             chosen = list(problem.params)
         with recording_replacements() as replaced:
-            K = mgs_kernel(ref_model, xs, strategy=strategy, params=params)
+            K = mgs_kernel(ref_model, call.inputs(xs), strategy=strategy, params=params, logits=logits)
         report.replaced_ops = sorted(replaced)
     except Exception as error:  # noqa: BLE001 - verify reports every failure, it never raises one
         report.failure = f"{type(error).__name__}: {error}"
-        report.routes.update(_per_layer_failures(ref_model, xs, strategy))
+        report.routes.update(_per_layer_failures(ref_model, call.inputs(xs), strategy, logits))
         return report
-    low = _lowest_precision(ref_model, xs)
+    low = _lowest_precision(ref_model, xs, loop_call)
     if low is not None:
         report.tolerance = max(tolerance, 100 * torch.finfo(low).eps)
         report.notes.append(
@@ -209,7 +218,7 @@ def _verify(model: nn.Module, inputs: Inputs, *, samples: int, strategy: str, pa
             f"checked with tolerance {report.tolerance:.1e}"
         )
     try:
-        return _compare_with_the_loop(report, ref_model, xs, chosen, K, whole_batch, low, strategy, params)
+        return _compare_with_the_loop(report, ref_model, xs, chosen, K, whole_batch, low, strategy, params, loop_call, logits)
     except Exception as error:  # noqa: BLE001 - verify reports every failure, it never raises one
         if not _is_out_of_memory(error):
             report.failure = f"{type(error).__name__}: {str(error).splitlines()[0]}"
@@ -220,13 +229,13 @@ def _verify(model: nn.Module, inputs: Inputs, *, samples: int, strategy: str, pa
 
 
 def _compare_with_the_loop(report: VerifyReport, ref_model: nn.Module, xs, chosen: list[str], K: Tensor, whole_batch: bool,
-                           low: torch.dtype | None, strategy: str, params) -> VerifyReport:
+                           low: torch.dtype | None, strategy: str, params, call: ModelCall, logits: OutputSelector) -> VerifyReport:
     """K and the trace penalty's gradient against the plain autograd loop, filled into ``report``."""
     named = dict(ref_model.named_parameters())
     plist = [named[k] for k in chosen]
     # one loop with a graph serves K and the gradient check (attention through the math backend); where that
     # graph does not fit in memory, a loop without one checks K and finite differences check the gradient
-    rows = _whole_batch_rows if whole_batch else _loop_jacobian
+    rows = functools.partial(_whole_batch_rows if whole_batch else _loop_jacobian, call=call)
     failed_double_backward: BaseException | None = None
     try:
         try:
@@ -271,7 +280,7 @@ def _compare_with_the_loop(report: VerifyReport, ref_model: nn.Module, xs, chose
             f"the penalty gradient is checked against central finite differences of the loop's tr K instead"
         )
     try:
-        value = mgs_penalty(ref_model, xs, kind="trace", reduction="sum", strategy=strategy, params=params)
+        value = mgs_penalty(ref_model, call.inputs(xs), kind="trace", reduction="sum", strategy=strategy, params=params, logits=logits)
         ours = _flat(torch.autograd.grad(value, plist, allow_unused=True), plist)
     except Exception as error:  # noqa: BLE001 - verify reports every failure, it never raises one
         if not _is_out_of_memory(error):
@@ -399,14 +408,14 @@ def _finite_difference_error(model: nn.Module, xs, plist: list[Tensor], rows, ou
     return worst
 
 
-def _lowest_precision(model: nn.Module, xs: tuple[Tensor, ...]) -> torch.dtype | None:
+def _lowest_precision(model: nn.Module, xs: tuple[Tensor, ...], call: ModelCall) -> torch.dtype | None:
     """The least precise floating dtype below float64 that ``model``'s forward computes in, or None."""
     with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices(model.parameters())), FloatingDtypes() as spy:
-        model(*xs)
+        call(model, xs)
     return lowest_precision(spy.seen)
 
 
-def _per_layer_failures(model: nn.Module, xs, strategy: str) -> dict[str, str]:
+def _per_layer_failures(model: nn.Module, inputs, strategy: str, logits: OutputSelector) -> dict[str, str]:
     """For each module owning trainable parameters: its parameters alone, and whether that works."""
     out = {}
     for name, module in model.named_modules():
@@ -414,7 +423,7 @@ def _per_layer_failures(model: nn.Module, xs, strategy: str) -> dict[str, str]:
         if not own:
             continue
         try:
-            mgs_kernel(model, xs, strategy=strategy, params=[module])
+            mgs_kernel(model, inputs, strategy=strategy, params=[module], logits=logits)
             status = "ok on its own"
         except Exception as error:  # noqa: BLE001 - a diagnosis, reported as text
             status = f"FAILS: {type(error).__name__}: {str(error).splitlines()[0][:160]}"

@@ -62,7 +62,8 @@ class Returns(nn.Module):
         (lambda y: y.sum(), ValueError, "batch .3. on dim 0"),
         (lambda y: y.T, ValueError, "expected the batch"),
         (lambda y: (y, y), TypeError, "returned tuple"),
-        (lambda y: {"logits": y}, TypeError, "returned dict"),
+        # a dict is read by its "logits" entry (issue 21); one without it says how to select the outputs
+        (lambda y: {"scores": y}, TypeError, r"returned dict with keys \['scores'\].*logits="),
         (lambda y: y.argmax(1), TypeError, "floating-point"),
         (lambda y: y[:, :0], ValueError, "zero outputs per sample"),
     ],

@@ -130,7 +130,10 @@ def test_the_mixin_needs_a_lightning_module():
 def test_bad_batches_get_a_helpful_error():
     model = RegNet(double=True)
     with pytest.raises(TypeError, match="Override `mgs_inputs"):
-        model.mgs_compute_penalty({"pixels": torch.randn(2, 4)})
+        model.mgs_compute_penalty({"pixels": [0.5, 1.5]})
+    # a dict of tensors is taken as keyword inputs (a tokenizer's dict, issue 21): one the model does not take is named
+    with pytest.raises(TypeError, match=r"RegNet.forward takes no keyword argument 'pixels' \(it takes x\)"):
+        model.mgs_compute_penalty({"pixels": torch.randn(2, 4, dtype=torch.float64)})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ except ImportError:  # pragma: no cover - depends on the environment
         ) from err
 
 from .. import options
+from .._io import take_samples
 from ..options import Inputs
 
 __all__ = ["pl", "MisconfigurationException", "MGSConfigurationError", "rank_zero_warn"]
@@ -77,7 +78,8 @@ def check_float(name: str, value: Any, *, minimum: float | None = None) -> None:
 def default_inputs(batch: Any) -> Inputs:
     """The model inputs of a batch: the batch itself if it is a tensor, its first element if it is a
     tuple/list (``(x, y)`` loaders), ``batch[k]`` for the first key k of ``x``/``input``/``inputs``/
-    ``features`` if it is a mapping."""
+    ``features`` if it is a mapping, else the mapping without its target keys (``y``, ``target``,
+    ``targets``, ``label``, ``labels``) as keyword inputs (a tokenizer's or collator's dict: ``model(**inputs)``)."""
     if isinstance(batch, Tensor):
         return batch
     if isinstance(batch, (tuple, list)) and batch:
@@ -86,9 +88,13 @@ def default_inputs(batch: Any) -> Inputs:
         for key in _INPUT_KEYS:
             if key in batch:
                 return batch[key]
+        inputs = {k: v for k, v in batch.items() if k not in _TARGET_KEYS}
+        if any(isinstance(v, Tensor) for v in inputs.values()):
+            return inputs
     raise TypeError(
         f"cannot find the model inputs in a batch of type {type(batch).__name__}: the default takes a tensor, "
-        f"the first element of a tuple/list, or one of the keys {_INPUT_KEYS} of a dict. Override "
+        f"the first element of a tuple/list, one of the keys {_INPUT_KEYS} of a dict, or a dict's tensors other than "
+        f"its targets {_TARGET_KEYS} as keyword inputs. Override "
         f"`mgs_inputs(batch)` in your LightningModule (or pass `inputs_fn=` to MGSMonitor)"
     )
 
@@ -106,14 +112,9 @@ def default_targets(batch: Any) -> Tensor | None:
 
 
 def cap_samples(inputs: Inputs, max_samples: int | None) -> Inputs:
-    """The first ``max_samples`` samples of every input tensor (all of them when ``None``)."""
-    if max_samples is None:
-        return inputs
-    if isinstance(inputs, Tensor):
-        return inputs[:max_samples]
-    if isinstance(inputs, (tuple, list)):
-        return tuple(x[:max_samples] if isinstance(x, Tensor) else x for x in inputs)
-    return inputs  # the core will reject it with its own message
+    """The first ``max_samples`` samples of every input tensor (all of them when ``None``), in a tensor,
+    tuple or mapping of keyword inputs."""
+    return take_samples(inputs, max_samples)
 
 
 def compute_dtype(module: nn.Module, trainer: Any, requested: torch.dtype | None) -> torch.dtype | None:

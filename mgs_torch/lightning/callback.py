@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._io import OutputSelector, batch_size, check_selector, map_tensors
+from .._validation import select_metrics
 from ..kernel import mgs_kernel
 from ..metrics import MGSMetrics, mgs_metrics
 from ..options import Inputs, KernelOptions, ParamFilter
@@ -107,11 +109,14 @@ class MGSMonitor(pl.Callback):
             ``mgs/kernel`` (|K_ij| / max|K|).
         inputs_fn: ``batch -> inputs`` for the model; default: the LightningModule's
             ``mgs_inputs`` if it has one (:class:`MGSRegularizedMixin`), else the first element of
-            a tuple batch / the tensor itself / ``batch["x"]``.
+            a tuple batch / the tensor itself / ``batch["x"]`` / a dict's tensors other than its
+            targets as keyword inputs (a tokenizer's dict: ``input_ids``, ``attention_mask``, …).
         targets_fn: ``batch -> targets`` for ``"alignment"``; default: the second element.
         module: attribute name of the submodule whose outputs are the logits (e.g. ``"net"`` for
             ``pl_module.net``); default: the LightningModule's ``mgs_module()`` if it has one,
             else the LightningModule itself (its ``forward`` must return raw outputs).
+        logits: where the raw outputs are in what the module returns (a ``ModelOutput``'s
+            ``.logits`` by default; a key, index or callable), as in :func:`mgs_torch.mgs_kernel`.
         seed: seed of the probe's random subset.
         log_sample_scores: also log the distribution of the per-sample scores of the same kernel
             (:func:`mgs_torch.sample_scores_from_kernel`: each sample's gradient energy, tr of its
@@ -188,18 +193,13 @@ class MGSMonitor(pl.Callback):
         spectrum_threads: int | None = 1,
         prog_bar: bool | Sequence[str] = False,
         log_sample_scores: bool = False,
+        logits: OutputSelector = None,
     ) -> None:
         check_int("log_every_n_steps", log_every_n_steps, minimum=0, allow_none=True)
         check_choice("probe", probe, PROBES)
         check_int("max_samples", max_samples, minimum=1, allow_none=True)
-        if isinstance(metrics, str):
-            if metrics != "all":
-                raise MGSConfigurationError(f"metrics must be 'all' or a sequence of names from {METRIC_NAMES}, got {metrics!r}")
-            metrics = METRIC_NAMES
-        metrics = tuple(metrics)
-        unknown = [m for m in metrics if m not in METRIC_NAMES]
-        if unknown or not metrics:
-            raise MGSConfigurationError(f"metrics must be a non-empty selection of {METRIC_NAMES} (or 'all'), got {metrics!r}")
+        with configuration_errors():
+            metrics = select_metrics(metrics, METRIC_NAMES)
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
         check_choice("model_mode", model_mode, MODEL_MODES)
@@ -211,6 +211,7 @@ class MGSMonitor(pl.Callback):
                 raise TypeError(f"{name} must be a callable batch -> tensor(s) or None, got {type(fn).__name__}")
         if module is not None and not isinstance(module, str):
             raise TypeError(f"module must be the attribute name of a submodule (a str) or None, got {type(module).__name__}")
+        check_selector(logits)
         check_int("seed", seed, minimum=0)
         check_int("spectrum_threads", spectrum_threads, minimum=1, allow_none=True)
         if not isinstance(log_sample_scores, bool):
@@ -234,6 +235,7 @@ class MGSMonitor(pl.Callback):
         self.inputs_fn = inputs_fn
         self.targets_fn = targets_fn
         self.module = module
+        self.logits = logits
         self.seed = seed
         self.spectrum_threads = spectrum_threads
         #: the full keys shown on the progress bar
@@ -245,7 +247,7 @@ class MGSMonitor(pl.Callback):
         self.history: list[dict[str, float]] = []
         #: the last logged record (or None)
         self.last_metrics: dict[str, float] | None = None
-        self._probe_inputs: tuple[Tensor, ...] | None = None
+        self._probe_inputs: Inputs | None = None
         self._probe_targets: Tensor | None = None
         self._last_step: int = -1
         self._last_epoch: int = -1
@@ -282,8 +284,9 @@ class MGSMonitor(pl.Callback):
         return self._generate_state_key(probe=self.probe, prefix=self.prefix)
 
     @property
-    def probe_inputs(self) -> tuple[Tensor, ...] | None:
-        """The fixed probe batch's inputs (CPU tensors), once drawn; ``None`` with ``probe="current"``."""
+    def probe_inputs(self) -> Inputs | None:
+        """The fixed probe batch's inputs (CPU tensors; a tuple, or a mapping of keyword inputs), once drawn;
+        ``None`` with ``probe="current"``."""
         return self._probe_inputs
 
     @property
@@ -416,7 +419,8 @@ class MGSMonitor(pl.Callback):
         batch, size = draw_probe_batch(trainer, self.probe, self.max_samples, self.seed)
         inputs = cap_samples(self._inputs_of(pl_module, batch), size)
         targets = self._targets_of(batch)
-        self._probe_inputs = tuple(x.detach().cpu() for x in ((inputs,) if isinstance(inputs, Tensor) else inputs))
+        inputs = map_tensors(inputs, lambda x: x.detach().cpu())
+        self._probe_inputs = (inputs,) if isinstance(inputs, Tensor) else inputs
         self._probe_targets = targets[:size].detach().cpu() if isinstance(targets, Tensor) else None
 
     def _batch_inputs(self, pl_module: "pl.LightningModule", batch: Any) -> tuple[Inputs, Tensor | None]:
@@ -424,7 +428,7 @@ class MGSMonitor(pl.Callback):
             if self._probe_inputs is None:
                 raise RuntimeError("the probe batch was not drawn (on_train_start did not run)")
             device = next(iter(pl_module.parameters()), torch.empty(0)).device
-            inputs = tuple(x.to(device) for x in self._probe_inputs)
+            inputs = map_tensors(self._probe_inputs, lambda x: x.to(device))
             return inputs, self._probe_targets
         inputs = cap_samples(self._inputs_of(pl_module, batch), self.max_samples)
         targets = self._targets_of(batch) if "alignment" in self.metrics else None
@@ -446,10 +450,10 @@ class MGSMonitor(pl.Callback):
         module = self._module(pl_module)
         dtype = compute_dtype(module, getattr(pl_module, "_trainer", None), self.dtype)
         with torch.enable_grad(), module_mode(module, self.model_mode):
-            K = mgs_kernel(module, inputs, **{**self.kernel_options.as_kwargs(), "dtype": dtype})
+            K = mgs_kernel(module, inputs, **{**self.kernel_options.as_kwargs(), "dtype": dtype}, logits=self.logits)
         want_targets = "alignment" in self.metrics and targets is not None
         metrics = mgs_metrics(K, targets=targets if want_targets else None, jitter=self.jitter, threads=self.spectrum_threads)
-        n = int(inputs[0].shape[0] if isinstance(inputs, (tuple, list)) else inputs.shape[0])
+        n = batch_size(inputs)
         return K.detach(), metrics, n
 
     def _measure_and_log(

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .._io import OutputSelector, check_selector
 from ..options import Inputs, ParamFilter, PenaltyOptions
 from ..penalty import mgs_penalty
 from ._utils import (
@@ -163,7 +164,8 @@ class MGSRegularizedMixin:
         self.manual_backward(loss)
 
     **Inputs and model.** The kernel is taken on ``mgs_inputs(batch)`` (default: the first element
-    of a tuple/list batch, the batch itself if it is a tensor, ``batch["x"]`` for dicts) through
+    of a tuple/list batch, the batch itself if it is a tensor, ``batch["x"]`` for dicts, or a dict's
+    tensors other than its targets as keyword inputs, e.g. a tokenizer's dict) through
     ``mgs_module()`` (default: ``self``, whose ``forward`` must return the raw outputs);
     override either. The model is used in its current (training) mode: Dropout stays active;
     BatchNorm follows ``mgs_batch_norm``. Parameters, buffers and the global RNG are untouched.
@@ -199,6 +201,8 @@ class MGSRegularizedMixin:
         mgs_seed: seed of the Hutchinson probes.
         mgs_log: log the three values above.
         mgs_allow_negative_alpha: accept α < 0 (rewarding dissimilar gradients; diverges in general).
+        mgs_logits: where the raw outputs are in what ``mgs_module()`` returns (a ``ModelOutput``'s
+            ``.logits`` by default; a key, index or callable), as ``logits`` of :func:`mgs_torch.mgs_penalty`.
 
     Every ``mgs_*`` keyword must be one of these: a misspelled one (``mgs_alhpa``) raises a
     ``TypeError`` that names the valid options. A subclass whose ``__init__`` was given ``mgs_*``
@@ -251,6 +255,7 @@ class MGSRegularizedMixin:
         mgs_seed: int = 0,
         mgs_log: bool = True,
         mgs_allow_negative_alpha: bool = False,
+        mgs_logits: OutputSelector = None,
         **kwargs: Any,
     ) -> None:
         received = {k: v for k, v in locals().items() if k.startswith("mgs_")}  # first: the arguments as given
@@ -276,6 +281,7 @@ class MGSRegularizedMixin:
         check_int("mgs_warmup_epochs", mgs_warmup_epochs, minimum=0)
         check_int("mgs_max_samples", mgs_max_samples, minimum=1, allow_none=True)
         check_int("mgs_seed", mgs_seed, minimum=0)
+        check_selector(mgs_logits)
 
         self.mgs_alpha = float(mgs_alpha)
         self.mgs_warmup_steps = mgs_warmup_steps
@@ -284,6 +290,7 @@ class MGSRegularizedMixin:
         self.mgs_seed = mgs_seed
         self.mgs_log = bool(mgs_log)
         self.mgs_allow_negative_alpha = mgs_allow_negative_alpha
+        self.mgs_logits = mgs_logits
         self._mgs_depth = 0
         self._mgs_generator = torch.Generator()
         self._mgs_seed_key: tuple[int, int] | None = None
@@ -333,6 +340,8 @@ class MGSRegularizedMixin:
             **hparams, "mgs_alpha": self.mgs_alpha, "mgs_warmup_steps": self.mgs_warmup_steps,
             "mgs_warmup_epochs": self.mgs_warmup_epochs, "mgs_max_samples": self.mgs_max_samples, "mgs_seed": self.mgs_seed,
             "mgs_log": self.mgs_log, "mgs_allow_negative_alpha": self.mgs_allow_negative_alpha,
+            # a key or index is a hyperparameter; a callable is not (pass it again to load_from_checkpoint)
+            "mgs_logits": self.mgs_logits if isinstance(self.mgs_logits, (str, int)) else None,
         }
 
     def __getattr__(self, name: str) -> Any:
@@ -349,7 +358,7 @@ class MGSRegularizedMixin:
         trainer = lightning_trainer(self)  # type: ignore[arg-type]
         options = self.mgs_options.as_kwargs()
         options["dtype"] = compute_dtype(module, trainer, options["dtype"])
-        return mgs_penalty(module, inputs, generator=self._mgs_probe_generator(), **options)
+        return mgs_penalty(module, inputs, generator=self._mgs_probe_generator(), logits=self.mgs_logits, **options)
 
     def mgs_regularization(self, batch: Any) -> Tensor:
         """α_t·g(K) for the batch, to add to the loss (a zero tensor, not computed, while α_t = 0).
