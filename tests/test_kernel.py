@@ -66,6 +66,17 @@ def test_trace_is_the_trace_of_the_kernel(strategy):
         assert_close(mgs_trace(model, x, strategy=strategy), reference_kernel(model, x).trace())
 
 
+def test_train_mode_batchnorm_uses_running_statistics_by_default():
+    """batch_norm="eval" is the default of every entry point: a train-mode BatchNorm model gets the
+    kernel of its eval-mode function (running statistics) and stays in train mode."""
+    model, x = _cases()["cnn_q3"]
+    expected = reference_kernel(model, x)  # small_cnn is in eval mode
+    model.train()
+    assert_close(mgs_kernel(model, x), expected)
+    assert_close(mgs_trace(model, x), expected.trace())
+    assert model.training and model.bn.training
+
+
 def test_summed_and_full_kernels_share_their_trace():
     model, x = _cases()["mlp_q3"]
     assert_close(mgs_kernel(model, x, outputs="sum").trace(), mgs_kernel(model, x).trace())
