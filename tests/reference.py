@@ -137,13 +137,13 @@ def penalty_grad_loop(model, inputs, kind: str, *, outputs: str = "full", whole_
     return torch.autograd.grad(value, trainable(model), allow_unused=True)
 
 
-def penalty_grad_fd(model, inputs, kind: str, *, eps: float = 1e-6, whole_batch: bool = False, max_entries: int = 8):
-    """Central finite differences of the loop's g(K) on the first ``max_entries`` entries of each parameter."""
+def penalty_grad_fd(model, inputs, kind: str, *, eps: float = 1e-6, whole_batch: bool = False, max_entries: int | None = None):
+    """Central finite differences of the loop's g(K) on the first ``max_entries`` entries of each parameter (all: None)."""
     model = copy.deepcopy(model)
     out = []
     for p in trainable(model):
         flat = p.data.view(-1)
-        g = torch.zeros(min(flat.numel(), max_entries), dtype=p.dtype)
+        g = torch.zeros(flat.numel() if max_entries is None else min(flat.numel(), max_entries), dtype=p.dtype)
         for e in range(g.numel()):
             old = flat[e].item()
             flat[e] = old + eps
