@@ -361,7 +361,16 @@ def load_results(path: Path) -> dict[str, dict]:
     return results
 
 
-def run(modules: list[str], results_path: Path, *, limit: int | None = None) -> None:
+def sampled(ms: list[Mutant], sample: int | None) -> list[Mutant]:
+    """``sample`` of the mutants chosen by their ids' hashes (stable across runs and line moves), or all."""
+    if sample is None or sample >= len(ms):
+        return ms
+    keep = {m.id for m in sorted(ms, key=lambda m: hashlib.sha1(m.id.encode()).hexdigest())[:sample]}
+    return [m for m in ms if m.id in keep]
+
+
+def run(modules: list[str], results_path: Path, *, limit: int | None = None, sample: int | None = None,
+        rerun_survivors: bool = False) -> None:
     import pytest  # noqa: F401 - imported once here, inherited by every forked child
     import torch
 
@@ -377,7 +386,8 @@ def run(modules: list[str], results_path: Path, *, limit: int | None = None) -> 
         _copy_tree(copy_root)
         for module in modules:
             tests = MODULES[module]
-            todo = [m for m in mutants(module) if m.id not in done]
+            again = {i for i, r in done.items() if rerun_survivors and r["status"] == "survived"}
+            todo = [m for m in sampled(mutants(module), sample) if m.id not in done or m.id in again]
             if not todo:
                 print(f"{module}: all {len(mutants(module))} mutants done", flush=True)
                 continue
@@ -466,6 +476,8 @@ def main(argv=None) -> None:
     parser.add_argument("targets", nargs="*", help="modules (default: all of MODULES) or, for show, a mutant id")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--limit", type=int, default=None, help="at most this many new mutants per module")
+    parser.add_argument("--sample", type=int, default=None, help="a stable random sample of this many mutants per module")
+    parser.add_argument("--rerun-survivors", action="store_true", help="run the survivors again (after new tests)")
     args = parser.parse_args(argv)
     if args.command == "check":  # check ID [tests...]: does the selection (or these tests) kill it?
         sys.exit(0 if check(args.targets[0], args.targets[1:]) else 1)
@@ -481,7 +493,7 @@ def main(argv=None) -> None:
         print(report(args.results, modules))
     else:
         start = time.time()
-        run(modules, args.results, limit=args.limit)
+        run(modules, args.results, limit=args.limit, sample=args.sample, rerun_survivors=args.rerun_survivors)
         print(f"done in {time.time() - start:.0f} s", flush=True)
 
 

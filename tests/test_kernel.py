@@ -63,7 +63,9 @@ def test_frozen_parameters_are_excluded():
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_trace_is_the_trace_of_the_kernel(strategy):
     for model, x in _cases().values():
-        assert_close(mgs_trace(model, x, strategy=strategy), reference_kernel(model, x).trace())
+        trace = mgs_trace(model, x, strategy=strategy)
+        assert_close(trace, reference_kernel(model, x).trace())
+        assert not trace.requires_grad  # create_graph=False by default: a value, not a graph
 
 
 def test_train_mode_batchnorm_uses_running_statistics_by_default():

@@ -144,6 +144,19 @@ def test_hutchinson_with_fixed_probes_is_exactly_the_estimate_of_the_loop(strate
                  one, rtol=1e-12, atol=0)
 
 
+def test_hutchinson_without_a_generator_draws_from_the_default_generator_only(monkeypatch):
+    """No generator=: the probes come from mgs_torch's generator (here reseeded), never the global RNG."""
+    from mgs_torch import estimators
+
+    model, x = mlp(3), torch.randn(3, 4, dtype=torch.float64)
+    expected = _loop_hutchinson(model, x, _probes(5, 2, 3, 3)).detach()
+    for compute in (mgs_trace, lambda *a, **kw: mgs_penalty(*a, reduction="sum", **kw).detach()):
+        monkeypatch.setattr(estimators, "_default_generator", torch.Generator().manual_seed(5))
+        rng = torch.get_rng_state()
+        assert_close(compute(model, x, estimator="hutchinson", num_probes=2), expected, rtol=1e-12, atol=0)
+        assert torch.equal(torch.get_rng_state(), rng), "the global RNG was consumed"
+
+
 def test_the_default_generator_is_seeded_with_zero(monkeypatch):
     """What default_generator's docstring promises: a run that never passes generator= is reproducible."""
     from mgs_torch import estimators
