@@ -16,12 +16,10 @@ import pytest
 import torch
 from torch import nn
 
+from optional import require_extra
 from mgs_torch import verify
 
-try:
-    import transformers as T
-except Exception as error:  # noqa: BLE001 - any failure to import means: not usable here
-    pytest.skip(f"transformers not usable here ({type(error).__name__})", allow_module_level=True)
+T = require_extra("transformers", "hf")
 
 
 class Logits(nn.Module):
