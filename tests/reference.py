@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 
 class _PlainInstanceNorm(TorchFunctionMode):
-    """``F.instance_norm`` (and ``F.embedding_bag``) as formulas in elementary ops, for the loop only.
+    """``F.instance_norm`` (and ``F.embedding_bag``, ``F.hardsigmoid``) as formulas in elementary ops, for the loop only.
 
     PyTorch 2.13's CPU instance norm runs ``batch_norm`` on the input reshaped to a batch of one,
     whose backward is wrong when the incoming gradient has channels-last strides (a map flattened and
@@ -32,6 +32,8 @@ class _PlainInstanceNorm(TorchFunctionMode):
             return _instance_norm(*args, **kwargs)
         if func is F.embedding_bag:
             return _embedding_bag(func, *args, **kwargs)
+        if func is F.hardsigmoid:  # no double backward upstream, and a single-precision 1/6 in its derivative
+            return _hardsigmoid(*args, **kwargs)
         return func(*args, **kwargs)
 
 
@@ -46,6 +48,11 @@ def _embedding_bag(original, input, weight, offsets=None, max_norm=None, norm_ty
     if per_sample_weights is not None:
         e = e * per_sample_weights.unsqueeze(-1)
     return {"sum": e.sum(1), "mean": e.mean(1), "max": e.amax(1)}[mode]
+
+
+def _hardsigmoid(x, inplace=False):
+    y = torch.clamp((x + 3.0) / 6.0, 0.0, 1.0)
+    return x.copy_(y) if inplace else y
 
 
 def _instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True, momentum=0.1, eps=1e-5):
