@@ -5,8 +5,9 @@ A small script of its own rather than mutmut or cosmic-ray: both rerun a test co
 interpreter per mutant, and this suite's torch import, model zoo and per-module test selection make
 that minutes per mutant on the 2-core machines (docs/testing.md). Here the parent imports torch and
 pytest once and forks a child per mutant, which writes the mutant into a private copy of the work
-tree and runs the module's own fast test selection with ``pytest -x``; lines the selection never
-executes (measured once per module with coverage.py) are reported as ``not covered`` without a run.
+tree and runs, with ``pytest -x``, only the tests of the module's selection that execute the mutated
+lines (measured once per module with coverage.py, one context per test); a mutant no test reaches is
+reported as ``not covered`` without a run.
 
 Mutants are regenerated from the current source on every run and identified by module, operator
 and the text of the mutated line (not its number), so the results file (JSONL, appended after every
@@ -298,7 +299,9 @@ def _copy_tree(dest: Path) -> None:
 
 
 def _child(copy_root: Path, tests: list[str], out_file: Path | None, coverage_of: str | None) -> None:
-    """In the forked child: run pytest on ``tests`` in ``copy_root`` (the mutant already written)."""
+    """In the forked child: run pytest on ``tests`` in ``copy_root`` (the mutant already written).
+
+    With ``coverage_of``, record which test (node id) executed which line of that module, in order."""
     os.chdir(copy_root)
     sys.dont_write_bytecode = True
     sys.path[:0] = [str(copy_root), str(copy_root / "bench")]
@@ -307,22 +310,30 @@ def _child(copy_root: Path, tests: list[str], out_file: Path | None, coverage_of
     os.dup2(devnull, 2)
     import pytest
 
-    cov = None
+    plugins, order = [], []
     if coverage_of is not None:
         import coverage
 
-        cov = coverage.Coverage(data_file=None, include=[str(copy_root / "mgs_torch" / "*"), str(copy_root / "mgs_torch" / "*" / "*")])
+        cov = coverage.Coverage(data_file=None, include=[str(copy_root / coverage_of)])
+
+        class _PerTest:
+            def pytest_runtest_setup(self, item):
+                order.append(item.nodeid)
+                cov.switch_context(item.nodeid)
+
+        plugins.append(_PerTest())
         cov.start()
-    code = pytest.main(["-x", "-q", "-p", "no:cacheprovider", "-W", "ignore", *tests])
-    if cov is not None:
+    args = ["-q", "-p", "no:cacheprovider", "-W", "ignore", *tests] if coverage_of else ["-x", "-q", "-p", "no:cacheprovider", "-W", "ignore", *tests]
+    code = pytest.main(args, plugins=plugins)
+    if coverage_of is not None:
         cov.stop()
         data = cov.get_data()
-        lines = data.lines(str(copy_root / coverage_of)) or []
-        out_file.write_text(json.dumps({"code": int(code), "lines": sorted(lines)}))
+        by_line = data.contexts_by_lineno(str(copy_root / coverage_of))
+        out_file.write_text(json.dumps({"code": int(code), "order": order, "lines": {str(k): v for k, v in by_line.items()}}))
     os._exit(int(code))
 
 
-def _run(copy_root: Path, tests: list[str], timeout: float, *, coverage_of: str | None = None) -> tuple[str, float, list | None]:
+def _run(copy_root: Path, tests: list[str], timeout: float, *, coverage_of: str | None = None) -> tuple[str, float, dict | None]:
     out_file = copy_root / ".coverage-lines.json"
     start = time.time()
     pid = os.fork()
@@ -344,7 +355,7 @@ def _run(copy_root: Path, tests: list[str], timeout: float, *, coverage_of: str 
     code = os.waitstatus_to_exitcode(status)
     lines = None
     if coverage_of is not None and out_file.exists():
-        lines = json.loads(out_file.read_text())["lines"]
+        lines = json.loads(out_file.read_text())
         out_file.unlink()
     # pytest: 0 all passed, 1 some failed, 2 interrupted/collection error, 5 nothing collected
     outcome = {0: "survived", 1: "killed", 2: "killed (error)", 5: "no tests"}.get(code, f"killed (exit {code})")
@@ -392,18 +403,21 @@ def run(modules: list[str], results_path: Path, *, limit: int | None = None, sam
                 print(f"{module}: all {len(mutants(module))} mutants done", flush=True)
                 continue
             original = (copy_root / module).read_text()
-            status, baseline, covered = _run(copy_root, tests, 3600, coverage_of=module)
+            status, baseline, cov = _run(copy_root, tests, 3600, coverage_of=module)
             if status != "survived":
                 print(f"{module}: the unmutated tests do not pass ({status}); skipped", flush=True)
                 continue
-            covered = set(covered or [])
+            rank = {nodeid: i for i, nodeid in enumerate(cov["order"])}
+            by_line = {int(k): v for k, v in cov["lines"].items()}
             timeout = 3 * baseline + 30
-            print(f"{module}: {len(todo)} mutants to run, selection {baseline:.0f} s, timeout {timeout:.0f} s", flush=True)
+            print(f"{module}: {len(todo)} mutants to run, selection {baseline:.0f} s (with coverage), timeout {timeout:.0f} s", flush=True)
             for count, m in enumerate(todo):
                 if limit is not None and count >= limit:
                     break
-                reached = any(line in covered for line in range(m.lines[0], m.lines[1] + 1))
-                if not reached:
+                contexts = {c for line in range(m.lines[0], m.lines[1] + 1) for c in by_line.get(line, ())}
+                # a line run at import time (context "") is reached by every test: the whole selection
+                reached = sorted((c for c in contexts if c in rank), key=rank.get) if "" not in contexts else tests
+                if not contexts:
                     status, seconds = "not covered", 0.0
                 else:
                     try:
@@ -414,11 +428,12 @@ def run(modules: list[str], results_path: Path, *, limit: int | None = None, sam
                     else:
                         (copy_root / module).write_text(source)
                         try:
-                            status, seconds, _ = _run(copy_root, tests, timeout)
+                            status, seconds, _ = _run(copy_root, reached, timeout)
                         finally:
                             (copy_root / module).write_text(original)
                 record = {"id": m.id, "module": module, "line": m.lineno, "op": m.op, "detail": m.detail, "text": m.line_text,
-                          "status": status, "seconds": round(seconds, 1), "tests": tests}
+                          "status": status, "seconds": round(seconds, 1),
+                          "tests_run": len(reached) if contexts else 0}
                 with results_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 print(f"  {m.id} line {m.lineno} {m.op} {m.detail!r}: {status} ({seconds:.0f} s)", flush=True)
