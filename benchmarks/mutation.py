@@ -75,7 +75,7 @@ MODULES: dict[str, list[str]] = {
     "mgs_torch/metrics.py": ["tests/test_metrics.py", "tests/test_metrics_checks.py"],
     "mgs_torch/scores.py": ["tests/test_scores.py"],
     "mgs_torch/verify.py": ["tests/test_trust.py", "tests/test_readme.py"],
-    "mgs_torch/lightning/monitor.py": ["tests/test_lightning_monitor.py", "tests/test_lightning_callback_metrics.py"],
+    "mgs_torch/lightning/callback.py": ["tests/test_lightning_monitor.py", "tests/test_lightning_callback_metrics.py"],
     "mgs_torch/lightning/mixin.py": ["tests/test_lightning_mixin.py"],
 }
 CORE = [m for m in MODULES if not m.startswith(("mgs_torch/metrics", "mgs_torch/scores", "mgs_torch/verify", "mgs_torch/lightning"))]
@@ -298,10 +298,11 @@ def _copy_tree(dest: Path) -> None:
         shutil.copytree(docs, dest / "docs")
 
 
-def _child(copy_root: Path, tests: list[str], out_file: Path | None, coverage_of: str | None) -> None:
+def _child(copy_root: Path, tests: list[str], out_file: Path | None, coverage_of: list[str] | None) -> None:
     """In the forked child: run pytest on ``tests`` in ``copy_root`` (the mutant already written).
 
-    With ``coverage_of``, record which test (node id) executed which line of that module, in order."""
+    With ``coverage_of`` (modules), record which test (node id) executed which line of each, and how
+    long each test took."""
     os.chdir(copy_root)
     sys.dont_write_bytecode = True
     sys.path[:0] = [str(copy_root), str(copy_root / "bench")]
@@ -310,16 +311,18 @@ def _child(copy_root: Path, tests: list[str], out_file: Path | None, coverage_of
     os.dup2(devnull, 2)
     import pytest
 
-    plugins, order = [], []
+    plugins, durations = [], {}
     if coverage_of is not None:
         import coverage
 
-        cov = coverage.Coverage(data_file=None, include=[str(copy_root / coverage_of)])
+        cov = coverage.Coverage(data_file=None, include=[str(copy_root / m) for m in coverage_of])
 
         class _PerTest:
             def pytest_runtest_setup(self, item):
-                order.append(item.nodeid)
                 cov.switch_context(item.nodeid)
+
+            def pytest_runtest_logreport(self, report):
+                durations[report.nodeid] = durations.get(report.nodeid, 0.0) + report.duration
 
         plugins.append(_PerTest())
         cov.start()
@@ -328,12 +331,12 @@ def _child(copy_root: Path, tests: list[str], out_file: Path | None, coverage_of
     if coverage_of is not None:
         cov.stop()
         data = cov.get_data()
-        by_line = data.contexts_by_lineno(str(copy_root / coverage_of))
-        out_file.write_text(json.dumps({"code": int(code), "order": order, "lines": {str(k): v for k, v in by_line.items()}}))
+        lines = {m: {str(k): v for k, v in data.contexts_by_lineno(str(copy_root / m)).items()} for m in coverage_of}
+        out_file.write_text(json.dumps({"code": int(code), "durations": durations, "lines": lines}))
     os._exit(int(code))
 
 
-def _run(copy_root: Path, tests: list[str], timeout: float, *, coverage_of: str | None = None) -> tuple[str, float, dict | None]:
+def _run(copy_root: Path, tests: list[str], timeout: float, *, coverage_of: list[str] | None = None) -> tuple[str, float, dict | None]:
     out_file = copy_root / ".coverage-lines.json"
     start = time.time()
     pid = os.fork()
@@ -380,8 +383,46 @@ def sampled(ms: list[Mutant], sample: int | None) -> list[Mutant]:
     return [m for m in ms if m.id in keep]
 
 
+def _source_hash(root: Path) -> str:
+    """The library and its tests as they are now: a cached coverage map is reused only for the same."""
+    h = hashlib.sha1()
+    for path in sorted([*root.glob("mgs_torch/**/*.py"), *root.glob("tests/*.py")]):
+        h.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def coverage_map(copy_root: Path, modules: list[str], cache: Path) -> dict:
+    """Which test of the union of the modules' selections runs which line, and each test's duration:
+    one pytest run under coverage.py for all modules, cached in ``cache`` until a source changes."""
+    selection = list(dict.fromkeys(t for m in [*CORE, *modules] for t in MODULES[m]))  # one map serves every core module
+    key = _source_hash(ROOT)
+    if cache.exists():
+        data = json.loads(cache.read_text())
+        if data.get("key") == key and set(modules) <= set(data["lines"]) and set(selection) <= set(data["selection"]):
+            return data
+    status, seconds, data = _run(copy_root, selection, 4 * 3600, coverage_of=list(MODULES))
+    if status != "survived":
+        raise SystemExit(f"the unmutated selection does not pass ({status}): fix the suite first")
+    data.update(key=key, selection=selection, seconds=round(seconds))
+    cache.write_text(json.dumps(data))
+    return data
+
+
+def tests_for(contexts: set[str], durations: dict[str, float], budget: float) -> list[str]:
+    """The covering tests, fastest first, as many as fit in ``budget`` seconds of their own run time
+    (at least one): a mutant they all let pass is reported "survived" and can be rerun against the whole
+    selection with ``check``."""
+    chosen, total = [], 0.0
+    for nodeid in sorted((c for c in contexts if c in durations), key=lambda c: (durations[c], c)):
+        if chosen and total + durations[nodeid] > budget:
+            break
+        chosen.append(nodeid)
+        total += durations[nodeid]
+    return chosen
+
+
 def run(modules: list[str], results_path: Path, *, limit: int | None = None, sample: int | None = None,
-        rerun_survivors: bool = False) -> None:
+        rerun_survivors: bool = False, budget: float = 20.0) -> None:
     import pytest  # noqa: F401 - imported once here, inherited by every forked child
     import torch
 
@@ -395,48 +436,46 @@ def run(modules: list[str], results_path: Path, *, limit: int | None = None, sam
     with tempfile.TemporaryDirectory(prefix="mgs-mutation-") as tmp:
         copy_root = Path(tmp)
         _copy_tree(copy_root)
+        start = time.time()
+        cov = coverage_map(copy_root, modules, results_path.with_name(results_path.stem + "-coverage.json"))
+        print(f"coverage map: {time.time() - start:.0f} s (selection {cov['seconds']} s under coverage)", flush=True)
+        durations = cov["durations"]
+        every_test = set(durations)
         for module in modules:
-            tests = MODULES[module]
             again = {i for i, r in done.items() if rerun_survivors and r["status"] == "survived"}
             todo = [m for m in sampled(mutants(module), sample) if m.id not in done or m.id in again]
             if not todo:
                 print(f"{module}: all {len(mutants(module))} mutants done", flush=True)
                 continue
             original = (copy_root / module).read_text()
-            status, baseline, cov = _run(copy_root, tests, 3600, coverage_of=module)
-            if status != "survived":
-                print(f"{module}: the unmutated tests do not pass ({status}); skipped", flush=True)
-                continue
-            rank = {nodeid: i for i, nodeid in enumerate(cov["order"])}
-            by_line = {int(k): v for k, v in cov["lines"].items()}
-            timeout = 3 * baseline + 30
-            print(f"{module}: {len(todo)} mutants to run, selection {baseline:.0f} s (with coverage), timeout {timeout:.0f} s", flush=True)
+            by_line = {int(k): set(v) for k, v in cov["lines"][module].items()}
+            print(f"{module}: {len(todo)} mutants to run", flush=True)
             for count, m in enumerate(todo):
                 if limit is not None and count >= limit:
                     break
-                contexts = {c for line in range(m.lines[0], m.lines[1] + 1) for c in by_line.get(line, ())}
-                # a line run at import time (context "") is reached by every test: the whole selection
-                reached = sorted((c for c in contexts if c in rank), key=rank.get) if "" not in contexts else tests
-                if not contexts:
-                    status, seconds = "not covered", 0.0
+                contexts = set().union(*(by_line.get(line, set()) for line in range(m.lines[0], m.lines[1] + 1)))
+                # a line run at import time (context "") is reached by every test of the selection
+                reached = tests_for(every_test if "" in contexts else contexts, durations, budget)
+                seconds = 0.0
+                if not reached:
+                    status = "not covered"
                 else:
                     try:
                         source = mutated_source(module, m.index)
                         compile(source, module, "exec")
                     except (SyntaxError, ValueError) as error:
-                        status, seconds = f"invalid ({type(error).__name__})", 0.0
+                        status = f"invalid ({type(error).__name__})"
                     else:
                         (copy_root / module).write_text(source)
                         try:
-                            status, seconds, _ = _run(copy_root, reached, timeout)
+                            status, seconds, _ = _run(copy_root, reached, 10 * budget + 120)
                         finally:
                             (copy_root / module).write_text(original)
                 record = {"id": m.id, "module": module, "line": m.lineno, "op": m.op, "detail": m.detail, "text": m.line_text,
-                          "status": status, "seconds": round(seconds, 1),
-                          "tests_run": len(reached) if contexts else 0}
+                          "status": status, "seconds": round(seconds, 1), "tests_run": len(reached)}
                 with results_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
-                print(f"  {m.id} line {m.lineno} {m.op} {m.detail!r}: {status} ({seconds:.0f} s)", flush=True)
+                print(f"  {m.id} line {m.lineno} {m.op} {m.detail!r}: {status} ({seconds:.0f} s, {len(reached)} tests)", flush=True)
 
 
 def report(results_path: Path, modules: list[str]) -> str:
@@ -493,6 +532,7 @@ def main(argv=None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="at most this many new mutants per module")
     parser.add_argument("--sample", type=int, default=None, help="a stable random sample of this many mutants per module")
     parser.add_argument("--rerun-survivors", action="store_true", help="run the survivors again (after new tests)")
+    parser.add_argument("--budget", type=float, default=20.0, help="seconds of covering tests (fastest first) per mutant")
     args = parser.parse_args(argv)
     if args.command == "check":  # check ID [tests...]: does the selection (or these tests) kill it?
         sys.exit(0 if check(args.targets[0], args.targets[1:]) else 1)
@@ -508,7 +548,7 @@ def main(argv=None) -> None:
         print(report(args.results, modules))
     else:
         start = time.time()
-        run(modules, args.results, limit=args.limit, sample=args.sample, rerun_survivors=args.rerun_survivors)
+        run(modules, args.results, limit=args.limit, sample=args.sample, rerun_survivors=args.rerun_survivors, budget=args.budget)
         print(f"done in {time.time() - start:.0f} s", flush=True)
 
 
