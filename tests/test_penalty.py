@@ -252,6 +252,19 @@ def test_chunked_recomputation_gives_the_same_value_and_gradient(estimator, chun
         assert_close(g_chunked, g_full)
 
 
+def test_chunked_penalty_revalidates_when_the_output_size_changes():
+    """The chunked penalty sizes its cotangents from a freshly validated problem: after the head
+    grows (or a hook narrows the outputs) the value is tr K of the new function, not of a cached q."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(3, 3, dtype=torch.float64)
+    assert_close(mgs_penalty(model, x, chunk_size=1, reduction="sum"), reference_kernel(model, x).trace())
+    model[2] = nn.Linear(4, 5).double()  # q: 2 -> 5, the same parameter names
+    assert_close(mgs_penalty(model, x, chunk_size=1, reduction="sum"), reference_kernel(model, x).trace())
+    model.register_forward_hook(lambda module, args, out: out[:, :3])  # q: 5 -> 3 by a hook alone
+    assert_close(mgs_penalty(model, x, chunk_size=1, reduction="sum"), reference_kernel(model, x).trace())
+
+
 def test_chunked_penalty_with_dropout_recomputes_the_same_masks():
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)).double().train()
     x = torch.randn(5, 4, dtype=torch.float64)
