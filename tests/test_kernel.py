@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from helpers import SmallCNN, assert_close, mlp, reference_kernel, small_cnn
-from mgs_torch import mgs_kernel, mgs_trace
+from mgs_torch import mgs_kernel, mgs_penalty, mgs_trace
 
 STRATEGIES = ["jacobian", "structured", "auto"]
 
@@ -76,6 +76,7 @@ def test_train_mode_batchnorm_uses_running_statistics_by_default():
     model.train()
     assert_close(mgs_kernel(model, x), expected)
     assert_close(mgs_trace(model, x), expected.trace())
+    assert_close(mgs_penalty(model, x, reduction="sum"), expected.trace())
     assert model.training and model.bn.training
 
 
