@@ -482,8 +482,10 @@ def run(modules: list[str], results_path: Path, *, limit: int | None = None, sam
 
 
 def report(results_path: Path, modules: list[str]) -> str:
-    results = load_results(results_path)
-    lines = ["| module | mutants | run | killed | survived (run) | not covered | survival rate |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    """Survival per module (Markdown) and every survivor, with its note where one explains it."""
+    results, explained = load_results(results_path), notes()
+    lines = ["| module | mutants | run | killed | of them by a test added after a first survival | survived | not covered | survival rate | unexplained |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     survivors = []
     for module in modules:
         current = {m.id: m for m in mutants(module)}
@@ -491,14 +493,17 @@ def report(results_path: Path, modules: list[str]) -> str:
         if not rs:
             continue
         killed = sum(r["status"].startswith(("killed", "timeout", "invalid")) for r in rs)
-        survived = [r for r in rs if r["status"] == "survived"]
-        uncovered = [r for r in rs if r["status"] == "not covered"]
-        alive = len(survived) + len(uncovered)
-        lines.append(f"| {module} | {len(current)} | {len(rs)} | {killed} | {len(survived)} | {len(uncovered)} | "
-                     f"{100 * alive / len(rs):.0f} % |")
-        for r in survived + uncovered:
-            survivors.append(f"{r['id']}  line {current[r['id']].lineno}  {r['op']}  {r['detail']}  [{r['status']}]  {r['text'][:90]}")
-    return "\n".join(lines + ["", "Survivors:"] + survivors)
+        alive = [r for r in rs if r["status"] in ("survived", "not covered")]
+        unexplained = [r for r in alive if r["id"] not in explained]
+        later = sum(bool(r.get("checked_with")) and r["status"].startswith("killed") for r in rs)
+        lines.append(f"| {module} | {len(current)} | {len(rs)} | {killed} | {later} | {sum(r['status'] == 'survived' for r in rs)} | "
+                     f"{sum(r['status'] == 'not covered' for r in rs)} | {100 * len(alive) / len(rs):.0f} % | {len(unexplained)} |")
+        for r in alive:
+            note = explained.get(r["id"], "UNEXPLAINED")
+            survivors.append(f"| `{r['id'].split(':')[1]}` | {module} | {current[r['id']].lineno} | {r['op']}: `{r['detail']}` | "
+                             f"{r['status']} | {note} |")
+    return "\n".join(lines + ["", "| mutant | module | line | change | status | why it survives |",
+                               "| --- | --- | ---: | --- | --- | --- |"] + survivors)
 
 
 def show(mutant_id: str) -> str:
@@ -509,22 +514,36 @@ def show(mutant_id: str) -> str:
     return "\n".join(difflib.unified_diff(before, after, module, f"{module} ({m.op}: {m.detail})", n=2, lineterm=""))
 
 
-def check(mutant_id: str, tests: list[str]) -> int:
-    """Run ``tests`` (default: the module's selection, without -x) against one mutant; print pytest's summary."""
+def check(mutant_id: str, tests: list[str], results_path: Path | None = None) -> int:
+    """Run ``tests`` (default: the module's selection, without -x) against one mutant; print pytest's
+    summary, and record the outcome in ``results_path`` (a later record of a mutant replaces earlier ones)."""
     import subprocess
 
     module = mutant_id.rsplit(":", 1)[0]
     m = next(m for m in mutants(module) if m.id == mutant_id)
+    tests = tests or MODULES[module]
     with tempfile.TemporaryDirectory(prefix="mgs-mutant-") as tmp:
         copy_root = Path(tmp)
         _copy_tree(copy_root)
         (copy_root / module).write_text(mutated_source(module, m.index))
         env = dict(os.environ, PYTHONPATH=f"{copy_root}{os.pathsep}{copy_root / 'bench'}", PYTHONDONTWRITEBYTECODE="1")
         print(f"{mutant_id}: line {m.lineno} {m.op} {m.detail}: {m.line_text}", flush=True)
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=line", *(tests or MODULES[module])],
+        start = time.time()
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=line", *tests],
                               cwd=copy_root, env=env, capture_output=True, text=True)
         print("\n".join(proc.stdout.strip().splitlines()[-12:]))
-        return proc.returncode
+    status = {0: "survived", 1: "killed"}.get(proc.returncode, f"killed (exit {proc.returncode})")
+    if results_path is not None:
+        record = {"id": m.id, "module": module, "line": m.lineno, "op": m.op, "detail": m.detail, "text": m.line_text,
+                  "status": status, "seconds": round(time.time() - start, 1), "tests_run": len(tests), "checked_with": tests}
+        with results_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    return proc.returncode
+
+
+def notes(path: Path = ROOT / "benchmarks" / "mutation-notes.json") -> dict[str, str]:
+    """Why a surviving mutant is equivalent (or otherwise explained), by mutant id."""
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def main(argv=None) -> None:
@@ -538,7 +557,7 @@ def main(argv=None) -> None:
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of covering tests (fastest first) per mutant")
     args = parser.parse_args(argv)
     if args.command == "check":  # check ID [tests...]: does the selection (or these tests) kill it?
-        sys.exit(0 if check(args.targets[0], args.targets[1:]) else 1)
+        sys.exit(0 if check(args.targets[0], args.targets[1:], args.results) else 1)
     if args.command == "show":
         print(show(args.targets[0]))
         return
