@@ -252,6 +252,20 @@ def test_chunked_recomputation_gives_the_same_value_and_gradient(estimator, chun
         assert_close(g_chunked, g_full)
 
 
+@pytest.mark.parametrize("strategy", ["jacobian", "structured"])
+def test_chunk_size_bounds_the_logdet_kernel_without_changing_the_penalty(strategy):
+    """chunk_size with kind="logdet" chunks the kernel computation only: the value and gradient are
+    those of log det K from the loop (the chunked-trace path must not take it over)."""
+    model, x = _tiny()
+    J = jacobian_loop(model, x, create_graph=True)
+    expected = torch.linalg.slogdet(J @ J.T)[1]
+    params = list(model.parameters())[:-1]
+    value = mgs_penalty(model, x, kind="logdet", chunk_size=2, reduction="sum", strategy=strategy)
+    assert_close(value.detach(), expected.detach())
+    for g, e in zip(torch.autograd.grad(value, params), torch.autograd.grad(expected, params)):
+        assert_close(g, e)
+
+
 def test_chunked_penalty_revalidates_when_the_output_size_changes():
     """The chunked penalty sizes its cotangents from a freshly validated problem: after the head
     grows (or a hook narrows the outputs) the value is tr K of the new function, not of a cached q."""
