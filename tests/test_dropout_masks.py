@@ -90,3 +90,32 @@ def test_train_mode_encoder_layer_blocks_differ_between_identical_samples(strate
     K_eval = mgs_kernel(model.eval(), x, strategy=strategy)
     eval_blocks = [K_eval[i * q:(i + 1) * q, i * q:(i + 1) * q] for i in range(N)]
     assert all(torch.allclose(b, eval_blocks[0], rtol=1e-12, atol=1e-12) for b in eval_blocks)
+
+
+class _FunctionalDropoutGate(nn.Module):
+    """``F.dropout`` called in a custom layer (no nn.Dropout for mgs_torch to see) scaling by a bare
+    parameter, before a Linear that the structured engine has a rule for: the Linear's and the
+    gate's Jacobian columns come from two parts of the computation and must use one mask per sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(D, dtype=torch.float64))
+        self.head = nn.Linear(D, 1, bias=False).double()
+        with torch.no_grad():
+            self.head.weight.fill_(1.0)
+
+    def forward(self, x):
+        return self.head(torch.nn.functional.dropout(x, P, training=self.training) * self.scale)
+
+
+@pytest.mark.parametrize("strategy", ["jacobian", "structured", "auto"])
+def test_a_random_op_in_a_custom_layer_draws_one_mask_for_every_parameter(strategy):
+    """With scale = w = 1, K_ii (1−p)² = Σ_k (m_k + m'_k) 4^k where m masks the gate's columns and m'
+    the Linear's: one mask per sample makes every digit 0 or 2, two draws make some digit 1."""
+    torch.manual_seed(0)
+    model = _FunctionalDropoutGate().train()
+    x = (2.0 ** torch.arange(D, dtype=torch.float64)).expand(N, D).clone()
+    K = mgs_kernel(model, x, strategy=strategy)
+    digits = [_digits(float(K[i, i]) / SCALE, D) for i in range(N)]
+    assert all(d in (0, 2) for row in digits for d in row), f"two different masks for one sample: {digits}"
+    assert len({tuple(row) for row in digits}) > 1, f"every sample got the same mask: {digits}"
