@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from helpers import SmallCNN, assert_close, mlp, reference_kernel, small_cnn
+from reference import kernel_loop
 from mgs_torch import mgs_kernel, mgs_penalty, mgs_trace
 
 STRATEGIES = ["jacobian", "structured", "auto"]
@@ -165,3 +166,17 @@ def reference_kernel_graph(model, x):
             rows.append(torch.cat([g.reshape(-1) for g in grads]))
     J = torch.stack(rows)
     return J @ J.T
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_whole_batch_route_notices_a_changed_output_size(strategy):
+    """batch_norm="batch" (one batched forward): after a hook narrows the outputs, K is that of the new
+    function (the engines' output check sends a stale problem back for a rebuild)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).double().train()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    first = mgs_kernel(model, x, strategy=strategy, batch_norm="batch")
+    assert first.shape == (12, 12)
+    model.register_forward_hook(lambda module, args, out: out[:, :2])
+    expected = kernel_loop(model, x, whole_batch=True).detach()
+    assert_close(mgs_kernel(model, x, strategy=strategy, batch_norm="batch"), expected)
