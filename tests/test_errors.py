@@ -144,3 +144,18 @@ def test_batch_norm_without_running_statistics_needs_the_batch_policy():
     with pytest.raises(ValueError, match="batch_norm='batch'"):
         mgs_kernel(model, X)
     assert mgs_kernel(model, X, batch_norm="batch").shape == (9, 9)
+
+
+@pytest.mark.parametrize("strategy", ["jacobian", "structured"])
+@pytest.mark.parametrize("call", [mgs_kernel, mgs_trace, mgs_penalty])
+def test_non_finite_outputs_after_a_cached_call_raise_too(call, strategy):
+    """The second call reuses the validated problem (no validation forward): the engine's own forward
+    must still refuse NaN outputs, here from a weight that became NaN, rather than return NaN."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    call(model, x, strategy=strategy)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteOutputError, match="non-finite outputs"):
+        call(model, x, strategy=strategy)
