@@ -39,6 +39,8 @@ ARCHITECTURES = {  # name: (constructor arguments, input size)
     "mobilevit_xxs": ({}, 64),
     "xcit_nano_12_p8_224": ({"img_size": 32, "depth": 2}, 32),
     "levit_128s": ({"img_size": 64}, 64),
+    "efficientvit_m0": ({"img_size": 64}, 64),
+    "efficientformerv2_s0": ({"img_size": 64}, 64),
 }
 
 
@@ -70,13 +72,13 @@ def _reference(name):
             m.train(False)
 
 
-# eval-mode LeViT: mgs_torch differentiates the cached biases as constants, so the columns of J for
-# attention_biases are zero (K 1e-10 off here, the penalty gradient 3e-7; found by this file, issue 25)
-_CACHED_BIASES = pytest.mark.xfail(strict=True, raises=AssertionError, reason="mgs_torch misses parameters reached through a forward's tensor cache")
+# eval-mode LeViT, EfficientViT-MSRA, EfficientFormer v2: their attention_bias_cache holds tensors computed from a
+# Parameter; mgs_torch once differentiated them as constants (J's columns for attention_biases zero; found by this
+# file, issue 25). Every forward mgs_torch runs now sees the caches empty (mgs_torch._guards.fresh_caches).
 
 
 @pytest.mark.parametrize("strategy", ["structured", "jacobian"])
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_CACHED_BIASES) if n == "levit_128s" else n for n in ARCHITECTURES])
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_timm_architecture_matches_the_autograd_loop(name, strategy):
     # Hardsigmoid (HardCoReNAS's gates) has no double backward upstream: the loop runs it as its formula (reference.py)
     assert_matches_the_loop(*_model_and_input(name), strategy, _reference(name), tol=1e-10)
