@@ -608,10 +608,11 @@ def _replacement(op):
 
 
 # the replacements with their own argument list (the others forward *args/**kwargs, or replace a _VF
-# builtin with no documented signature: their faithfulness cases cover them)
+# builtin with no documented signature: their faithfulness cases cover them; EXACT_FORWARDS replace a
+# module's forward, whose arguments are the module's own)
 WITH_SIGNATURES = [
     op for op in ALL_REPLACED
-    if _public_defaults(op) is not None
+    if op not in EXACT_FORWARDS and _public_defaults(op) is not None
     and not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in inspect.signature(_replacement(op)).parameters.values())
 ]
 
