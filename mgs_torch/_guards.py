@@ -139,3 +139,30 @@ def fresh_caches(model: nn.Module) -> Iterator[None]:
     finally:
         for m, name, value in swapped:
             setattr(m, name, value)
+
+
+_RESEEDING = ("manual_seed", "set_rng_state", "seed")
+
+
+@contextlib.contextmanager
+def watch_reseeding() -> Iterator[list[str]]:
+    """Record calls of ``torch.manual_seed``, ``torch.set_rng_state`` and ``torch.seed`` (and their
+    ``torch.random`` names) made inside the block — a forward that reseeds the global generator, as
+    ``torch.testing``'s ``wrapper_set_seed`` does, draws its random numbers from a fixed state."""
+    calls: list[str] = []
+    patched = []
+    for owner in (torch, torch.random):
+        for name in _RESEEDING:
+            original = getattr(owner, name)
+
+            def spy(*args, _original=original, _name=f"{owner.__name__}.{name}", **kwargs):
+                calls.append(_name)
+                return _original(*args, **kwargs)
+
+            patched.append((owner, name, original))
+            setattr(owner, name, spy)
+    try:
+        yield calls
+    finally:
+        for owner, name, original in reversed(patched):
+            setattr(owner, name, original)

@@ -22,7 +22,7 @@ from torch.func import functional_call, vmap
 from torch.overrides import TorchFunctionMode
 
 from ._dtypes import as_dtype
-from ._guards import BATCH_NORM_TYPES, cuda_devices, fresh_caches, restore_rng_states, rng_states
+from ._guards import BATCH_NORM_TYPES, cuda_devices, fresh_caches, restore_rng_states, rng_states, watch_reseeding
 from ._io import ModelCall, OutputSelector, model_call
 from ._validation import Inputs, ParamFilter, check_outputs, raise_integer_input_hint, select_parameters
 from ._warnings import warn_once
@@ -64,6 +64,8 @@ class KernelProblem:
             substitutes them op by op instead (see :class:`~mgs_torch.op_fixes.ExactOps`).
         call: how ``inputs`` call the model (positionally or as keywords, with the mapping's other
             values) and which of its outputs are the raw outputs (:class:`~mgs_torch._io.ModelCall`).
+        reseeds: the forward sets the global random state itself (``torch.manual_seed``,
+            ``torch.set_rng_state``, ``fork_rng``): its random draws, if any, cannot be reproduced per sample.
     """
 
     model: nn.Module
@@ -85,6 +87,7 @@ class KernelProblem:
     mutated_buffers: frozenset[str] = frozenset()
     held_params: frozenset[str] = frozenset()
     call: ModelCall = ModelCall()
+    reseeds: bool = False
 
     def check_outputs(self, out: Tensor) -> None:
         """Validate the (n, q') outputs of an engine's forward when :func:`build_problem` did not.
@@ -267,7 +270,7 @@ def build_problem(
     if checked:
         cached = validated_output_shape(draft)
         _OUTPUT_SHAPES.put(model, signature, cached)
-    output_shape, interact, refusal, mutated, held = cached
+    output_shape, interact, refusal, mutated, held, reseeds = cached
     if refusal is not None and per_sample:
         per_sample = False  # the only exact route left: the whole-batch function
         warn_once(
@@ -294,7 +297,7 @@ def build_problem(
             )
     return dataclasses.replace(
         draft, q=max(1, math.prod(output_shape)), output_shape=output_shape, outputs_checked=checked,
-        per_sample=per_sample, samples_interact=interact, mutated_buffers=mutated, held_params=held,
+        per_sample=per_sample, samples_interact=interact, mutated_buffers=mutated, held_params=held, reseeds=reseeds,
     )
 
 
@@ -368,7 +371,7 @@ def validated_output_shape(problem: KernelProblem) -> tuple:
         versions = {k: b._version for k, b in buffers.items()}
         spy = _HeldParameters({id(p): k for k, p in problem.model.named_parameters()})
         try:
-            with spy:
+            with spy, watch_reseeding() as reseeding:
                 out = problem.raw_forward(buffers=buffers)
         except RuntimeError as err:
             raise_integer_input_hint(problem.inputs, err, problem.model)
@@ -378,7 +381,7 @@ def validated_output_shape(problem: KernelProblem) -> tuple:
         held = frozenset(spy.used)
         out = check_outputs(out, problem.n)
         problem = dataclasses.replace(problem, mutated_buffers=mutated, held_params=held)
-        return (tuple(out.shape[1:]),) + samples_interaction(problem, out.reshape(problem.n, -1)) + (mutated, held)
+        return (tuple(out.shape[1:]),) + samples_interaction(problem, out.reshape(problem.n, -1)) + (mutated, held, bool(reseeding))
 
 
 class _HeldParameters(TorchFunctionMode):

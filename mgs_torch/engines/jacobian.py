@@ -30,6 +30,7 @@ from torch.func import jacrev, vjp, vmap
 from .._guards import restore_rng_states, rng_states
 
 from .._problem import Cotangents, KernelProblem, StaleOutputShape
+from ..op_fixes import UnsupportedLayerError
 
 
 def _single_sample_fn(problem: KernelProblem):
@@ -42,6 +43,14 @@ def _single_sample_fn(problem: KernelProblem):
 def _randomness(problem: KernelProblem) -> str:
     # active Dropout draws an independent mask per sample; other random ops are caught by
     # vmap's "error" mode and retried as stochastic (see ``retry_if_random``)
+    if problem.stochastic and problem.reseeds and problem.per_sample:
+        raise UnsupportedLayerError(
+            f"{type(problem.model).__name__}'s forward sets the global random state itself (torch.manual_seed, "
+            f"torch.set_rng_state or torch.random.fork_rng) and draws random numbers (Dropout or another random op): "
+            f"each call of the model then draws from that fixed state, which the per-sample route cannot reproduce "
+            f"for one sample at a time, so its K would not be that of model(x). Seed once outside the forward, or "
+            f"compute MGS without the randomness (model.eval(), or Dropout probability 0)."
+        )
     return "different" if problem.stochastic else "error"
 
 

@@ -266,7 +266,7 @@ def plan(problem: KernelProblem) -> Plan:
             calls.clear()
             # random ops (FractionalMaxPool draws its regions even in eval mode) may run here: this
             # forward only records which layers run, and the engines' own vmaps detect randomness
-            _per_sample(dataclasses.replace(problem, stochastic=True), body)(None, *problem.inputs)
+            _per_sample(dataclasses.replace(problem, stochastic=True, reseeds=False), body)(None, *problem.inputs)
         per_sample_calls = dict(calls)
     finally:
         _remove(handles)
