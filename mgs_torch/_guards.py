@@ -9,7 +9,10 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BATCH_NORM_TYPES", "capturing_cuda_graph", "cuda_devices", "rng_states", "restore_rng_states", "preserved_state"]
+__all__ = [
+    "BATCH_NORM_TYPES", "capturing_cuda_graph", "cuda_devices", "rng_states", "restore_rng_states", "preserved_state",
+    "fresh_caches",
+]
 
 BATCH_NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
@@ -113,3 +116,26 @@ def _set_aside_backward_hooks(model: nn.Module) -> list:
 def _restore_backward_hooks(saved: list) -> None:
     for hooks, entries in saved:
         hooks.update(entries)  # the same dict objects: the users' RemovableHandles keep working
+
+
+@contextlib.contextmanager
+def fresh_caches(model: nn.Module) -> Iterator[None]:
+    """Every module attribute that is a ``dict`` named like a cache (``*cache*``) is an empty dict inside, the
+    module's own dict again after.
+
+    Some modules keep tensors computed from their Parameters between calls: timm's LeViT, EfficientFormer,
+    EfficientViT (MSRA) and TinyViT store ``attention_biases[:, idxs]`` in ``attention_bias_cache`` on their first
+    eval-mode call. A forward that reads such a tensor differentiates it as a constant (J's columns for those
+    Parameters would be zero); with the cache empty it computes it from the Parameters, as its first call does.
+    """
+    swapped = [
+        (m, name, value) for m in model.modules() for name, value in list(vars(m).items())
+        if isinstance(value, dict) and "cache" in name.lower() and not name.startswith("__")
+    ]
+    try:
+        for m, name, _ in swapped:
+            setattr(m, name, {})
+        yield
+    finally:
+        for m, name, value in swapped:
+            setattr(m, name, value)

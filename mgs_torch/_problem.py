@@ -22,7 +22,7 @@ from torch.func import functional_call, vmap
 from torch.overrides import TorchFunctionMode
 
 from ._dtypes import as_dtype
-from ._guards import BATCH_NORM_TYPES, cuda_devices, restore_rng_states, rng_states
+from ._guards import BATCH_NORM_TYPES, cuda_devices, fresh_caches, restore_rng_states, rng_states
 from ._io import ModelCall, OutputSelector, model_call
 from ._validation import Inputs, ParamFilter, check_outputs, raise_integer_input_hint, select_parameters
 from ._warnings import warn_once
@@ -124,14 +124,15 @@ class KernelProblem:
         if self.held_params:
             originals = dict(self.model.named_parameters())
             held = {id(originals[k]): state[k] for k in self.held_params}
-        with exact_computation(self.model, held) if exact_ops else contextlib.nullcontext():
+        with fresh_caches(self.model), exact_computation(self.model, held) if exact_ops else contextlib.nullcontext():
             return call_with(self.model, state, self.inputs if inputs is None else inputs, self.call_names, self.call)
 
     def plain_forward(self, inputs: tuple[Tensor, ...]) -> Tensor:
         """``model(*inputs)`` itself — its own Parameters and buffers, no substitution, no op replacements — as a
         ``(batch, q)`` matrix: the independent side of the self-check (:mod:`mgs_torch.self_check`)."""
         own = dataclasses.replace(self.call, transformers=False)  # the model's own code, untouched
-        return own(self.model, inputs).reshape(inputs[0].shape[0], -1)
+        with fresh_caches(self.model):  # what a first call computes (see _guards.fresh_caches)
+            return own(self.model, inputs).reshape(inputs[0].shape[0], -1)
 
     def restrict(self, names: Iterable[str], *, strict_randomness: bool = False) -> "KernelProblem":
         """The same problem with only ``names`` differentiated; the rest join ``frozen``."""

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
-from ._guards import cuda_devices, preserved_state
+from ._guards import cuda_devices, fresh_caches, preserved_state
 
 from ._problem import build_problem
 
@@ -109,7 +109,7 @@ def _loop_jacobian(model: nn.Module, xs: tuple[Tensor, ...], params: list[Tensor
     at batch size one when the incoming gradient has channels-last strides (a conv stem whose map is
     flattened and transposed into tokens), which would make this reference, not mgs_torch, wrong.
     Instance norm runs as its formula for the same reason (its kernel always uses a batch of one)."""
-    with LoopFormulas(), exact_forwards(model):
+    with LoopFormulas(), exact_forwards(model), fresh_caches(model):
         return _loop_rows(model, xs, params, create_graph, call)
 
 
@@ -135,7 +135,7 @@ def _flat(grads, params: list[Tensor]) -> Tensor:
 
 def _whole_batch_rows(model: nn.Module, xs: tuple[Tensor, ...], params: list[Tensor], create_graph: bool, call: ModelCall) -> Tensor:
     """J of the whole-batch function: one batched forward, a backward per output of model(X)."""
-    with LoopFormulas(), exact_forwards(model):
+    with LoopFormulas(), exact_forwards(model), fresh_caches(model):
         out = call(model, xs).reshape(-1)
         return torch.stack([_gradient_row(out[a], params, create_graph) for a in range(out.numel())])
 

@@ -13,10 +13,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-try:
-    import transformers as T
-except Exception as error:  # noqa: BLE001 - any failure to import means: not usable here
-    pytest.skip(f"transformers not usable here ({type(error).__name__})", allow_module_level=True)
+from optional import require_extra
+
+T = require_extra("transformers", "hf")  # skipped without it; MGS_REQUIRE_EXTRAS=1 fails instead
 
 T.logging.set_verbosity_error()  # GPT-2's config warns that its default bos/eos ids lie outside a 20-token vocabulary
 

@@ -29,7 +29,9 @@ class Case:
     kernel_kwargs: dict = field(default_factory=dict)
     whole_batch: bool = False  # the reference differentiates one batched forward
     logdet: bool = True  # K is non-singular, so the log-det penalty is checked too
-    grad_by_fd: bool = False  # the op has no double backward in PyTorch: reference gradients by finite differences
+    # an op without a double backward in PyTorch: the loop differentiates ``reference_model`` (or the
+    # reference's formula for the op), which test_audit checks against finite differences of the model itself
+    grad_by_fd: bool = False
     reference_model: Callable[[nn.Module], nn.Module] | None = None  # the function MGS differentiates, if it differs
     refused: type | None = None  # mgs_torch must refuse this model with this error, changing nothing
 
@@ -1017,8 +1019,9 @@ case("checkpoint_reentrant", lambda: (Checkpointed(True), (randn(N, 3),)), refus
 # antialiased resampling, a random op in eval mode, packed sequences (refused)
 case("fourier_token_mixing", lambda: (FourierMixing(), (randn(N, 5, 3),)))
 # plain double backward through view_as_complex fails upstream ("storage_offset divisible by 2"): the
-# reference penalty gradient comes from finite differences
-case("spectral_conv_complex_weight", lambda: (SpectralConv(), (randn(N, 2, 8),)), grad_by_fd=True)
+# reference differentiates the same function with the weight built by torch.complex
+case("spectral_conv_complex_weight", lambda: (SpectralConv(), (randn(N, 2, 8),)), grad_by_fd=True,
+     reference_model=lambda model: _complex_from_parts(model))  # defined with the model class, below
 case("spectrogram", lambda: (SpectrogramNet(), (randn(N, 1, 16),)))
 case("custom_function_vmap_rule", lambda: (CustomFunctionNet(_SwishFunction), (randn(N, 3),)))
 case("antialiased_resampling", lambda: (AntialiasedResampling(), (randn(N, 2, 7, 7),)))
@@ -1064,8 +1067,25 @@ class SpectralConv(nn.Module):
 
     def forward(self, x):
         xf = torch.fft.rfft(x, dim=-1)[..., :4]
-        y = torch.fft.irfft(torch.einsum("nci,coi->noi", xf, torch.view_as_complex(self.w)), n=8, dim=-1)
+        y = torch.fft.irfft(torch.einsum("nci,coi->noi", xf, self.complex_weight()), n=8, dim=-1)
         return self.head(torch.tanh(y + self.skip(x)).flatten(1))
+
+    def complex_weight(self):
+        return torch.view_as_complex(self.w)
+
+
+class SpectralConvFromParts(SpectralConv):
+    """The same function with the complex weight built by ``torch.complex`` from its parts, which has
+    a double backward (plain autograd through view_as_complex fails: "storage_offset divisible by 2")."""
+
+    def complex_weight(self):
+        return torch.complex(self.w[..., 0], self.w[..., 1])
+
+
+def _complex_from_parts(model):
+    ref = copy.deepcopy(model)
+    ref.__class__ = SpectralConvFromParts
+    return ref
 
 
 class _SwishFunction(torch.autograd.Function):

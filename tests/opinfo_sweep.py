@@ -14,7 +14,8 @@ the tolerance is a finding (a wrong batching rule or derivative: check it by fin
 route it in ``mgs_torch.op_fixes`` and pin it in ``test_upstream_bugs.py``); a refusal is listed.
 
 Needs PyTorch's test dependencies: ``pip install expecttest hypothesis``. Not part of the suite (it
-takes minutes). ``python tests/opinfo_sweep.py [--ops name ...] [--samples 2] [--theta all|input]``.
+takes minutes). ``python tests/opinfo_sweep.py [--ops name ...] [--samples 4] [--theta all|input]``; docs/testing.md has
+the figures of the last run (four samples per op, the default).
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def sweep(names: list[str] | None, samples: int, tol: float, theta: str = "all")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", nargs="*", help="op names (default: every candidate)")
-    parser.add_argument("--samples", type=int, default=2, help="sample inputs per op")
+    parser.add_argument("--samples", type=int, default=4, help="sample inputs per op (at most)")
     parser.add_argument("--tolerance", type=float, default=1e-8)
     parser.add_argument("--theta", choices=("all", "input"), default="all",
                         help="a parameter on every floating argument of the op (default), or on its first input only")

@@ -465,14 +465,14 @@ def random_model(seed: int) -> tuple[nn.Module, tuple[torch.Tensor, ...], str]:
     return model, (x,), f"n={n} {layout} {tuple(x.shape[1:])}: " + " → ".join(b.description)
 
 
-def check(seed: int, strategies=("structured", "jacobian"), tol: float = 1e-9) -> list[str]:
+def check(seed: int, strategies=("structured", "jacobian", "auto"), tol: float = 1e-9) -> list[str]:
     """Problems found for ``random_model(seed)`` (empty: K, tr K and both penalty gradients match the loop)."""
     from reference import jacobian_loop, kernel_loop, penalty_grad_loop, relative_error, trainable
 
     from mgs_torch import mgs_kernel, mgs_penalty, mgs_trace
     from mgs_torch._guards import preserved_state
     from mgs_torch._problem import build_problem
-    from mgs_torch.engines import ENGINES
+    from mgs_torch.engines import engine_for
 
     model, x, text = random_model(seed)
     # every fourth seed (drawn with many BatchNorms): train mode, batch statistics, the whole-batch Jacobian
@@ -528,7 +528,7 @@ def check(seed: int, strategies=("structured", "jacobian"), tol: float = 1e-9) -
                 errors[f"K (params={len(chosen)} of {len(names)})"] = float((ours - extra_ref).norm()) / max(float(extra_ref.norm()), 1e-12 * float(K_ref.norm()), 1e-300)
             with preserved_state(model, kw.get("batch_norm", "eval")):
                 problem = build_problem(model, x, batch_norm=kw.get("batch_norm", "eval"))
-                norms = ENGINES[strategy].row_sq_norms(problem, signs)
+                norms = engine_for(strategy, problem).row_sq_norms(problem, signs)
             errors["probe row norms"] = float((norms - probe_ref).norm()) / max(float(probe_ref.norm()), 1e-12 * float(K_ref.norm()), 1e-300)
             for kind in kinds:
                 value = mgs_penalty(model, x, kind=kind, strategy=strategy, reduction="sum", **kw)

@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 
 class _PlainInstanceNorm(TorchFunctionMode):
-    """``F.instance_norm`` (and ``F.embedding_bag``) as formulas in elementary ops, for the loop only.
+    """``F.instance_norm`` (and ``F.embedding_bag``, ``F.hardsigmoid``) as formulas in elementary ops, for the loop only.
 
     PyTorch 2.13's CPU instance norm runs ``batch_norm`` on the input reshaped to a batch of one,
     whose backward is wrong when the incoming gradient has channels-last strides (a map flattened and
@@ -44,6 +44,8 @@ class _PlainInstanceNorm(TorchFunctionMode):
             x1, x2, p = args[0], args[1], (args[2] if len(args) > 2 else kwargs.get("p", 2.0))
             return ((x1.unsqueeze(-2) - x2.unsqueeze(-3)).abs() ** p).sum(-1) ** (1 / p) if p != float("inf") else (
                 (x1.unsqueeze(-2) - x2.unsqueeze(-3)).abs().amax(-1))
+        if func is F.hardsigmoid:  # no double backward upstream, and a single-precision 1/6 in its derivative
+            return _hardsigmoid(*args, **kwargs)
         return func(*args, **kwargs)
 
 
@@ -58,6 +60,11 @@ def _embedding_bag(original, input, weight, offsets=None, max_norm=None, norm_ty
     if per_sample_weights is not None:
         e = e * per_sample_weights.unsqueeze(-1)
     return {"sum": e.sum(1), "mean": e.mean(1), "max": e.amax(1)}[mode]
+
+
+def _hardsigmoid(x, inplace=False):
+    y = torch.clamp((x + 3.0) / 6.0, 0.0, 1.0)
+    return x.copy_(y) if inplace else y
 
 
 def _instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True, momentum=0.1, eps=1e-5):
@@ -149,13 +156,13 @@ def penalty_grad_loop(model, inputs, kind: str, *, outputs: str = "full", whole_
     return torch.autograd.grad(value, trainable(model), allow_unused=True)
 
 
-def penalty_grad_fd(model, inputs, kind: str, *, eps: float = 1e-6, whole_batch: bool = False, max_entries: int = 8):
-    """Central finite differences of the loop's g(K) on the first ``max_entries`` entries of each parameter."""
+def penalty_grad_fd(model, inputs, kind: str, *, eps: float = 1e-6, whole_batch: bool = False, max_entries: int | None = None):
+    """Central finite differences of the loop's g(K) on the first ``max_entries`` entries of each parameter (all: None)."""
     model = copy.deepcopy(model)
     out = []
     for p in trainable(model):
         flat = p.data.view(-1)
-        g = torch.zeros(min(flat.numel(), max_entries), dtype=p.dtype)
+        g = torch.zeros(flat.numel() if max_entries is None else min(flat.numel(), max_entries), dtype=p.dtype)
         for e in range(g.numel()):
             old = flat[e].item()
             flat[e] = old + eps

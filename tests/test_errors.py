@@ -171,3 +171,22 @@ def test_a_batch_of_one_with_several_values_per_channel_is_fine():
     assert_close(mgs_kernel(model, x, batch_norm="batch"), kernel_loop(model, x, whole_batch=True))
     bn = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).double().eval()
     assert mgs_kernel(bn, X[:1], batch_norm="batch").shape == (2, 2)
+
+
+@pytest.mark.parametrize("whole_batch", [False, True], ids=["per-sample", "whole-batch"])
+@pytest.mark.parametrize("strategy", ["jacobian", "structured"])
+@pytest.mark.parametrize("call", [mgs_kernel, mgs_trace, mgs_penalty])
+def test_non_finite_outputs_after_a_cached_call_raise_too(call, strategy, whole_batch):
+    """The second call reuses the validated problem (no validation forward): the engine's own forward
+    must still refuse NaN outputs, here from a weight that became NaN, rather than return NaN; on the
+    per-sample route and on the whole-batch one (train-mode BatchNorm, batch_norm="batch")."""
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(3) if whole_batch else nn.Identity()
+    model = nn.Sequential(nn.Linear(4, 3), norm, nn.Tanh(), nn.Linear(3, 2)).double().train()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    kw = {"batch_norm": "batch"} if whole_batch else {}
+    call(model, x, strategy=strategy, **kw)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteOutputError, match="non-finite outputs"):
+        call(model, x, strategy=strategy, **kw)

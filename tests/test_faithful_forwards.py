@@ -9,6 +9,8 @@ Every quantity is compared with the plain per-sample autograd loop of ``tests/re
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -611,3 +613,50 @@ class PairwiseDistances(nn.Module):
 def test_pdist_is_exact_and_its_penalty_trains(strategy):
     torch.manual_seed(0)
     assert_exact(PairwiseDistances().double(), torch.randn(3, 3, dtype=D), strategy)
+
+
+class CachedBiasAttention(nn.Module):
+    """timm's LeViT/EfficientFormer/TinyViT pattern: attention biases indexed from a Parameter, kept in
+    ``attention_bias_cache`` on the first eval-mode call and reused until ``train()``."""
+
+    def __init__(self, tokens: int = 3):
+        super().__init__()
+        self.attention_biases = nn.Parameter(0.5 * torch.randn(2, tokens))
+        self.register_buffer("attention_bias_idxs", torch.tensor([[0, 1, 2], [1, 0, 1], [2, 1, 0]]), persistent=False)
+        self.attention_bias_cache = {}
+        self.qk, self.head = nn.Linear(4, 4), nn.Linear(4 * tokens, 2)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.attention_bias_cache:
+            self.attention_bias_cache = {}
+        return self
+
+    def biases(self, device):
+        if self.training:
+            return self.attention_biases[:, self.attention_bias_idxs]
+        if str(device) not in self.attention_bias_cache:
+            self.attention_bias_cache[str(device)] = self.attention_biases[:, self.attention_bias_idxs]
+        return self.attention_bias_cache[str(device)]
+
+    def forward(self, x):  # x: (n, tokens, 4)
+        q, k = self.qk(x).chunk(2, -1)
+        scores = q @ k.transpose(-1, -2) + self.biases(x.device).sum(0)
+        return self.head((scores.softmax(-1) @ x).flatten(1))
+
+
+@pytest.mark.parametrize("cache", ["empty", "filled by an earlier eval call"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_module_that_caches_tensors_computed_from_its_parameters_is_exact(cache, strategy):
+    torch.manual_seed(0)
+    model, x = CachedBiasAttention().double().eval(), torch.randn(3, 3, 4, dtype=D)
+    reference_K = kernel_loop(copy.deepcopy(model), x)  # a fresh copy: its first call fills the cache from the Parameter
+    reference_grad = penalty_grad_loop(copy.deepcopy(model), x, "trace")
+    if cache != "empty":
+        with torch.no_grad():
+            model(x)  # as after an evaluation loop: the cached biases are a constant now
+    mine = model.attention_bias_cache
+    assert relative_error(mgs_kernel(model, x, strategy=strategy), reference_K) < 1e-10
+    value = mgs_penalty(model, x, strategy=strategy, reduction="sum")
+    assert_gradients_match(torch.autograd.grad(value, trainable(model), allow_unused=True), reference_grad, trainable(model))
+    assert model.attention_bias_cache is mine and len(mine) == (0 if cache == "empty" else 1)  # the model's own cache, untouched

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+from optional import require_extra  # noqa: E402
+
+require_extra("transformers", "hf")
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "huggingface.md").read_text()
 BLOCKS = re.findall(r"^```(\w+)\n(.*?)^```", DOC, flags=re.S | re.M)

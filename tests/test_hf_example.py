@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("transformers")
+from optional import require_extra  # noqa: E402
+
+require_extra("transformers", "hf")
 pytest.importorskip("tensorboard")
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from helpers import SmallCNN, assert_close, mlp, reference_kernel, small_cnn
-from mgs_torch import mgs_kernel, mgs_trace
+from reference import kernel_loop
+from mgs_torch import mgs_kernel, mgs_penalty, mgs_trace
 
 STRATEGIES = ["jacobian", "structured", "auto"]
 
@@ -63,7 +64,21 @@ def test_frozen_parameters_are_excluded():
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_trace_is_the_trace_of_the_kernel(strategy):
     for model, x in _cases().values():
-        assert_close(mgs_trace(model, x, strategy=strategy), reference_kernel(model, x).trace())
+        trace = mgs_trace(model, x, strategy=strategy)
+        assert_close(trace, reference_kernel(model, x).trace())
+        assert not trace.requires_grad  # create_graph=False by default: a value, not a graph
+
+
+def test_train_mode_batchnorm_uses_running_statistics_by_default():
+    """batch_norm="eval" is the default of every entry point: a train-mode BatchNorm model gets the
+    kernel of its eval-mode function (running statistics) and stays in train mode."""
+    model, x = _cases()["cnn_q3"]
+    expected = reference_kernel(model, x)  # small_cnn is in eval mode
+    model.train()
+    assert_close(mgs_kernel(model, x), expected)
+    assert_close(mgs_trace(model, x), expected.trace())
+    assert_close(mgs_penalty(model, x, reduction="sum"), expected.trace())
+    assert model.training and model.bn.training
 
 
 def test_summed_and_full_kernels_share_their_trace():
@@ -151,3 +166,17 @@ def reference_kernel_graph(model, x):
             rows.append(torch.cat([g.reshape(-1) for g in grads]))
     J = torch.stack(rows)
     return J @ J.T
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_whole_batch_route_notices_a_changed_output_size(strategy):
+    """batch_norm="batch" (one batched forward): after a hook narrows the outputs, K is that of the new
+    function (the engines' output check sends a stale problem back for a rebuild)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).double().train()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    first = mgs_kernel(model, x, strategy=strategy, batch_norm="batch")
+    assert first.shape == (12, 12)
+    model.register_forward_hook(lambda module, args, out: out[:, :2])
+    expected = kernel_loop(model, x, whole_batch=True).detach()
+    assert_close(mgs_kernel(model, x, strategy=strategy, batch_norm="batch"), expected)

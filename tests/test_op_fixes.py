@@ -26,6 +26,7 @@ Needs PyTorch's test dependencies (``expecttest``, ``hypothesis``; in the ``dev`
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import inspect
@@ -582,6 +583,48 @@ def test_every_replacement_has_cases():
     """A replacement added to op_fixes without cases here fails this test."""
     missing = [_name(op) for op in ALL_REPLACED if not cases_for(op)]
     assert not missing, f"replacements without faithfulness cases: {missing}"
+
+
+def _public_defaults(op) -> dict | None:
+    """The public op's keyword defaults: from its signature, or from the signature line its docstring
+    opens with (``conv2d(input, weight, bias=None, stride=1, ...) -> Tensor`` for builtins)."""
+    try:
+        return {k: p.default for k, p in inspect.signature(op).parameters.items() if p.default is not inspect.Parameter.empty}
+    except (TypeError, ValueError):
+        pass
+    text = " ".join((op.__doc__ or "").split())
+    name = getattr(op, "__name__", "")
+    if not name or not text.startswith(name + "(") or ") ->" not in text:
+        return None
+    args = ast.parse(f"def f{text[len(name):text.index(') ->') + 1]}: pass").body[0].args
+    positional = args.posonlyargs + args.args
+    named = list(zip(positional[len(positional) - len(args.defaults):], args.defaults))
+    named += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
+    return {a.arg: ast.literal_eval(d) for a, d in named}
+
+
+def _replacement(op):
+    return REPLACED_OPS.get(op) or _CONVOLUTIONS[op]
+
+
+# the replacements with their own argument list (the others forward *args/**kwargs, or replace a _VF
+# builtin with no documented signature: their faithfulness cases cover them; EXACT_FORWARDS replace a
+# module's forward, whose arguments are the module's own)
+WITH_SIGNATURES = [
+    op for op in ALL_REPLACED
+    if op not in EXACT_FORWARDS and _public_defaults(op) is not None
+    and not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in inspect.signature(_replacement(op)).parameters.values())
+]
+
+
+@pytest.mark.parametrize("op", WITH_SIGNATURES, ids=_name)
+def test_replacement_has_the_public_ops_defaults(op):
+    """An argument left out must mean the same to the replacement as to the public op (OpInfo samples
+    mostly pass every argument: a changed default eps or use_input_stats passed every other test)."""
+    public, params = _public_defaults(op), inspect.signature(_replacement(op)).parameters
+    for name, default in public.items():
+        assert name in params, f"{_name(op)}'s replacement has no argument {name!r}"
+        assert params[name].default == default, f"{_name(op)}: default {name}={params[name].default!r}, the public op's is {default!r}"
 
 
 @pytest.mark.parametrize("op", ALL_REPLACED, ids=_name)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from helpers import assert_close, mlp, reference_kernel, small_cnn
+from reference import jacobian_loop
 from mgs_torch import mgs_kernel, mgs_penalty, mgs_trace
 
 
@@ -86,6 +87,97 @@ def test_hutchinson_is_unbiased(strategy):
     assert abs(many.item() - exact) < 4 * sem, (many.item(), exact, sem)
 
 
+def _loop_hutchinson(model, x, probes, *, whole_batch=False):
+    """(1/k) Σ_k Σ_i ‖Σ_a v_kia ∇θ f_a(x_i)‖² from the autograd loop's J, differentiable in θ."""
+    k, n, q = probes.shape
+    J = jacobian_loop(model, x, create_graph=True, whole_batch=whole_batch).reshape(n, q, -1)
+    return torch.einsum("kia,iap->kip", probes, J).pow(2).sum() / k
+
+
+def _probes(seed, k, n, q):
+    """The probes mgs_torch documents: ±1 from ``torch.randint(0, 2, (k, n, q), generator=...)``."""
+    return (2.0 * torch.randint(0, 2, (k, n, q), generator=torch.Generator().manual_seed(seed)) - 1.0).double()
+
+
+class _BatchNormNet(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3))
+
+
+@pytest.mark.parametrize("strategy", ["jacobian", "structured", "auto"])
+@pytest.mark.parametrize("route", ["per-sample", "whole-batch"])
+def test_hutchinson_with_fixed_probes_is_exactly_the_estimate_of_the_loop(strategy, route):
+    """Not a statistical check: for the probes the generator draws, the value (plain, chunked and
+    through mgs_penalty with both reductions) and the penalty gradient equal those of the autograd
+    loop's J to rounding. A bias of any size (a 1 % scale, a probe dropped, a wrong divisor) fails."""
+    torch.manual_seed(0)
+    whole_batch = route == "whole-batch"
+    model = (_BatchNormNet().double().train() if whole_batch else mlp(3))
+    kw = {"batch_norm": "batch"} if whole_batch else {}
+    x = torch.randn(3, 3 if whole_batch else 4, dtype=torch.float64)
+    k, n, q = 5, 3, 3
+    expected = _loop_hutchinson(model, x, _probes(11, k, n, q), whole_batch=whole_batch)
+    params = list(model.parameters())
+
+    def grad(value):  # tr K does not depend on the last bias: a zero gradient, not a missing one
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(torch.autograd.grad(value, params, allow_unused=True), params)]
+
+    expected_grads = grad(expected)
+
+    def gen():
+        return torch.Generator().manual_seed(11)
+
+    value = mgs_trace(model, x, estimator="hutchinson", num_probes=k, generator=gen(), strategy=strategy, **kw)
+    assert_close(value, expected.detach(), rtol=1e-12, atol=0)
+    for chunk_size in (None, 2):
+        pen = mgs_penalty(model, x, estimator="hutchinson", num_probes=k, generator=gen(), strategy=strategy,
+                          reduction="sum", chunk_size=chunk_size, **kw)
+        assert_close(pen.detach(), expected.detach(), rtol=1e-12, atol=0)
+        for g, e in zip(grad(pen), expected_grads):
+            assert_close(g, e, rtol=1e-10, atol=1e-12)
+    mean = mgs_penalty(model, x, estimator="hutchinson", num_probes=k, generator=gen(), strategy=strategy, **kw)
+    assert_close(mean.detach(), expected.detach() / (n * q), rtol=1e-12, atol=0)
+    # the documented default is one probe
+    one = _loop_hutchinson(model, x, _probes(11, 1, n, q), whole_batch=whole_batch).detach()
+    assert_close(mgs_trace(model, x, estimator="hutchinson", generator=gen(), strategy=strategy, **kw), one, rtol=1e-12, atol=0)
+    assert_close(mgs_penalty(model, x, estimator="hutchinson", generator=gen(), strategy=strategy, reduction="sum", **kw).detach(),
+                 one, rtol=1e-12, atol=0)
+
+
+def test_hutchinson_without_a_generator_draws_from_the_default_generator_only(monkeypatch):
+    """No generator=: the probes come from mgs_torch's generator (here reseeded), never the global RNG."""
+    from mgs_torch import estimators
+
+    model, x = mlp(3), torch.randn(3, 4, dtype=torch.float64)
+    expected = _loop_hutchinson(model, x, _probes(5, 2, 3, 3)).detach()
+    for compute in (mgs_trace, lambda *a, **kw: mgs_penalty(*a, reduction="sum", **kw).detach()):
+        monkeypatch.setattr(estimators, "_default_generator", torch.Generator().manual_seed(5))
+        rng = torch.get_rng_state()
+        assert_close(compute(model, x, estimator="hutchinson", num_probes=2), expected, rtol=1e-12, atol=0)
+        assert torch.equal(torch.get_rng_state(), rng), "the global RNG was consumed"
+
+
+def test_the_default_generator_is_seeded_with_zero(monkeypatch):
+    """What default_generator's docstring promises: a run that never passes generator= is reproducible."""
+    from mgs_torch import estimators
+
+    monkeypatch.setattr(estimators, "_default_generator", None)
+    first = estimators.default_generator()
+    assert estimators.default_generator() is first  # one stream, advanced call after call
+    assert torch.equal(torch.randint(0, 2, (20,), generator=first), torch.randint(0, 2, (20,), generator=torch.Generator().manual_seed(0)))
+
+
+def test_rademacher_probes_without_a_generator():
+    """A public helper: ``generator=None`` draws ±1 probes from the global CPU generator, on the device asked."""
+    from mgs_torch.estimators import rademacher_probes
+
+    torch.manual_seed(3)
+    probes = rademacher_probes(4, 2, 3, None, torch.device("cpu"))
+    assert probes.shape == (4, 2, 3) and probes.device.type == "cpu"
+    torch.manual_seed(3)
+    assert torch.equal(probes, 2.0 * torch.randint(0, 2, (4, 2, 3)) - 1.0)
+
+
 def test_hutchinson_same_seed_same_value():
     model, x = mlp(3), torch.randn(5, 4, dtype=torch.float64)
 
@@ -158,6 +250,33 @@ def test_chunked_recomputation_gives_the_same_value_and_gradient(estimator, chun
     assert_close(chunked, full)
     for g_full, g_chunked in zip(torch.autograd.grad(full, params), torch.autograd.grad(chunked, params)):
         assert_close(g_chunked, g_full)
+
+
+@pytest.mark.parametrize("strategy", ["jacobian", "structured"])
+def test_chunk_size_bounds_the_logdet_kernel_without_changing_the_penalty(strategy):
+    """chunk_size with kind="logdet" chunks the kernel computation only: the value and gradient are
+    those of log det K from the loop (the chunked-trace path must not take it over)."""
+    model, x = _tiny()
+    J = jacobian_loop(model, x, create_graph=True)
+    expected = torch.linalg.slogdet(J @ J.T)[1]
+    params = list(model.parameters())[:-1]
+    value = mgs_penalty(model, x, kind="logdet", chunk_size=2, reduction="sum", strategy=strategy)
+    assert_close(value.detach(), expected.detach())
+    for g, e in zip(torch.autograd.grad(value, params), torch.autograd.grad(expected, params)):
+        assert_close(g, e)
+
+
+def test_chunked_penalty_revalidates_when_the_output_size_changes():
+    """The chunked penalty sizes its cotangents from a freshly validated problem: after the head
+    grows (or a hook narrows the outputs) the value is tr K of the new function, not of a cached q."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(3, 3, dtype=torch.float64)
+    assert_close(mgs_penalty(model, x, chunk_size=1, reduction="sum"), reference_kernel(model, x).trace())
+    model[2] = nn.Linear(4, 5).double()  # q: 2 -> 5, the same parameter names
+    assert_close(mgs_penalty(model, x, chunk_size=1, reduction="sum"), reference_kernel(model, x).trace())
+    model.register_forward_hook(lambda module, args, out: out[:, :3])  # q: 5 -> 3 by a hook alone
+    assert_close(mgs_penalty(model, x, chunk_size=1, reduction="sum"), reference_kernel(model, x).trace())
 
 
 def test_chunked_penalty_with_dropout_recomputes_the_same_masks():

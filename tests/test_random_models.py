@@ -2,7 +2,7 @@
 
 Each seed composes 2–5 blocks from every layer family (convolutions with random stride, padding and
 groups, normalisations, pooling, residual blocks, recurrent and attention layers, reused blocks) and
-checks K, tr K and the trace and log-det penalty gradients for both strategies in float64, plus one
+checks K, tr K and the trace and log-det penalty gradients for every strategy ("auto" too) in float64, plus one
 of: the output-summed K, chunk_size=1, or J restricted to some parameters. What the search found is
 pinned by name elsewhere (a module registered twice and a conv stem feeding tokens in model_zoo, a
 penalty constant in θ in test_penalty), since a change of the grammar redraws every seed.

@@ -121,6 +121,12 @@ def test_every_shell_line_is_checked():
         if line.startswith(("python3 -m venv", ". .venv/bin/activate", "pip install torch==2.13.0", "python -m pytest",
                             "bash .ci/run", "tensorboard --logdir")):
             continue  # the CI lines (above), tensorboard (below)
+        if re.fullmatch(r"pip install torch==2\.1[3-9]\.\d+ torchvision==0\.\d+\.\d+", line):
+            continue  # torchvision with the torch it is built for, installed together (docs/testing.md's extras)
+        if argv[:4] == ["MGS_REQUIRE_EXTRAS=1", "python", "-m", "pytest"]:
+            for path in argv[4:]:
+                assert path.startswith("-") or (ROOT / path).exists(), f"{line}: no file {path}"
+            continue  # the extras' files, required (tests/optional.py)
         if line.startswith("mgs-torch"):
             if argv[1] == "demo":
                 demo_outs.append(argv[argv.index("--out") + 1] if "--out" in argv else "mgs_demo")

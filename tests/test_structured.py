@@ -7,6 +7,7 @@ from torch import nn
 
 from helpers import assert_close, reference_kernel
 from model_zoo import Scale, ScaleRule
+from reference import kernel_loop, relative_error
 from mgs_torch import mgs_kernel, mgs_trace, register_layer_rule
 from mgs_torch._guards import preserved_state
 from mgs_torch._problem import build_problem
@@ -325,3 +326,34 @@ def test_kernel_gradient_is_exact_for_an_asymmetric_use_of_k(outputs):
 
     ours = grads(mgs_kernel(model, x, strategy="structured", outputs=outputs, create_graph=True))
     assert_close(ours, grads(kernel_loop(model, x, outputs=outputs, create_graph=True)), 1e-10)
+
+
+class _Tokens(nn.Module):
+    """A Linear over T tokens and a grouped convolution: outer-product factors with T = 1, 2, 3, G = 2."""
+
+    def __init__(self, tokens: int):
+        super().__init__()
+        self.tokens = tokens
+        self.conv = nn.Conv1d(4, 4, 1, groups=2)
+        self.lin = nn.Linear(4, 3)
+        self.head = nn.Linear(3 * tokens, 2)
+
+    def forward(self, x):
+        h = self.conv(x.transpose(1, 2)).transpose(1, 2)  # (n, T, 4)
+        return self.head(torch.tanh(self.lin(torch.tanh(h))).flatten(1))
+
+
+@pytest.mark.parametrize("ghost", [True, False])
+@pytest.mark.parametrize("tokens", [1, 2, 3])
+@pytest.mark.parametrize("outputs", ["full", "sum"])
+def test_outer_factor_kernels_both_ways_for_every_token_count(tokens, outputs, ghost, monkeypatch):
+    """Both ways an outer-product layer's Gram is formed (ghost: from activation and output-gradient
+    Grams, with its own branch for T = 1; or from materialised per-sample gradients), forced either way,
+    for T = 1, 2, 3 tokens and a grouped (G = 2) layer, against the loop."""
+    monkeypatch.setattr(factors.OuterFactor, "ghost_is_cheaper", lambda self, quantity: ghost)
+    torch.manual_seed(0)
+    model = _Tokens(tokens).double()
+    x = torch.randn(3, tokens, 4, dtype=torch.float64)
+    K = mgs_kernel(model, x, strategy="structured", outputs=outputs)
+    assert relative_error(K, kernel_loop(model, x, outputs=outputs).detach()) <= 1e-12
+    assert relative_error(mgs_trace(model, x, strategy="structured"), kernel_loop(model, x).trace().detach()) <= 1e-12

@@ -1,7 +1,9 @@
-"""torchvision's classification architectures (small configurations) through ``verify``: K and the
-trace-penalty gradient against the float64 per-sample autograd loop, both strategies.
+"""torchvision's classification architectures (small configurations, eval mode, float64): K and the
+trace-penalty gradient of both strategies against the independent per-sample autograd loop of
+``tests/reference.py`` (not ``verify``, which is the library's own check and shares its plan).
 
-Skipped without a working torchvision (an optional extra: ``pip install -e ".[vision]"``). The
+Skipped without a working torchvision (an optional extra: ``pip install -e ".[vision]"``; see
+tests/optional.py for MGS_REQUIRE_EXTRAS=1, which fails instead). The
 architectures bring what the hand-written zoo may not: ViT's class token and position embedding,
 Swin's relative-position bias tables indexed by buffers, shifted windows and masks, MaxViT's grid
 attention, ConvNeXt's layer scale, squeeze-excitation, channel shuffle, concatenating blocks.
@@ -9,17 +11,15 @@ attention, ConvNeXt's layer scale, squeeze-excitation, channel shuffle, concaten
 
 from __future__ import annotations
 
-import warnings
+import functools
 
 import pytest
 import torch
 
-from mgs_torch import verify
+from architectures import assert_matches_the_loop, loop_reference
+from optional import require_extra
 
-try:  # a torchvision whose C ops do not match the installed torch raises more than ImportError
-    from torchvision import models as M
-except Exception as error:  # noqa: BLE001
-    pytest.skip(f"torchvision not usable here ({type(error).__name__})", allow_module_level=True)
+M = require_extra("torchvision.models", "vision")
 
 
 def _swin(v2: bool):
@@ -52,16 +52,19 @@ ARCHITECTURES = {
 }
 
 
+def _model_and_input(name):
+    torch.manual_seed(0)
+    return ARCHITECTURES[name]().double().eval(), torch.randn(2, 3, 32, 32, dtype=torch.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(name):
+    """The loop's K and ∂ tr K/∂θ, once per architecture (both strategies compare with it)."""
+    return loop_reference(*_model_and_input(name))
+
+
 @pytest.mark.parametrize("strategy", ["structured", "jacobian"])
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_torchvision_architecture_matches_the_autograd_loop(name, strategy):
-    torch.manual_seed(0)
-    model = ARCHITECTURES[name]()
-    x = torch.randn(2, 3, 32, 32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        report = verify(model, x, strategy=strategy)
-    assert report.failure is None and report.samples_interact is None, str(report)
-    assert report.kernel_error is not None and report.kernel_error <= 1e-10, str(report)
-    # MobileNetV3's Hardsigmoid has no double backward upstream: the loop runs it as its formula for this check
-    assert report.gradient_check == "autograd" and report.gradient_error <= 1e-10, str(report)
+    # MobileNetV3's Hardsigmoid has no double backward upstream: the loop runs it as its formula (reference.py)
+    assert_matches_the_loop(*_model_and_input(name), strategy, _reference(name), tol=1e-10)
