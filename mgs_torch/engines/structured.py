@@ -358,7 +358,10 @@ def _with_plan(problem: KernelProblem, compute):
 
 
 def _needs_reference(problem: KernelProblem, p: Plan) -> bool:
-    return not p.layers
+    """No layer covered, or parameter taps in a forward that writes buffers in place (spectral norm's power
+    iteration): a tapped parameter is batched per sample, and an in-place write of such a value into an
+    unbatched buffer is refused by vmap; the reference engine differentiates the parameters themselves."""
+    return not p.layers or (bool(p.fallback) and bool(problem.mutated_buffers))
 
 
 def _layer_gradients(problem: KernelProblem, p: Plan, cotangents: Cotangents, chunk_size: int | None, check: bool):
