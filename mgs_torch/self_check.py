@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -111,17 +112,19 @@ class SelfCheckReport:
 
 # route key -> what has been checked; the structured engine's plans carry their own (a rebuilt plan is new)
 _CHECKED = PerModelCache(size=64)
-_REPORTS: "dict[int, list[SelfCheckReport]]" = {}
+# weak keys: a model collected takes its reports with it (keyed by id(), a new model built at a dead one's
+# address showed that model's reports)
+_REPORTS: "weakref.WeakKeyDictionary[nn.Module, list[SelfCheckReport]]" = weakref.WeakKeyDictionary()
 _MAX_REPORTS = 32
 
 
 def self_check_reports(model: nn.Module) -> list[SelfCheckReport]:
     """The self-checks run on ``model`` in this process, oldest first (at most the last 32)."""
-    return list(_REPORTS.get(id(model), []))
+    return list(_REPORTS.get(model, []))
 
 
 def _record(model: nn.Module, report: SelfCheckReport) -> None:
-    reports = _REPORTS.setdefault(id(model), [])
+    reports = _REPORTS.setdefault(model, [])
     reports.append(report)
     del reports[:-_MAX_REPORTS]
 

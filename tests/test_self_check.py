@@ -6,6 +6,7 @@ _problem patched back in ("replays") — and check that the self-check alone not
 
 from __future__ import annotations
 
+import gc
 import warnings
 
 import pytest
@@ -239,3 +240,15 @@ def test_replays_of_the_bugs_the_extended_sweeps_found_are_caught(monkeypatch, r
     with pytest.raises(SelfCheckError) as info:
         call(model, x, strategy="jacobian")
     assert max(info.value.report.errors.values()) > 1e-3
+
+
+def test_a_new_model_never_inherits_the_reports_of_a_dead_one():
+    """Reports were keyed by id(model): a new model built where a collected one lived (CPython reuses the
+    address) showed the dead model's reports, and a full-suite run saw two reports after one check."""
+    for _ in range(40):
+        model, x = mlp()
+        assert self_check_reports(model) == []
+        mgs_kernel(model, x)
+        assert len(self_check_reports(model)) == 1
+        del model
+        gc.collect()
