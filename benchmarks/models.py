@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -152,5 +153,31 @@ def tiny_bert(num_classes: int = 2) -> nn.Module:
     return _Logits(BertForSequenceClassification(config))
 
 
-MODELS = {"lenet5": LeNet5, "fcn": fcn, "resnet": SmallResNet, "cifar_cnn": CifarCNN}
-INPUT_SHAPES = {"lenet5": (1, 28, 28), "fcn": (1, 28, 28), "resnet": (1, 28, 28), "cifar_cnn": (3, 32, 32)}
+class ViT(nn.Module):
+    """A small vision transformer (issue #22): 4×4 patches of a 3×32×32 image embedded by a strided convolution
+    (64 tokens of width 128), a class token and learned position embeddings (bare Parameters), four
+    ``nn.TransformerEncoderLayer(128, 4, 512, batch_first=True)`` blocks, LayerNorm and a linear head on the
+    class token: 0.8 M parameters. ``dropout=0.0`` by default, so that K is that of one deterministic function
+    and the naive ``vmap(jacrev)`` comparison can run (vmap refuses random ops in its default mode)."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 128, depth: int = 4, heads: int = 4, patch: int = 4,
+                 image: int = 32, mlp: int = 512, dropout: float = 0.0):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, patch, patch)
+        tokens = (image // patch) ** 2
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, tokens + 1, dim))
+        self.blocks = nn.Sequential(*(
+            nn.TransformerEncoderLayer(dim, heads, mlp, dropout=dropout, batch_first=True) for _ in range(depth)
+        ))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+MODELS = {"lenet5": LeNet5, "fcn": fcn, "resnet": SmallResNet, "cifar_cnn": CifarCNN, "vit": ViT}
+INPUT_SHAPES = {"lenet5": (1, 28, 28), "fcn": (1, 28, 28), "resnet": (1, 28, 28), "cifar_cnn": (3, 32, 32), "vit": (3, 32, 32)}

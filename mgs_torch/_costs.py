@@ -77,9 +77,9 @@ def chunk_extent(problem: KernelProblem, engine, cotangents: int, *, rows_of_j: 
     """How many things ``chunk_size`` splits on this call, and what they are.
 
     The structured engine back-propagates ``cotangents`` output cotangents (q one-hot, or the probes)
-    in chunks, and its reference fallback (parameters no layer rule covers) vmaps over the n samples;
-    the jacobian engine vmaps over the samples (per-sample route) or over the rows of J (whole batch:
-    n·q for J, n·k for row norms)."""
+    in chunks (the parameters no layer rule covers included: their per-sample gradients come from the
+    same backward), or, with no layer covered, hands everything to the reference; the jacobian engine
+    vmaps over the samples (per-sample route) or over the rows of J (whole batch: n·q for J, n·k for row norms)."""
     n = problem.n
     if _is_jacobian(engine) or not problem.per_sample:
         if problem.per_sample:
@@ -88,8 +88,8 @@ def chunk_extent(problem: KernelProblem, engine, cotangents: int, *, rows_of_j: 
     from .engines import structured
 
     plan = structured.cached_plan(problem)[0]
-    if plan.fallback or not plan.layers:  # part (or all) of it goes to the reference, chunked over samples
-        return max(cotangents, n), "cotangents or samples"
+    if not plan.layers:  # all of it goes to the reference, chunked over samples
+        return n, "samples"
     return cotangents, "output cotangents" if rows_of_j else "cotangents"
 
 

@@ -106,6 +106,40 @@ class MaskedAttention(nn.Module):
         return self.head(h.mean(1))
 
 
+class MaskedAttentionFloat(nn.Module):
+    """Self-attention (no biases) with a float 3-D attention mask per head and a float key padding mask; the
+    per-head attention weights (average_attn_weights=False) are part of the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, bias=False)
+        self.head = nn.Linear(4 + 2 * 16, Q)
+
+    def forward(self, x):  # (n, T=4, 4), time-major inside
+        n = x.shape[0]
+        h = x.transpose(0, 1)
+        bias = torch.linspace(-1.0, 0.5, 16, dtype=x.dtype).reshape(1, 4, 4).repeat(n * 2, 1, 1)
+        pad = torch.zeros(n, 4, dtype=x.dtype)
+        pad[:, 0] = -2.0
+        y, w = self.attn(h, h, h, attn_mask=bias, key_padding_mask=pad, need_weights=True, average_attn_weights=False)
+        return self.head(torch.cat([y.mean(0), w.flatten(1)], 1))
+
+
+class UnbatchedAttention(nn.Module):
+    """MultiheadAttention called on one (T, E) sequence at a time (its unbatched form), with a boolean 2-D mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, Q)
+
+    def forward(self, x):  # (n, T=4, 4)
+        mask = torch.zeros(4, 4, dtype=torch.bool)
+        mask[0, 1] = True
+        ys = [self.attn(s, s, s, attn_mask=mask, need_weights=False)[0] for s in x.unbind(0)]
+        return self.head(torch.stack(ys).mean(1))
+
+
 class ProjectedLSTM(nn.Module):
     def __init__(self):
         super().__init__()
@@ -952,6 +986,8 @@ case("non_contiguous_input", lambda: (seq(nn.Linear(4, 4), nn.Tanh(), nn.Linear(
 case("mha_key_padding_mask", lambda: (MaskedAttention(), _tokens()))
 case("mha_bias_kv_zero_attn", lambda: (MaskedAttention(add_bias_kv=True, add_zero_attn=True), _tokens()))
 case("mha_causal_weights_out", lambda: (MaskedAttention(weights_out=True), _tokens()))
+case("mha_float_masks_head_weights", lambda: (MaskedAttentionFloat(), _tokens()))
+case("mha_unbatched", lambda: (UnbatchedAttention(), _tokens()))
 case("sdpa_causal", lambda: (CausalSDPA(), _tokens()))
 case("encoder_stack_padding_mask", lambda: (MaskedEncoderStack().eval(), _tokens()))
 case("lstm_proj_size", lambda: (ProjectedLSTM(), (randn(N, 4, 3),)))

@@ -132,12 +132,14 @@ def test_the_whole_batch_route_splits_the_rows_of_j(fresh_warnings, chunk, idle)
     assert bool(reported) == idle and (not idle or "12 rows of J" in reported[0])
 
 
-def test_a_chunk_is_not_idle_while_the_fallback_splits_samples(fresh_warnings):
-    # PReLU's weight goes to the reference inside the structured engine, which chunks over the 6 samples
+def test_uncovered_parameters_are_chunked_with_the_cotangents(fresh_warnings):
+    # PReLU's weight has no rule: its per-sample gradients come from the structured engine's own backward
+    # (a parameter tap), so chunk_size splits the q = 3 output cotangents there too, and the result is exact
     model, x = _net(prelu=True), torch.randn(6, 4, dtype=torch.float64)
-    assert not any("is at least" in m for m in _messages(lambda: mgs_kernel(model, x, strategy="structured", chunk_size=4)))
-    (message,) = [m for m in _messages(lambda: mgs_kernel(model, x, strategy="structured", chunk_size=6)) if "is at least" in m]
-    assert "6 cotangents or samples" in message
+    assert not any("is at least" in m for m in _messages(lambda: mgs_kernel(model, x, strategy="structured", chunk_size=2)))
+    (message,) = [m for m in _messages(lambda: mgs_kernel(model, x, strategy="structured", chunk_size=3)) if "is at least" in m]
+    assert "3 output cotangents" in message
+    assert_close(mgs_kernel(model, x, strategy="structured", chunk_size=2), kernel_loop(model, x))
 
 
 # ------------------------------------------------------------------------------ the jacobian route, chunked

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import SmallCNN, assert_close, reference_kernel
+from reference import relative_error
 from mgs_torch import mgs_kernel, mgs_penalty, mgs_trace
 
 STRATEGIES = ["jacobian", "structured"]
@@ -128,7 +129,9 @@ def test_dropout_kernel_is_reproducible_and_differs_from_eval(strategy):
 
 
 def test_dropout_with_uncovered_layers_uses_one_consistent_set_of_masks():
-    """Covered and fallback parameters must see the same masks: the engine then uses the reference."""
+    """Covered and fallback parameters must see the same masks. The structured engine now computes the
+    uncovered parameter's per-sample gradients in its own pass (parameter taps), so it agrees with the
+    reference to rounding, not bit for bit: masks that differed would change K by O(1), as another seed shows."""
 
     class Scale(nn.Module):
         def __init__(self):
@@ -143,7 +146,9 @@ def test_dropout_with_uncovered_layers_uses_one_consistent_set_of_masks():
     torch.manual_seed(2)
     K = mgs_kernel(model, x, strategy="structured")
     torch.manual_seed(2)
-    assert torch.equal(K, mgs_kernel(model, x, strategy="jacobian"))
+    assert relative_error(K, mgs_kernel(model, x, strategy="jacobian")) < 1e-12
+    torch.manual_seed(3)
+    assert relative_error(K, mgs_kernel(model, x, strategy="jacobian")) > 1e-2  # the masks matter
 
 
 def test_functional_dropout_in_a_custom_layer_is_handled_consistently():
@@ -164,7 +169,9 @@ def test_functional_dropout_in_a_custom_layer_is_handled_consistently():
         torch.manual_seed(2)
         K = mgs_kernel(model, x, strategy=strategy)
         torch.manual_seed(2)
-        assert torch.equal(K, mgs_kernel(model, x, strategy="jacobian"))  # one consistent set of masks
+        assert relative_error(K, mgs_kernel(model, x, strategy="jacobian")) < 1e-12  # one consistent set of masks
+        torch.manual_seed(3)
+        assert relative_error(K, mgs_kernel(model, x, strategy="jacobian")) > 1e-2  # (which matter)
         torch.set_rng_state(rng)
         assert torch.isfinite(mgs_trace(model, x, strategy=strategy))
         assert torch.equal(torch.get_rng_state(), rng)

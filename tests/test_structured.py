@@ -186,6 +186,25 @@ class Attention(nn.Module):
         return self.head(y.mean(1))
 
 
+class CrossAttention(Attention):
+    """Queries from one half of the sequence, keys and values from the other: no rule (self-attention only)."""
+
+    def forward(self, x):
+        y, _ = self.attn(x[:, :1], x[:, 1:], x[:, 1:])
+        return self.head(y.mean(1))
+
+
+class SeparateProjections(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, kdim=3, vdim=3, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y, _ = self.attn(x, x[..., :3], x[..., :3])
+        return self.head(y.mean(1))
+
+
 @pytest.mark.parametrize(
     "make, x, expect_fallback",
     [
@@ -195,9 +214,13 @@ class Attention(nn.Module):
         (ParentUsesChildWeight, torch.randn(4, 3), {"lin.weight", "lin.bias"}),
         (lambda: nn.Sequential(MyLinear(3, 3), nn.Tanh(), nn.Linear(3, 2)), torch.randn(4, 3), {"0.weight", "0.bias"}),
         (InPlace, torch.randn(4, 3), set()),
-        (Attention, torch.randn(3, 2, 4), {"attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias"}),
+        (Attention, torch.randn(3, 2, 4), set()),  # self-attention: MultiheadAttentionRule
+        (CrossAttention, torch.randn(3, 3, 4), {"attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias"}),
+        (SeparateProjections, torch.randn(3, 2, 4), {"attn.q_proj_weight", "attn.k_proj_weight", "attn.v_proj_weight",
+                                                     "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias"}),
     ],
-    ids=["custom-layer", "layer-run-twice", "tied-weights", "foreign-use", "subclass", "in-place", "attention"],
+    ids=["custom-layer", "layer-run-twice", "tied-weights", "foreign-use", "subclass", "in-place", "attention", "cross-attention",
+         "separate-projections"],
 )
 def test_uncovered_parameters_fall_back_exactly(make, x, expect_fallback):
     torch.manual_seed(0)

@@ -107,3 +107,13 @@ def test_without_the_mask_fix_padded_batches_fall_to_the_whole_batch_route(name,
     assert relative(K, loop_kernel(model, batch)) <= 1e-11
     monkeypatch.undo()
     assert _takes_the_per_sample_route(model, batch)
+
+
+def test_gpt2_conv1d_takes_the_linear_rule():
+    """GPT-2's ``Conv1D`` (y = x W + b, the weight stored transposed) is a linear layer: the Linear rule covers it by
+    its exact type (matched by name, so the core never imports transformers); K is exact (the tests above)."""
+    report = verify(tiny("gpt2", "sdpa", dtype=torch.float32), {k: v.float() if v.is_floating_point() else v
+                                                                for k, v in batch_for("gpt2").items()}, samples=3)
+    conv = {name: route for name, route in report.routes.items() if ".attn.c_" in name or ".mlp.c_" in name}
+    assert conv and set(conv.values()) == {"rule:Conv1D"}, str(report)
+    assert report.ok and report.kernel_error <= 1e-12, str(report)

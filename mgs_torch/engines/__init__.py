@@ -4,10 +4,10 @@
 * ``row_sq_norms(problem, cotangents, *, chunk_size) -> Tensor`` — ‖Σ_a c[k,i,a] ∇θ f_a(x_i)‖², (k, n).
 
 ``jacobian`` is the reference (torch.func Jacobian contraction, any module); ``structured`` sums
-per-layer Gram products and falls back to the reference per parameter. ``auto`` looks at the
-structured plan: when layer rules cover at least half of the selected parameters' entries it uses
-the structured engine, otherwise the reference (the fallback would cost the reference's n·q
-backward passes through the network anyway, plus the structured pass on top).
+per-layer Gram products; the parameters no rule covers get their per-sample gradients from autograd in the
+same pass ("parameter taps"). ``auto`` looks at the structured plan: when layer rules cover at least half of
+the selected parameters' entries it uses the structured engine, otherwise the reference (per-sample
+gradients of most of the parameters cost what the reference costs, without the layers' Gram shortcuts).
 """
 
 from __future__ import annotations

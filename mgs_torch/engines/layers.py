@@ -3,7 +3,9 @@
 A rule knows how one layer type uses its parameters. During the forward it captures what it needs
 from the layer's input (:meth:`LayerRule.capture`); given the gradients of k output cotangents with
 respect to the layer's output, it returns each parameter's per-sample gradients in factored form
-(:meth:`LayerRule.factors`). Rules are looked up by *exact* type, so a subclass that overrides
+(:meth:`LayerRule.factors`). A rule may instead tap several points inside the layer
+(:meth:`LayerRule.tap_shapes`, :meth:`LayerRule.tapped`: :class:`MultiheadAttentionRule` taps its input and
+output projections). Rules are looked up by *exact* type, so a subclass that overrides
 ``forward`` is never mistaken for its parent; anything without a rule is computed by the reference
 engine. Register your own with :func:`register_layer_rule`.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,10 @@ class Factor(Protocol):
         """Σ over the parameter of G_ki·G_lj: (n·k)² rows ordered (sample, cotangent), or n² summed over k."""
 
 
+def _layer_input(args: tuple, kwargs: dict) -> tuple[Tensor, ...]:
+    return args if args else tuple(kwargs.values())
+
+
 class LayerRule:
     """Base class: how a layer type's parameters enter its output.
 
@@ -44,9 +50,27 @@ class LayerRule:
     #: the parameters (Linear, LayerNorm, Embedding): a sample may then reach the layer as several
     #: rows. False (the default): the rule needs each sample as exactly one row, shaped (n, *per_sample).
     leading_dims_are_positions: bool = False
+    #: child modules whose parameters the layer's own forward uses directly (never calling the child), covered
+    #: by this rule under the names ``"child.param"`` (MultiheadAttention's ``out_proj``)
+    children: tuple[str, ...] = ()
 
     def unsupported(self, module: nn.Module) -> str | None:
         return None
+
+    def tap_shapes(self, module: nn.Module, args: tuple, kwargs: dict, output) -> tuple[tuple[int, ...], ...] | str:
+        """The shapes of the zero taps the engine adds in one call of the layer (one sample), or why this call
+        is not covered. Default: one tap, on the output tensor."""
+        x = _layer_input(args, kwargs)
+        if not isinstance(output, Tensor) or not x or not isinstance(x[0], Tensor):
+            return "its input or output is not a tensor"
+        return (tuple(output.shape),)
+
+    def tapped(self, module: nn.Module, args: tuple, kwargs: dict, output, taps: Sequence[Tensor]) -> tuple[object, tuple]:
+        """(the layer's output with the zero ``taps`` added where :meth:`factors` expects its gradients, the tensors
+        :meth:`factors` needs). Default: ``output(...) + taps[0]`` and :meth:`capture`. A rule with several taps
+        gets their gradients as a tuple in :meth:`factors`."""
+        xs = _layer_input(args, kwargs)
+        return self.output(module, xs, output) + taps[0], self.capture(module, xs)
 
     def capture(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         """Tensors to keep from the forward (called inside the layer's forward hook)."""
@@ -67,25 +91,30 @@ def _sum_positions(t: Tensor) -> Tensor:
     return t.reshape(*t.shape[:3], -1).sum(-1)
 
 
+def _linear_factors(a: Tensor, grad: Tensor, names: set[str], weight: str = "weight", bias: str = "bias") -> dict:
+    """Factors of y = a Wᵀ + b (or y = a W + b: the Grams do not see the layout) for a (n, *, I), grad (k, n, *, O)."""
+    k, n = grad.shape[:2]
+    g = grad.reshape(k, n, 1, -1, grad.shape[-1])
+    a = a.reshape(n, 1, -1, a.shape[-1])
+    if {weight, bias} <= names:  # [W b] acts on [a 1]: one factor, one Gram instead of two
+        return {f"{weight}+{bias}": OuterFactor(torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1), g)}
+    out = {}
+    if weight in names:
+        out[weight] = OuterFactor(a, g)
+    if bias in names:
+        out[bias] = DirectFactor(g.sum(3).squeeze(2))
+    return out
+
+
 class LinearRule(LayerRule):
     """y = x Wᵀ + b on (n, *, I): grad W = Σ_t g_t a_tᵀ over the * positions, grad b = Σ_t g_t;
-    together, grad [W b] = Σ_t g_t [a_t 1]ᵀ."""
+    together, grad [W b] = Σ_t g_t [a_t 1]ᵀ. Also Hugging Face's ``Conv1D`` (GPT-2), y = x W + b."""
 
     leading_dims_are_positions = True
 
     def factors(self, module, saved, grad, names):
         (a,) = saved
-        k, n = grad.shape[:2]
-        g = grad.reshape(k, n, 1, -1, grad.shape[-1])
-        a = a.reshape(n, 1, -1, a.shape[-1])
-        if {"weight", "bias"} <= names:  # [W b] acts on [a 1]: one factor, one Gram instead of two
-            return {"weight+bias": OuterFactor(torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1), g)}
-        out = {}
-        if "weight" in names:
-            out["weight"] = OuterFactor(a, g)
-        if "bias" in names:
-            out["bias"] = DirectFactor(g.sum(3).squeeze(2))
-        return out
+        return _linear_factors(a, grad, names)
 
 
 def _conv_same_padding(module: nn.Module) -> list[int]:
@@ -213,6 +242,128 @@ class EmbeddingRule(LayerRule):
         return {"weight": IndexOuterFactor(idx, g, module.num_embeddings)}
 
 
+_MHA_ARGUMENTS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
+
+
+def _mha_call(args: tuple, kwargs: dict) -> dict:
+    """The arguments of one ``nn.MultiheadAttention.forward`` call by name, defaults filled in."""
+    call = {"key_padding_mask": None, "need_weights": True, "attn_mask": None, "average_attn_weights": True, "is_causal": False}
+    call.update(zip(_MHA_ARGUMENTS, args))
+    call.update(kwargs)
+    return call
+
+
+def _self_attention(module: nn.MultiheadAttention, call: dict, taps: Sequence[Tensor]):
+    """``module(x, x, x, ...)`` with zero taps added to its packed input projection z = x W_inᵀ + b_in (L, N, 3E)
+    and to its output projection y = o W_outᵀ + b_out (L·N, E); returns (output, attention weights or None,
+    (x, o)). Step for step what ``nn.MultiheadAttention.forward`` and ``F.multi_head_attention_forward`` compute
+    on its explicit route (``need_weights=True``, where mgs_torch runs it anyway: op_fixes), the masks
+    canonicalised and merged by PyTorch's own helpers."""
+    x, attn_mask, key_padding_mask, is_causal = call["query"], call["attn_mask"], call["key_padding_mask"], call["is_causal"]
+    # nn.MultiheadAttention.forward
+    is_batched = x.dim() == 3
+    key_padding_mask = F._canonical_mask(
+        mask=key_padding_mask, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+        target_type=x.dtype,
+    )
+    attn_mask = F._canonical_mask(
+        mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=x.dtype, check_other=False
+    )
+    if module.batch_first and is_batched:
+        x = x.transpose(1, 0)
+    # F.multi_head_attention_forward
+    if not is_batched:
+        x = x.unsqueeze(1)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    L, N, E = x.shape
+    H = module.num_heads
+    head = E // H
+    key_padding_mask = F._canonical_mask(
+        mask=key_padding_mask, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+        target_type=x.dtype,
+    )
+    if is_causal and attn_mask is None:
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint.")
+    attn_mask = F._canonical_mask(
+        mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=x.dtype, check_other=False
+    )
+    z = F.linear(x, module.in_proj_weight, module.in_proj_bias) + taps[0]
+    q, k, v = (t.reshape(L, N * H, head).transpose(0, 1) for t in z.chunk(3, -1))
+    if attn_mask is not None and attn_mask.dim() == 2:
+        attn_mask = attn_mask.unsqueeze(0)
+    if key_padding_mask is not None:
+        merged = key_padding_mask.view(N, 1, 1, L).expand(-1, H, -1, -1).reshape(N * H, 1, L)
+        attn_mask = merged if attn_mask is None else attn_mask + merged
+    q = q * math.sqrt(1.0 / float(head))
+    scores = torch.bmm(q, k.transpose(-2, -1)) if attn_mask is None else torch.baddbmm(attn_mask, q, k.transpose(-2, -1))
+    weights = F.softmax(scores, dim=-1)
+    if module.training and module.dropout > 0.0:
+        weights = F.dropout(weights, p=module.dropout)
+    o = torch.bmm(weights, v).transpose(0, 1).reshape(L * N, E)
+    y = (F.linear(o, module.out_proj.weight, module.out_proj.bias) + taps[1]).view(L, N, E)
+    averaged = None
+    if call["need_weights"]:
+        averaged = weights.view(N, H, L, L)
+        if call["average_attn_weights"]:
+            averaged = averaged.mean(dim=1)
+        if not is_batched:
+            averaged = averaged.squeeze(0)
+    if not is_batched:
+        y = y.squeeze(1)
+    elif module.batch_first:
+        y = y.transpose(1, 0)
+    return y, averaged, (x, o)
+
+
+class MultiheadAttentionRule(LayerRule):
+    """``nn.MultiheadAttention`` as self-attention (query, key and value one tensor x): its packed input projection
+    z = x W_inᵀ + b_in (3·E outputs per position) and its output projection y = o W_outᵀ + b_out are linear maps
+    shared over the positions, so each parameter's per-sample gradient is that of a Linear layer (Σ_t g_t ⊗ [a_t 1])
+    with a = x, g = ∂/∂z and a = o (the heads' outputs), g = ∂/∂y. Both are tapped where they are computed, in a
+    recomputation of the attention between them (:func:`_self_attention`) that replaces the module's output.
+    Separate query/key/value weights (kdim, vdim), ``add_bias_kv`` and ``add_zero_attn`` are not covered, nor is
+    cross-attention: their parameters get their per-sample gradients from autograd directly."""
+
+    params = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+    leading_dims_are_positions = True
+    children = ("out_proj",)
+
+    def unsupported(self, module):
+        if not module._qkv_same_embed_dim:
+            return "separate query, key and value projections (kdim, vdim) are not covered by its rule"
+        if module.bias_k is not None or module.bias_v is not None:
+            return "add_bias_kv is not covered by its rule"
+        if module.add_zero_attn:
+            return "add_zero_attn is not covered by its rule"
+        if type(module.out_proj) not in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear):
+            return f"its out_proj is a {type(module.out_proj).__name__}"
+        return None
+
+    def tap_shapes(self, module, args, kwargs, output):
+        call = _mha_call(args, kwargs)
+        x = call["query"]
+        if not (isinstance(x, Tensor) and call["key"] is x and call["value"] is x) or x.dim() not in (2, 3):
+            return "query, key and value are not one tensor (its rule covers self-attention)"
+        if x.dim() == 2:
+            L, N = x.shape[0], 1
+        else:
+            L, N = (x.shape[1], x.shape[0]) if module.batch_first else x.shape[:2]
+        return ((L, N, 3 * module.embed_dim), (L * N, module.embed_dim))
+
+    def tapped(self, module, args, kwargs, output, taps):
+        y, weights, saved = _self_attention(module, _mha_call(args, kwargs), taps)
+        return (y, weights), saved
+
+    def factors(self, module, saved, grad, names):
+        x, o = saved
+        g_in, g_out = grad
+        return {
+            **_linear_factors(x, g_in, names, "in_proj_weight", "in_proj_bias"),
+            **_linear_factors(o, g_out, names, "out_proj.weight", "out_proj.bias"),
+        }
+
+
 class RuleRegistry(dict):
     """Module type -> :class:`LayerRule`, with a version that changes whenever an entry does, so
     that cached structured plans are rebuilt at once after a registration or removal."""
@@ -244,7 +395,24 @@ LAYER_RULES: RuleRegistry = RuleRegistry({
     nn.LayerNorm: LayerNormRule(),
     nn.GroupNorm: GroupNormRule(),
     nn.Embedding: EmbeddingRule(),
+    nn.MultiheadAttention: MultiheadAttentionRule(),
 })
+
+
+#: Rules for types of packages the core never imports, by (module, qualified name), registered for the exact type
+#: the first time a model holding it is planned (:func:`adopt_named_rules`); unregistering one then works as for any
+_RULES_BY_NAME: dict[tuple[str, str], LayerRule] = {("transformers.pytorch_utils", "Conv1D"): LinearRule()}
+_ADOPTED: set[type] = set()
+
+
+def adopt_named_rules(model: nn.Module) -> None:
+    """Register the rules of :data:`_RULES_BY_NAME` for the types ``model`` holds (once per type and process)."""
+    for kind in {type(m) for m in model.modules()} - _ADOPTED:
+        rule = _RULES_BY_NAME.get((kind.__module__, kind.__qualname__))
+        if rule is not None:
+            _ADOPTED.add(kind)
+            if kind not in LAYER_RULES:
+                LAYER_RULES[kind] = rule
 
 
 def _check_type(module_type) -> None:

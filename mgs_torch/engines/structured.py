@@ -11,11 +11,13 @@ cotangents for the exact kernel or trace, k = probes for Hutchinson). Layer rule
 Cost: one forward, one backward at batch k·n (to activations only), and per layer
 min(ghost, materialised) products (see :mod:`~mgs_torch.engines.factors`); double backward through
 all of it is ordinary autograd. Parameters no rule covers exactly — unknown layer types, layers run
-more than once per forward, parameters used outside their layer — are computed by the reference
-engine for those parameters only and added (K is additive over parameter blocks); ``Plan.routes``
-says which route each parameter took and why. When that
-fallback would meet active Dropout (its masks could not match) or the samples interact, the whole
-computation goes to the reference engine instead.
+more than once per forward, parameters used outside their layer — get their per-sample gradients
+the reference's way, by autograd of the function itself, in the same pass: each such parameter θ is
+replaced inside the per-sample forward by θ + t_i, t_i a zero "parameter tap" of θ's shape for sample
+i, and the vjp with respect to t_i is ∇θ(c·f(x_i)) for every cotangent c, whatever the model does
+with θ (K is additive over parameter blocks: their Gram joins the layers'). One forward and one
+backward serve every parameter, so Dropout masks are the same for all of them. ``Plan.routes`` says
+which route each parameter took and why.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 from .._guards import cuda_devices, restore_rng_states, rng_states
 
 from .._problem import Cotangents, KernelProblem, PerModelCache, one_hot_cotangents
 from . import jacobian
 from .factors import DirectFactor, kernel_with_symmetric_gradient
-from .layers import LAYER_RULES, LayerRule
+from .layers import LAYER_RULES, LayerRule, _layer_input, adopt_named_rules
 
 
 @dataclass
@@ -43,7 +46,8 @@ class _Layer:
     module: nn.Module
     rule: LayerRule
     names: dict[str, str]  # local parameter name -> full name
-    out_shape: tuple[int, ...] = ()  # the layer's output for ONE sample (inside the per-sample vmap)
+    out_shape: tuple[int, ...] = ()  # the layer's (first) tap for ONE sample (inside the per-sample vmap): its output
+    tap_shapes: tuple[tuple[int, ...], ...] = ()  # every tap the rule adds, for ONE sample
     squeeze: bool = False  # drop the per-sample leading 1 before the rule sees the tensors
     clone_input: bool = False
 
@@ -61,7 +65,7 @@ class Plan:
     def routes(self) -> dict[str, str]:
         """Parameter name -> how it is computed: ``"rule:<Type>"`` or ``"reference: <reason>"``."""
         out = {f: f"rule:{type(layer.module).__name__}" for layer in self.layers for f in layer.names.values()}
-        out.update({f: f"reference: {why}" for f, why in self.fallback.items()})
+        out.update({f: f"reference: {why}" for f, why in self.fallback.items()})  # per-sample gradients by autograd
         return out
 
 
@@ -114,10 +118,6 @@ def _watch_parameter_use(model: nn.Module, problem: KernelProblem, layers: dict[
             yield monitor
     finally:
         _remove(handles)
-
-
-def _layer_input(args: tuple, kwargs: dict) -> tuple[Tensor, ...]:
-    return args if args else tuple(kwargs.values())
 
 
 # ids of the hooks the engine registers itself (planning, taps, parameter-use watching): not the user's
@@ -220,6 +220,12 @@ def plan(problem: KernelProblem) -> Plan:
             continue
         by_module.setdefault(mname, {})[full[len(mname) + 1:] if mname else full] = full
     modules = dict(model.named_modules())
+    for mname, module in modules.items():  # children whose parameters the parent's forward uses (its rule covers them)
+        rule = LAYER_RULES.get(type(module))
+        for child in rule.children if rule is not None else ():
+            owned = by_module.pop(f"{mname}.{child}" if mname else child, {})
+            if owned:
+                by_module.setdefault(mname, {}).update({f"{child}.{p}": full for p, full in owned.items()})
     for mname, local in by_module.items():
         module = modules[mname]
         rule = LAYER_RULES.get(type(module))
@@ -236,6 +242,7 @@ def plan(problem: KernelProblem) -> Plan:
 
     calls: dict[str, int] = {}
     seen: dict[str, tuple] = {}
+    refused: dict[str, str] = {}
     nested: set[str] = set()
     level: list = [None]
     handles = []
@@ -248,9 +255,14 @@ def plan(problem: KernelProblem) -> Plan:
                 # parameters also enter through that inner backward, which no rule describes
                 nested.add(name)
                 return
+            shapes = candidates[name].rule.tap_shapes(mod, args, kwargs, out)
+            if isinstance(shapes, str):
+                refused[name] = shapes
+                return
             x = _layer_input(args, kwargs)
-            if isinstance(out, Tensor) and x and isinstance(x[0], Tensor):
-                seen[name] = (tuple(x[0].shape), tuple(out.shape), x[0], x[0]._version)
+            first = x[0] if x and isinstance(x[0], Tensor) else None
+            seen[name] = (tuple(first.shape) if first is not None else (), tuple(tuple(t) for t in shapes), first,
+                          first._version if first is not None else 0)
         return hook
 
     def body(_, x):
@@ -282,11 +294,14 @@ def plan(problem: KernelProblem) -> Plan:
             reason = f"{type(layer.module).__name__} runs {n_calls} times per forward"
         elif name in monitor.foreign:
             reason = "its parameters are used outside its own forward"
+        elif name in refused:
+            reason = refused[name]
         elif name not in seen:
             reason = "its input or output is not a tensor"
         else:
-            in_shape, out_shape, x, v = seen[name]
-            layer.out_shape = out_shape
+            in_shape, shapes, x, v = seen[name]
+            out_shape = shapes[0]
+            layer.out_shape, layer.tap_shapes = out_shape, shapes
             if not layer.rule.leading_dims_are_positions:
                 if in_shape[:1] != (1,) or out_shape[:1] != (1,):
                     reason = (
@@ -294,12 +309,15 @@ def plan(problem: KernelProblem) -> Plan:
                         f"(e.g. a sequence folded into its batch dimension); its rule needs one row per sample"
                     )
                 layer.squeeze = True
-            layer.clone_input = x._version != v  # modified in place after the layer read it
+            layer.clone_input = x is not None and x._version != v  # modified in place after the layer read it
         if reason is not None:
             fallback.update({full: reason for full in layer.names.values()})
             continue
         layers.append(layer)
-    rowwise = len(problem.inputs) == 1 and _is_rowwise(model) and all(layer.out_shape[:1] == (1,) for layer in layers)
+    # parameter taps are per sample: they need the per-sample forward
+    rowwise = not fallback and len(problem.inputs) == 1 and _is_rowwise(model) and all(
+        all(shape[:1] == (1,) for shape in layer.tap_shapes) for layer in layers
+    )
     return Plan(layers, fallback, version, rowwise)
 
 
@@ -317,6 +335,7 @@ class _StalePlan(Exception):
 
 def cached_plan(problem: KernelProblem) -> tuple[Plan, bool]:
     """The plan for ``problem`` (built on first use) and whether it came from the cache."""
+    adopt_named_rules(problem.model)
     key = (problem.signature, LAYER_RULES.version)
     p = _PLANS.get(problem.model, key)
     if p is not None:
@@ -338,94 +357,106 @@ def _with_plan(problem: KernelProblem, compute):
         return compute(cached_plan(problem)[0], False)
 
 
-def _fallback_problem(problem: KernelProblem, p: Plan) -> KernelProblem:
-    # random ops there must send the whole computation to the reference
-    return problem.restrict(p.fallback, strict_randomness=True)
-
-
 def _needs_reference(problem: KernelProblem, p: Plan) -> bool:
-    return not p.layers or (problem.stochastic and bool(p.fallback))
+    """No layer covered, or parameter taps in a forward that writes buffers in place (spectral norm's power
+    iteration): a tapped parameter is batched per sample, and an in-place write of such a value into an
+    unbatched buffer is refused by vmap; the reference engine differentiates the parameters themselves."""
+    return not p.layers or (bool(p.fallback) and bool(problem.mutated_buffers))
 
 
 def _layer_gradients(problem: KernelProblem, p: Plan, cotangents: Cotangents, chunk_size: int | None, check: bool):
-    """Saved tensors, output-gradients (k, n, *out) of every planned layer, and the cotangents used.
+    """Saved tensors and output-gradients (k, n, *out) of every planned layer, the per-sample gradients
+    (k, n, *shape) of every parameter no rule covers (``p.fallback``, in its order), and the cotangents used.
 
     The forward runs per sample under ``vmap`` (see :func:`_per_sample`), each covered layer's output
-    plus a zero "tap"; the vjp with respect to the taps, vmapped over the k cotangents, gives every
-    layer's output-gradients in one batched backward. ``check``: the plan came from the cache, so
-    watch for parameter use outside the planned layers (a forward that changed since planning).
+    plus a zero "tap", each uncovered parameter plus a zero "parameter tap" of its shape; the vjp with
+    respect to all taps, vmapped over the k cotangents, gives every layer's output-gradients and every
+    uncovered parameter's per-sample gradients in one batched backward. ``check``: the plan came from
+    the cache, so watch for parameter use outside the planned layers (a forward that changed since planning).
     """
     dtype = next(iter(problem.params.values())).dtype
     device = problem.inputs[0].device
     n = problem.n
     # a row-wise model (Plan.rowwise) runs as one plain batched forward: row i of every layer is sample i
-    shape_of = (lambda layer: layer.out_shape[1:]) if p.rowwise else (lambda layer: layer.out_shape)
-    taps = tuple(torch.zeros((), dtype=dtype, device=device).expand(n, *shape_of(layer)) for layer in p.layers)
+    shape_of = (lambda shape: shape[1:]) if p.rowwise else (lambda shape: shape)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    taps = tuple(tuple(zero.expand(n, *shape_of(s)) for s in layer.tap_shapes) for layer in p.layers)
+    tapped = list(p.fallback)
+    param_taps = tuple(torch.zeros((), dtype=problem.params[f].dtype, device=device).expand(n, *problem.params[f].shape) for f in tapped)
     layers = {layer.name: layer for layer in p.layers}
 
-    def forward(taps):
-        def body(tap, x):
+    def forward(all_taps):
+        def body(extra, x):
+            tap, ptap = extra
+            params = None
+            if tapped:  # θ + t_i: the vjp in t_i is sample i's gradient in θ
+                params = {**problem.params, **{f: problem.params[f] + t for f, t in zip(tapped, ptap)}}
             saved: list = [None] * len(tap)
             handles = []
 
             def make_hook(i, layer):
+                expected = tuple((n, *shape_of(s)) if p.rowwise else s for s in layer.tap_shapes)
+
                 def hook(mod, args, kwargs, out):
-                    expected = (n, *shape_of(layer)) if p.rowwise else layer.out_shape
-                    if saved[i] is not None or not isinstance(out, Tensor) or tuple(out.shape) != expected:
+                    if saved[i] is not None or layer.rule.tap_shapes(mod, args, kwargs, out) != expected:
                         raise _StalePlan
                     if _module_reason(mod) is not None:  # a hook or patched forward since planning
                         raise _StalePlan
-                    xs = _layer_input(args, kwargs)
                     if layer.clone_input:
-                        xs = tuple(t.clone() for t in xs)
-                    saved[i] = layer.rule.capture(mod, xs)
-                    return layer.rule.output(mod, xs, out) + tap[i]
+                        args = tuple(t.clone() if isinstance(t, Tensor) else t for t in args)
+                        kwargs = {k: t.clone() if isinstance(t, Tensor) else t for k, t in kwargs.items()}
+                    out, saved[i] = layer.rule.tapped(mod, args, kwargs, out, tap[i])
+                    return out
                 return hook
 
             try:
                 for i, layer in enumerate(p.layers):
                     _register(handles, layer.module.register_forward_hook(make_hook(i, layer), with_kwargs=True, prepend=True))
-                out = problem.raw_forward(None, x)
+                out = problem.raw_forward(params, x)
             finally:
                 _remove(handles)
             if any(s is None for s in saved) or not isinstance(out, Tensor):
                 raise _StalePlan
             return out.reshape(-1), tuple(saved)
 
-        if p.rowwise:
-            out, saved = body(taps, problem.inputs)
+        split = (all_taps[: len(taps)], all_taps[len(taps):])
+        if p.rowwise:  # no parameter taps here (see plan)
+            out, saved = body(split, problem.inputs)
             return out.reshape(n, -1), saved
-        return _per_sample(problem, body)(taps, *problem.inputs)
+        return _per_sample(problem, body)(split, *problem.inputs)
 
     if check and not p.rowwise:  # a row-wise Sequential runs only its own modules: no foreign use possible
         with _watch_parameter_use(problem.model, problem, layers) as monitor:
-            out, vjp_fn, saved = vjp(forward, taps, has_aux=True)
+            out, vjp_fn, saved = vjp(forward, taps + param_taps, has_aux=True)
         if monitor.foreign:
             raise _StalePlan
     else:
-        out, vjp_fn, saved = vjp(forward, taps, has_aux=True)
+        out, vjp_fn, saved = vjp(forward, taps + param_taps, has_aux=True)
     problem.check_outputs(out)
     cot = (cotangents(problem) if callable(cotangents) else cotangents).to(dtype)
     if cot.shape[0] == 1:  # a single probe needs no vmap
-        grads = tuple(g.unsqueeze(0) for g in vjp_fn(cot[0])[0])
+        grads = tree_map(lambda g: g.unsqueeze(0), vjp_fn(cot[0])[0])
     else:
         grads = vmap(vjp_fn, chunk_size=chunk_size)(cot)[0]
+    grads, param_grads = grads[: len(taps)], grads[len(taps):]
     out_saved, out_grads = [], []
     for layer, s, g in zip(p.layers, saved, grads):
         if layer.squeeze and not p.rowwise:  # (n, 1, ...) -> (n, ...): the layer's own batch of one sample
             s = tuple(t.squeeze(1) if isinstance(t, Tensor) and t.dim() > 1 else t for t in s)
-            g = g.squeeze(2)
+            g = tuple(t.squeeze(2) for t in g)
         out_saved.append(s)
-        out_grads.append(g)
-    return out_saved, out_grads, cot
+        out_grads.append(g[0] if len(g) == 1 else g)  # a rule with one tap gets its gradient as it is
+    return out_saved, out_grads, param_grads, cot
 
 
 def _factors(problem, p, cotangents, chunk_size, check) -> tuple[list, Tensor]:
-    """Every planned parameter's factor, and the cotangents (evaluated once q is known)."""
-    saved, grads, cot = _layer_gradients(problem, p, cotangents, chunk_size, check)
+    """Every selected parameter's factor (layer rules, then the tapped parameters' per-sample gradients),
+    and the cotangents (evaluated once q is known)."""
+    saved, grads, param_grads, cot = _layer_gradients(problem, p, cotangents, chunk_size, check)
     factors = []
     for layer, s, g in zip(p.layers, saved, grads):
         factors += layer.rule.factors(layer.module, s, g, set(layer.names)).values()
+    factors += [DirectFactor(g.reshape(*g.shape[:2], -1)) for g in param_grads]
     return factors, cot
 
 
@@ -439,9 +470,8 @@ def _merge_direct(factors: list) -> list:
     return [f for f in factors if type(f) is not DirectFactor] + [merged]
 
 
-# Random ops that no Dropout module announced make the fallback (a strict sub-problem) raise; the
-# shared retry then marks the problem stochastic and starts again, now on the reference alone, so
-# covered and fallback parameters never see different masks.
+# Random ops that no Dropout module announced make vmap raise; the shared retry then marks the problem
+# stochastic and starts again (each sample then draws its own numbers, once, for every parameter).
 @jacobian.retry_if_random
 def row_sq_norms(problem: KernelProblem, cotangents: Cotangents, *, chunk_size: int | None = None) -> Tensor:
     """‖Σ_a c[k,i,a] ∇θ f_a(x_i)‖² per probe k and sample i, summed layer by layer: (k, n)."""
@@ -452,11 +482,8 @@ def row_sq_norms(problem: KernelProblem, cotangents: Cotangents, *, chunk_size: 
     def compute(p: Plan, cached: bool) -> Tensor:
         if _needs_reference(problem, p):
             return jacobian.row_sq_norms(problem, cotangents, chunk_size=chunk_size)
-        factors, cot = _factors(problem, p, cotangents, chunk_size, cached)
-        total = sum(f.row_sq_norms() for f in factors)
-        if p.fallback:  # the same probes for the parameters the reference covers
-            total = total + jacobian.row_sq_norms(_fallback_problem(problem, p), cot, chunk_size=chunk_size)
-        return total
+        factors, _ = _factors(problem, p, cotangents, chunk_size, cached)
+        return sum(f.row_sq_norms() for f in factors)
 
     return _with_plan(problem, compute)
 
@@ -473,9 +500,6 @@ def kernel(problem: KernelProblem, *, outputs: str = "full", chunk_size: int | N
             return jacobian.kernel(problem, outputs=outputs, chunk_size=chunk_size)
         factors, _ = _factors(problem, p, one_hot_cotangents, chunk_size, cached)
         merged = _merge_direct(factors)
-        total = kernel_with_symmetric_gradient(lambda: sum(f.kernel(outputs) for f in merged))
-        if p.fallback:
-            total = total + jacobian.kernel(_fallback_problem(problem, p), outputs=outputs, chunk_size=chunk_size)
-        return total
+        return kernel_with_symmetric_gradient(lambda: sum(f.kernel(outputs) for f in merged))
 
     return _with_plan(problem, compute)
