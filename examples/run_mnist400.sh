@@ -29,15 +29,17 @@
 # Usage: bash examples/run_mnist400.sh dry-run          what is finished, per step
 #        nohup setsid nice -n 19 bash examples/run_mnist400.sh lane1 > lane1.log 2>&1 &
 #        nohup setsid nice -n 19 bash examples/run_mnist400.sh lane2 > lane2.log 2>&1 &
-#        OUT=... (default examples/mnist400: runs in $OUT/he and $OUT/glorot)   PYTHON=... (default python)
+#        OUT=... (default examples/repro/mnist400, a new folder: runs in $OUT/he and $OUT/glorot; the committed record,
+#        examples/mnist400, was written with OUT=examples/mnist400)   PYTHON=... (default python)
 #        ROOT=... the checkout to run in (default this script's); bash reads a script while it runs, so run a
 #        copy of it (ROOT=$PWD bash /elsewhere/run_mnist400.sh lane1) if you may edit this file meanwhile.
-# Then: commit $OUT (git add -f), and bash examples/run_all.sh report.
+# Then: commit $OUT (git add -f), and bash examples/run_all.sh report. The dry run prints each step's runs left
+# and its time at the speed of the committed runs.
 set -euo pipefail
 cd "${ROOT:-$(dirname "$0")/..}"  # ROOT: run a frozen copy of this script against another checkout
 export PYTHONPATH=.:bench OMP_NUM_THREADS=1
 PY=${PYTHON:-python}
-OUT=${OUT:-examples/mnist400}
+OUT=${OUT:-examples/repro/mnist400}
 DRY=
 # (a)'s values: the He tuning of the 100-epoch grid (examples/testbench/tuned_mnist_lenet5.json)
 HE_SET="--set mgs_trace=0.01 --set gradnorm_inputs=1 --set weight_decay=0.03 --set dropout=0.7 --set gradnorm_params_norm=0.001 --set adam=0.0001"
@@ -50,11 +52,11 @@ tb() {  # tb he|glorot NOISE SEED METHOD...
   say "$init noise $noise seed $seed: $*"
   $PY -m mgs_bench.cli testbench --dataset mnist --fixed-split --model lenet5 --sizes 3000 --threads 1 \
     --epochs 400 --eval-points 101 --noise "$noise" --seeds "$seed" --methods "$@" "${extra[@]}" \
-    --out "$OUT/$init" --no-plots --no-tensorboard --quiet $DRY
+    --out "$OUT/$init" --no-plots --no-tensorboard --quiet ${DRY:+--dry-run --estimate-from examples/mnist400/$init examples/testbench}
 }
 tune_glorot() {  # the Glorot tuning: (a)'s grids, 50 % noise, 100 epochs every 2 (51 points), seed 0
   say "glorot tuning (50 % noise, 100 epochs)"
-  $PY - "$OUT/glorot" "${DRY:-run}" <<'EOF'
+  $PY - "$OUT/glorot" "${DRY:+dry-run}" <<'EOF'
 import json, sys
 import torch
 from mgs_bench.runner import RunConfig, run_path, tune
@@ -65,7 +67,7 @@ base = RunConfig(dataset="mnist", model="lenet5", noise=0.5, train_size=3000, se
                  init="xavier", fixed_split=True)
 methods = ["mgs_trace", "gradnorm_inputs", "weight_decay", "dropout", "gradnorm_params_norm", "adam"]
 grids = {"mgs_trace": [0.001, 0.003, 0.01, 0.03]}  # as examples/run_mnist.sh; the others: the registry's grids
-if mode == "--dry-run":
+if mode == "dry-run":
     todo = [base.with_(method=m, value=float(v)) for m in methods for v in grids.get(m, default_grid(m))]
     print(f"[glorot tuning] {len(todo)} runs, {sum(run_path(out + '/tune', c).exists() for c in todo)} finished")
 else:
@@ -99,6 +101,6 @@ lane2() {
 case ${1:-} in
   lane1) lane1; say "lane 1 done" ;;
   lane2) lane2; say "lane 2 done" ;;
-  dry-run) DRY=--dry-run; lane1; lane2 ;;
+  dry-run) DRY=1; lane1; lane2 ;;
   *) echo "usage: bash examples/run_mnist400.sh lane1|lane2|dry-run" >&2; exit 2 ;;
 esac
