@@ -311,7 +311,7 @@ def runtime_table(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_MARKER = re.compile(r"\{\{\s*(table|claims|tuned|runtime|memorised|stopping_selection|stopping|flagging)((?:\s+\w+=[^\s}]+)*)\s*\}\}")
+_MARKER = re.compile(r"\{\{\s*(table|claims|tuned|runtime|memorised|stopping_selection|stopping|flagging|alpha_init|alpha_sweep)((?:\s+\w+=[^\s}]+)*)\s*\}\}")
 
 
 def coerce_value(v: str) -> Any:
@@ -331,7 +331,9 @@ def render_template(template: str, out_dir: str | Path) -> str:
     (:func:`tuned_table`, keys ``dataset`` and ``model``) or ``runtime`` (:func:`runtime_table`);
     ``stopping`` / ``stopping_selection`` (key ``out``: a testbench folder evaluated every epoch;
     ``threshold``, ``window``, ``patience`` / ``select``: the model the rule is chosen on) and
-    ``flagging`` (key ``out``: a ``mgs-torch scores`` folder) read their own folders.
+    ``flagging`` (key ``out``: a ``mgs-torch scores`` folder) read their own folders, and so do ``alpha_init``
+    (key ``out``: folders holding ``init/`` records of ``mgs-torch alpha``) and ``alpha_sweep`` (key ``out``:
+    comma-separated testbench folders; other keys filter their runs; :func:`mgs_bench.alpha.sweep_table`).
     Keys filter the run configs (``dataset``, ``model``, ``train_size``, ``epochs``, ``method``...),
     except ``definition=testbench|paper`` (final/max definitions, for ``table`` and ``claims``) and
     ``source=tune`` (the tuning runs under ``<out>/tune`` instead of the grid's); a comma-separated
@@ -342,7 +344,7 @@ def render_template(template: str, out_dir: str | Path) -> str:
     def sub(match: re.Match) -> str:
         kind = match.group(1)
         where = {k: coerce_value(v) for k, v in (kv.split("=", 1) for kv in match.group(2).split())}
-        if kind in ("stopping", "stopping_selection", "flagging"):
+        if kind in ("stopping", "stopping_selection", "flagging", "alpha_init", "alpha_sweep"):
             return _analysis_table(kind, where).rstrip("\n")
         definition = str(where.pop("definition", "testbench"))
         if kind == "tuned":
@@ -368,6 +370,18 @@ def render_template(template: str, out_dir: str | Path) -> str:
 
 def _analysis_table(kind: str, where: dict[str, Any]) -> str:
     """The early-stopping and flagging tables of examples/RESULTS.md, from their own output folders."""
+    if kind in ("alpha_init", "alpha_sweep"):
+        from .alpha import init_table, load_init_records, sweep_table
+
+        folders = [Path(f) for f in str(where.pop("out")).split(",")]
+        if kind == "alpha_init":
+            return init_table([r for f in folders for r in load_init_records(f)]) if any((f / "init").is_dir() for f in folders) else "_no records found_\n"
+        method = str(where.pop("method", "mgs_trace"))
+        exact = {k: v for k, v in where.items() if not (isinstance(v, str) and "," in v)}
+        any_of = {k: {coerce_value(x) for x in v.split(",")} for k, v in where.items() if k not in exact}
+        runs = [r for f in folders if (f / "runs").is_dir() for r in load_results(f, **exact)
+                if all(r["config"].get(k) in vs for k, vs in any_of.items())]
+        return sweep_table(runs, method)
     folder = Path(str(where["out"]))
     if kind == "flagging":
         import json
