@@ -110,6 +110,13 @@ def test_report_command_and_template(tmp_path, capsys):
     assert main(["report", "--out", str(out), "--template", str(tpl), "--output", str(tmp_path / "r.md")]) == 0
     body = (tmp_path / "r.md").read_text()
     assert body.startswith("# R\n| method | 20% noise |") and "weight decay (weight_decay=0.001)" in body
+    from mgs_bench.report import render_template  # out=DIR reads another folder than the report's
+
+    assert render_template(f"{{{{table out={out} dataset=circles}}}}", tmp_path / "elsewhere") == body[len("# R\n"):].rstrip("\n")
+    assert main(["testbench", "--dataset", "circles", "--model", "fcn", "--hidden", "8", "--noise", "0.2", "--sizes", "30",
+                 "--methods", "unreg", "--seeds", "1", "--out", str(out), "--no-tensorboard", "--no-plots", *TINY]) == 0
+    partial = render_template("{{table dataset=circles}}", out)  # two seeds in the table, one in the weight-decay cell
+    assert "[1 of 2 seeds]" in partial.split("weight decay")[1].split("\n")[0] and "[1 of" not in partial.split("weight decay")[0]
 
 
 def test_errors_name_the_allowed_values(capsys):

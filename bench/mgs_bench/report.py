@@ -185,6 +185,7 @@ def results_table(results: Sequence[dict[str, Any]], definition: str = "testbenc
         finals = [f for f in finals if f is not None]
         if finals:
             best_final[n] = max(finals) if higher else min(finals)
+    n_seeds = len({r["config"]["seed"] for r in results})
     for m in _order(by):
         cells = []
         runs_all = [r for n in noises for r in by[m].get(n, [])]
@@ -203,6 +204,8 @@ def results_table(results: Sequence[dict[str, Any]], definition: str = "testbenc
                 cell = f"**{cell}**"
             if div:
                 cell += f" [{div}/{k} diverged]"
+            elif k < n_seeds:  # a grid still running: say which cells rest on fewer seeds
+                cell += f" [{k} of {n_seeds} seeds]"
             cells.append(cell)
         lines.append(f"| {_method_label(runs_all)} | " + " | ".join(cells) + " |")
     seeds = sorted({r["config"]["seed"] for r in results})
@@ -288,7 +291,8 @@ def tuned_table(out_dir: str | Path, dataset: str, model: str) -> str:
     sc = rec["scenario"]
     higher = "accuracy" in rec["criterion"]
     lines = [f"Scenario: {sc['dataset']} / {sc['model']}, noise {sc['noise']:g}, {sc['train_size']} training samples, "
-             f"{sc['epochs']} epochs, seeds {rec['seeds']}; criterion: {rec['criterion']}.", "",
+             f"{sc['epochs']} epochs, seeds {rec['seeds']}" + (f", {sc['init']} init" if sc.get("init", "auto") != "auto" else "")
+             + f"; criterion: {rec['criterion']}.", "",
              "| method | grid (final validation " + ("accuracy %" if higher else "MSE") + ") | chosen |", "|---|---|---|"]
     for m in _order(rec["scores"]):
         vals = ", ".join(f"{v}: {'div.' if s is None else _fmt(s, higher)}" for v, s in rec["scores"][m].items())
@@ -336,7 +340,8 @@ def render_template(template: str, out_dir: str | Path) -> str:
     comma-separated testbench folders; other keys filter their runs; :func:`mgs_bench.alpha.sweep_table`).
     Keys filter the run configs (``dataset``, ``model``, ``train_size``, ``epochs``, ``method``...),
     except ``definition=testbench|paper`` (final/max definitions, for ``table`` and ``claims``) and
-    ``source=tune`` (the tuning runs under ``<out>/tune`` instead of the grid's); a comma-separated
+    ``source=tune`` (the tuning runs under ``<out>/tune`` instead of the grid's) and ``out=DIR`` (read another
+    testbench folder than ``out_dir``; relative to the working directory); a comma-separated
     value matches any of its items (``method=unreg,mgs_trace``).
     """
     cache: dict[tuple, list] = {}
@@ -347,13 +352,14 @@ def render_template(template: str, out_dir: str | Path) -> str:
         if kind in ("stopping", "stopping_selection", "flagging", "alpha_init", "alpha_sweep"):
             return _analysis_table(kind, where).rstrip("\n")
         definition = str(where.pop("definition", "testbench"))
+        folder = Path(str(where.pop("out", out_dir)))  # out=DIR: another testbench folder than the report's
         if kind == "tuned":
-            return tuned_table(out_dir, where["dataset"], where["model"]).rstrip("\n")
+            return tuned_table(folder, where["dataset"], where["model"]).rstrip("\n")
         source = where.pop("source", "grid")
         if source not in ("grid", "tune"):
             raise ValueError(f"source must be 'grid' or 'tune', got {source!r}")
-        base = Path(out_dir) / "tune" if source == "tune" else Path(out_dir)
-        key = (source, *sorted(where.items()))
+        base = folder / "tune" if source == "tune" else folder
+        key = (str(base), *sorted(where.items()))
         if key not in cache:
             exact = {k: v for k, v in where.items() if not (isinstance(v, str) and "," in v)}
             any_of = {k: {coerce_value(x) for x in v.split(",")} for k, v in where.items() if k not in exact}
