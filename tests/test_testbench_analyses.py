@@ -116,7 +116,8 @@ def test_alpha_sweep_table_marks_the_best_validation_alpha(tmp_path):
     run_grid([base.with_(value=a, noise=nz) for a in (0.001, 0.1) for nz in (0.3, 0.6)], tmp_path, progress=False)
     results = load_results(tmp_path)
     table = sweep_table(results)
-    assert "| α | 30% noise: val (test) | tr K/N end | 60% noise: val (test) | tr K/N end |" in table
+    assert "| α | 30%: val (test) | train loss | tr K/N | 60%: val (test) | train loss | tr K/N |" in table
+    assert "H(30%) = 0.61" in table and table.count(" †") == 2 and "of 2 columns with more than one α" in table
     for nz in (0.3, 0.6):
         runs = {r["config"]["value"]: r for r in results if r["config"]["noise"] == nz}
         best = max(runs, key=lambda a: runs[a]["summary"]["final_val"])
@@ -124,3 +125,19 @@ def test_alpha_sweep_table_marks_the_best_validation_alpha(tmp_path):
         assert f"**{cell}**" in table
     assert report.render_template(f"{{{{alpha_sweep out={tmp_path} noise=0.3}}}}", tmp_path).count("| 0.1 |") == 1
     assert "_no runs found_" in sweep_table([])
+
+
+def test_noise_entropy_and_the_rule_pick():
+    import math
+
+    from mgs_bench.alpha import noise_entropy, rule_pick
+
+    assert noise_entropy(0.0, 10) == 0.0
+    p = 0.5  # the cross-entropy of predicting the true class with 1 - p and each other class with p / 9
+    assert noise_entropy(p, 10) == pytest.approx(-(0.5 * math.log(0.5) + 9 * (0.5 / 9) * math.log(0.5 / 9)))
+    assert noise_entropy(0.9, 10) == pytest.approx(math.log(10))  # p = (q-1)/q: the labels carry no signal
+    with pytest.raises(ValueError):
+        noise_entropy(1.0, 10)
+    losses = {0.001: 0.4, 0.003: 1.1, 0.01: 1.7, 0.03: 2.1}
+    assert rule_pick(losses, 1.79) == 0.01  # the largest α that still fits down to H(p)
+    assert rule_pick(losses, 0.2) == 0.001 and rule_pick({}, 1.0) is None  # none fits: the smallest

@@ -10,8 +10,9 @@ The trace penalty of the testbench is α · tr K / N with N = n·q rows of K (``
   initialisation) and ``alpha_grad`` = ‖∇θ loss‖ / ‖∇θ (tr K / N)‖ (their gradients are equally long).
   :func:`init_record` stores one such measurement with the tuned α of the same setting, if any.
 * :func:`sweep_table` — for runs of one method at several α and noise levels (e.g. ``mgs_trace`` at
-  α ∈ {3·10⁻⁴ … 3·10⁻²}), the final *validation* accuracy of each α per noise level, the α that wins it,
-  and the equilibrium tr K / N the penalty reaches at the end of training.
+  α ∈ {10⁻³ … 3·10⁻²}), the final *validation* accuracy of each α per noise level, the α that wins it,
+  the final training loss on the noisy labels against the label-noise entropy H(p)
+  (:func:`noise_entropy`), and the tr K / N the penalty holds the network at by the end of training.
 
 ``mgs-torch alpha`` writes the records; ``{{alpha_init out=...}}`` and ``{{alpha_sweep out=...}}`` in a
 report template render them (:mod:`mgs_bench.report`).
@@ -35,7 +36,7 @@ from .data import load_dataset
 from .models import AUTO_INIT, build_model
 from .runner import RunConfig, load_results
 
-__all__ = ["init_scale", "init_record", "init_table", "sweep_table"]
+__all__ = ["init_scale", "init_record", "init_table", "sweep_table", "noise_entropy", "rule_pick"]
 
 
 def init_scale(config: RunConfig, seeds: Sequence[int] = (0, 1, 2), batches: int = 4) -> dict[str, Any]:
@@ -111,47 +112,92 @@ def init_table(records: Sequence[dict[str, Any]]) -> str:
                                "A ratio of 1 in the last two columns would mean the rule predicts the tuned α exactly.\n" if records else "")
 
 
+def noise_entropy(noise: float, num_classes: int) -> float:
+    """H(p): the cross-entropy on the noisy labels of a model that predicts, for every training image, its true class
+    with probability 1 − p and each other class with p / (q − 1) — the calibrated fit of the signal under uniform
+    label flips, which memorises nothing. Below it the model has fitted some flipped labels; above it, not all the signal."""
+    if not 0 <= noise < 1 or num_classes < 2:
+        raise ValueError(f"noise must lie in [0, 1) and num_classes be ≥ 2, got {noise}, {num_classes}")
+    if noise == 0:
+        return 0.0
+    return float(-(1 - noise) * math.log(1 - noise) - noise * math.log(noise / (num_classes - 1)))
+
+
+def rule_pick(final_train_loss: dict[float, float], entropy: float) -> float | None:
+    """The rule of docs/choosing-alpha.md: the largest α whose final training loss on the noisy labels is at most H(p)
+    (the strongest penalty that still lets the network fit the signal); the smallest α when none reaches H(p)."""
+    if not final_train_loss:
+        return None
+    fitting = [a for a, v in final_train_loss.items() if v <= entropy]
+    return max(fitting) if fitting else min(final_train_loss)
+
+
+def _final_train_loss(r: dict[str, Any]) -> float | None:
+    vals = [h.get("train_loss") for h in r["history"][-5:]]
+    return float(np.mean(vals)) if vals and all(v is not None and math.isfinite(v) for v in vals) else None
+
+
 def sweep_table(results: Sequence[dict[str, Any]], method: str = "mgs_trace") -> str:
-    """Final validation accuracy per α (rows) and noise (columns) for each data set × model × init; the best α per column in bold."""
+    """Final validation accuracy per α (rows) and noise (columns) for each data set × model × init.
+
+    Bold: the α with the best final validation accuracy at that noise level. †: the α :func:`rule_pick` chooses
+    from the final training losses on the noisy labels and the label-noise entropy H(p) (:func:`noise_entropy`) —
+    the rule of docs/choosing-alpha.md, which needs no clean labels. A last line counts how often the two agree.
+    """
     groups: dict[tuple, dict[float, dict[float, list[dict]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in results:
         c = r["config"]
-        if c["method"] == method:
+        if c["method"] == method and r["summary"]["higher_is_better"]:
             init = AUTO_INIT.get(c["model"], c["init"]) if c["init"] == "auto" else c["init"]
             groups[(c["dataset"], c["model"], init, c["train_size"], c["epochs"])][c["noise"]][c["value"]].append(r)
-    parts = []
+    parts, agree, total, steps = [], 0, 0, []
     for (ds, model, init, size, epochs), by_noise in sorted(groups.items()):
         noises = sorted(by_noise)
         alphas = sorted({a for nz in noises for a in by_noise[nz]})
-        best = {}
-        for nz in noises:
-            scores = {a: np.mean([r["summary"]["final_val"] for r in runs]) for a, runs in by_noise[nz].items()
-                      if all(r["summary"]["final_val"] is not None for r in runs)}
-            best[nz] = max(scores, key=scores.get) if scores else None
+        q = next(iter(next(iter(by_noise.values())).values()))[0]["data"]["num_outputs"]
         seeds = sorted({r["config"]["seed"] for nz in noises for runs in by_noise[nz].values() for r in runs})
-        head = f"**{ds} / {model} / {init} init / {size} training samples / {epochs} epochs** (seeds {', '.join(map(str, seeds))})\n\n"
-        lines = ["| α | " + " | ".join(f"{100 * nz:g}% noise: val (test) | tr K/N end" for nz in noises) + " |",
-                 "|---:|" + "---:|---:|" * len(noises)]
+        best, rule = {}, {}
+        for nz in noises:
+            ok = {a: runs for a, runs in by_noise[nz].items() if all(r["summary"]["final_val"] is not None for r in runs)}
+            val = {a: np.mean([r["summary"]["final_val"] for r in runs]) for a, runs in ok.items()}
+            loss = {a: np.mean([_final_train_loss(r) for r in runs]) for a, runs in ok.items()}
+            best[nz] = max(val, key=val.get) if val else None
+            target = noise_entropy(nz, q)
+            rule[nz] = rule_pick(loss, target) if nz > 0 else None
+            if len(val) > 1 and rule[nz] is not None:
+                total += 1
+                agree += rule[nz] == best[nz]
+                steps.append(abs(alphas.index(rule[nz]) - alphas.index(best[nz])))
+        head = (f"**{ds} / {model} / {init} init / {size} training samples / {epochs} epochs** (seeds {', '.join(map(str, seeds))}; "
+                + ", ".join(f"H({100 * nz:g}%) = {noise_entropy(nz, q):.2f}" for nz in noises if nz > 0) + ")\n\n")
+        lines = ["| α | " + " | ".join(f"{100 * nz:g}%: val (test) | train loss | tr K/N" for nz in noises) + " |",
+                 "|---:|" + "---:|---:|---:|" * len(noises)]
         for a in alphas:
             cells = []
             for nz in noises:
                 runs = by_noise[nz].get(a, [])
                 if not runs or any(r["summary"]["final_val"] is None for r in runs):
-                    cells += ["–" if not runs else "div.", "–"]
+                    cells += ["–" if not runs else "div.", "–", "–"]
                     continue
                 val = 100 * np.mean([r["summary"]["final_val"] for r in runs])
                 test = 100 * np.mean([r["summary"]["final"] for r in runs])
-                n_rows = [r["config"]["probe_size"] * r["data"]["num_outputs"] for r in runs]
-                trk = np.mean([r["history"][-1]["mgs_trace"] / n for r, n in zip(runs, n_rows)])
-                txt = f"{val:.1f} ({test:.1f})"
-                cells += [f"**{txt}**" if a == best[nz] else txt, f"{trk:.3g}"]
+                trk = np.mean([r["history"][-1]["mgs_trace"] / (r["config"]["probe_size"] * r["data"]["num_outputs"]) for r in runs])
+                txt = f"{val:.1f} ({test:.1f})" + (f" [{len(runs)} seed]" if len(runs) < len(seeds) else "")
+                loss = f"{np.mean([_final_train_loss(r) for r in runs]):.2f}" + (" †" if a == rule[nz] else "")
+                cells += [f"**{txt}**" if a == best[nz] else txt, loss, f"{trk:.3g}"]
             lines.append(f"| {a:g} | " + " | ".join(cells) + " |")
         parts.append(head + "\n".join(lines))
     if not parts:
         return "_no runs found_\n"
+    summary = (f"The rule (†) picks the best-validation α (bold) in {agree} of {total} columns with more than one α"
+               + (f"; where it does not, it is {', '.join(str(s) for s in steps if s)} grid step(s) away" if agree < total else "") + "."
+               if total else "")
     return "\n\n".join(parts) + ("\n\nval (test): final validation (test) accuracy in %, mean over seeds (final = mean of the last 5 "
-                                 "evaluations); bold = the α with the best final validation accuracy at that noise level; tr K/N end = "
-                                 "tr K / N of the fixed 32-image probe batch at the last epoch (mean over seeds).\n")
+                                 "evaluations); bold = the α with the best final validation accuracy at that noise level; train loss: "
+                                 "final cross-entropy on the noisy training labels (mean of the last 5 evaluations and over seeds); "
+                                 "† = the rule's α: the largest α whose final training loss is at most H(p), the loss of a model that predicts "
+                                 "every image's true class with probability 1 − p (the label-noise entropy); tr K/N = tr K / N of the fixed "
+                                 "32-image probe batch at the last epoch. " + summary + "\n")
 
 
 def load_init_records(out_dir: str | Path) -> list[dict[str, Any]]:

@@ -1,8 +1,8 @@
 """The ``mgs-torch`` console script: ``demo``, ``testbench`` and ``report``.
 
-``mgs-torch demo``       blurred 8×8 digits with 30 % flipped labels: MGS tr K against the unregularised net, weight decay
-                         and the input-gradient penalty; accuracy / memorisation / tr K curves as PNG, TensorBoard
-                         logs (about 1.5 min of one CPU core); ``--dataset circles`` adds decision boundaries.
+``mgs-torch demo``       300 blurred 8×8 digits with 30 % flipped labels: MGS tr K against the unregularised net, weight
+                         decay and the input-gradient penalty; accuracy / memorisation / tr K curves as PNG, TensorBoard
+                         logs (about a minute of one CPU core); ``--dataset circles`` adds decision boundaries.
 ``mgs-torch testbench``  a grid noise × training size × method × seed (resumable), figures, tables.
 ``mgs-torch report``     markdown tables from the run JSONs of an output folder (optionally filling a template).
 ``mgs-torch stopping``   MGS early stopping vs validation-loss early stopping vs the last epoch, on finished runs.
@@ -66,13 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="digits with 30 %% flipped labels: MGS tr K against the unregularised net, weight decay "
-                                       "and the input-gradient penalty; curves as PNG, TensorBoard logs (about 1.5 min of one core)")
+    demo = sub.add_parser("demo", help="300 digits with 30 %% flipped labels: MGS tr K against the unregularised net, weight decay "
+                                       "and the input-gradient penalty; curves as PNG, TensorBoard logs (about a minute of one core)")
     demo.add_argument("--out", default="mgs_demo", help="output folder (default ./mgs_demo)")
     demo.add_argument("--dataset", default="digits", choices=tuple(DEMO_SETTINGS),
                       help="digits (default: 8×8 blurred digits, the paper's FCN) or circles (2-D: decision boundaries too)")
     demo.add_argument("--noise", type=float, default=0.3, help="fraction of training labels flipped (default 0.3)")
-    demo.add_argument("--train-size", type=int, default=None, help="training samples (default 500 digits, 200 circles)")
+    demo.add_argument("--train-size", type=int, default=None, help="training samples (default 300 digits, 200 circles)")
     demo.add_argument("--methods", nargs="+", default=list(DEMO_METHODS),
                       help=f"methods (default {' '.join(DEMO_METHODS)}; 'all' for every one): {', '.join(METHODS)}")
     demo.add_argument("--seed", type=int, default=0)
@@ -202,7 +202,7 @@ def _figures(results: list[dict], fig_dir: Path, stem: str, title: str) -> list[
 # 60 % noise (not the demo's 30 %), for circles on the demo's own scenario. --tuned FILE reads such a record instead.
 DEMO_METHODS = ("unreg", "weight_decay", "gradnorm_inputs", "mgs_trace")
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
-    "digits": {"train_size": 500, "epochs": 100, "eval_points": 26, "title": "digits 8×8 (blurred), FCN 6×300",
+    "digits": {"train_size": 300, "epochs": 100, "eval_points": 26, "title": "digits 8×8 (blurred), FCN 6×300",
                "values": {"weight_decay": 0.003, "dropout": 0.1, "gradnorm_params": 0.1, "gradnorm_inputs": 0.1,
                           "mgs_trace": 3e-3, "mgs_logdet": 0.03, "adam": 3e-5}},
     "circles": {"train_size": 200, "epochs": 150, "eval_points": 25, "title": "two circles, FCN 6×300",
