@@ -117,7 +117,7 @@ def test_alpha_sweep_table_marks_the_best_validation_alpha(tmp_path):
     results = load_results(tmp_path)
     table = sweep_table(results)
     assert "| α | 30%: val (test) | train loss | tr K/N | 60%: val (test) | train loss | tr K/N |" in table
-    assert "H(30%) = 0.61" in table and table.count(" †") == 2 and "of 2 columns with more than one α" in table
+    assert "H(30%) = 0.61" in table and table.count(" † |") == 2 and "of 2 columns with more than one α" in table
     for nz in (0.3, 0.6):
         runs = {r["config"]["value"]: r for r in results if r["config"]["noise"] == nz}
         best = max(runs, key=lambda a: runs[a]["summary"]["final_val"])
