@@ -90,11 +90,14 @@ def test_demo_reading_follows_the_numbers():
 
     ahead = _demo_reading([_fake_run("unreg", 0.72, 0.86, 0.4), _fake_run("mgs_trace", 0.88, 0.90, 0.07, 7.0),
                            _fake_run("gradnorm_inputs", 0.84, 0.92, 0.04)])
-    assert "keeps 16.0 % more" in ahead[1] and "its max is 4.0 % above" in ahead[2].lower()
+    assert "keeps 16.0 points more" in ahead[1]
+    assert "its max (90.0 %) is below the best max of the others (92.0 %, ‖∇xL‖² penalty); it keeps accuracy" in ahead[2]
     assert "ahead of it (88.0 % vs 84.0 %)" in ahead[-1] and "MGS tr K 7 s" in ahead[3]
     level = _demo_reading([_fake_run("unreg", 0.90, 0.92, 0.1), _fake_run("mgs_trace", 0.905, 0.91, 0.05)])
     assert "does not beat the unregularised net" in level[1]
-    assert "its max (91.0 %) is about the unregularised net's (92.0 %)." in level[2]
+    assert "its max (91.0 %) is about the best max of the others (92.0 %, unregularised)." in level[2]
+    higher = _demo_reading([_fake_run("unreg", 0.70, 0.80, 0.4), _fake_run("mgs_trace", 0.88, 0.90, 0.05)])
+    assert "Its max is 10.0 points above the best max of the others (80.0 %, unregularised)." == higher[2]
     assert _demo_reading([_fake_run("mgs_trace", 0.9, 0.9, 0.0)]) == []  # nothing to compare with
 
 
