@@ -159,6 +159,8 @@ def sweep_table(results: Sequence[dict[str, Any]], method: str = "mgs_trace") ->
         best, rule = {}, {}
         for nz in noises:
             ok = {a: runs for a, runs in by_noise[nz].items() if all(r["summary"]["final_val"] is not None for r in runs)}
+            common = set.intersection(*({r["config"]["seed"] for r in runs} for runs in ok.values())) if ok else set()
+            ok = {a: [r for r in runs if r["config"]["seed"] in common] for a, runs in ok.items()}  # compare like with like
             val = {a: np.mean([r["summary"]["final_val"] for r in runs]) for a, runs in ok.items()}
             loss = {a: np.mean([_final_train_loss(r) for r in runs]) for a, runs in ok.items()}
             best[nz] = max(val, key=val.get) if val else None
@@ -193,7 +195,8 @@ def sweep_table(results: Sequence[dict[str, Any]], method: str = "mgs_trace") ->
                + (f"; where it does not, it is {', '.join(str(s) for s in steps if s)} grid step(s) away" if agree < total else "") + "."
                if total else "")
     return "\n\n".join(parts) + ("\n\nval (test): final validation (test) accuracy in %, mean over seeds (final = mean of the last 5 "
-                                 "evaluations); bold = the α with the best final validation accuracy at that noise level; train loss: "
+                                 "evaluations); bold = the α with the best final validation accuracy at that noise level (on the seeds every α "
+                                 "of the column ran, where some ran fewer: [1 seed]); train loss: "
                                  "final cross-entropy on the noisy training labels (mean of the last 5 evaluations and over seeds); "
                                  "† = the rule's α: the largest α whose final training loss is at most H(p), the loss of a model that predicts "
                                  "every image's true class with probability 1 − p (the label-noise entropy); tr K/N = tr K / N of the fixed "
