@@ -98,6 +98,8 @@ def test_demo_reading_follows_the_numbers():
     assert "its max (91.0 %) is about the best max of the others (92.0 %, unregularised)." in level[2]
     higher = _demo_reading([_fake_run("unreg", 0.70, 0.80, 0.4), _fake_run("mgs_trace", 0.88, 0.90, 0.05)])
     assert "Its max is 10.0 points above the best max of the others (80.0 %, unregularised)." == higher[2]
+    tied = _demo_reading([_fake_run("unreg", 0.1, 0.1, 0.1), _fake_run("weight_decay", 0.1, 0.1, 0.1), _fake_run("mgs_trace", 0.1, 0.1, 0.1)])
+    assert "best max of the others (10.0 %, unregularised)" in tied[2]  # equal maxima: no comparison of runs
     assert _demo_reading([_fake_run("mgs_trace", 0.9, 0.9, 0.0)]) == []  # nothing to compare with
 
 

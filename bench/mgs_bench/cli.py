@@ -228,7 +228,8 @@ def _demo_reading(results: list[dict[str, Any]]) -> list[str]:
         lines.append(f"What MGS does here: it keeps {pts(fm - fu)} more of the test accuracy the unregularised net loses late in training.")
     else:
         lines.append("Here MGS does not beat the unregularised net by more than 2 points.")
-    peak, peak_run = max((r["summary"]["best"], r) for m, r in by.items() if m != "mgs_trace")
+    peak_run = max((r for m, r in by.items() if m != "mgs_trace"), key=lambda r: r["summary"]["best"])  # first of equals
+    peak = peak_run["summary"]["best"]
     if bm <= peak + 0.02:
         lines.append(f"What it does not do: raise the peak — its max ({pc(bm)}) is {'below' if bm < peak - 0.01 else 'about'} the best "
                      f"max of the others ({pc(peak)}, {peak_run['method']['label']})"
