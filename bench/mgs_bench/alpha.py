@@ -156,11 +156,12 @@ def sweep_table(results: Sequence[dict[str, Any]], method: str = "mgs_trace") ->
         alphas = sorted({a for nz in noises for a in by_noise[nz]})
         q = next(iter(next(iter(by_noise.values())).values()))[0]["data"]["num_outputs"]
         seeds = sorted({r["config"]["seed"] for nz in noises for runs in by_noise[nz].values() for r in runs})
-        best, rule = {}, {}
+        best, rule, commons = {}, {}, {}
         for nz in noises:
             ok = {a: runs for a, runs in by_noise[nz].items() if all(r["summary"]["final_val"] is not None for r in runs)}
             common = set.intersection(*({r["config"]["seed"] for r in runs} for runs in ok.values())) if ok else set()
             ok = {a: [r for r in runs if r["config"]["seed"] in common] for a, runs in ok.items()}  # compare like with like
+            commons[nz] = common
             val = {a: np.mean([r["summary"]["final_val"] for r in runs]) for a, runs in ok.items()}
             loss = {a: np.mean([_final_train_loss(r) for r in runs]) for a, runs in ok.items()}
             best[nz] = max(val, key=val.get) if val else None
@@ -170,7 +171,10 @@ def sweep_table(results: Sequence[dict[str, Any]], method: str = "mgs_trace") ->
                 total += 1
                 agree += rule[nz] == best[nz]
                 steps.append(abs(alphas.index(rule[nz]) - alphas.index(best[nz])))
-        head = (f"**{ds} / {model} / {init} init / {size} training samples / {epochs} epochs** (seeds {', '.join(map(str, seeds))}; "
+        shared_note = "; ".join(f"{100 * nz:g}%: seed{'s' if len(commons[nz]) > 1 else ''} {', '.join(map(str, sorted(commons[nz])))}"
+                                for nz in noises if commons[nz] and len(commons[nz]) < len(seeds))
+        head = (f"**{ds} / {model} / {init} init / {size} training samples / {epochs} epochs** (seeds {', '.join(map(str, seeds))}"
+                + (f"; compared on the seeds every α ran — {shared_note}" if shared_note else "") + "; "
                 + ", ".join(f"H({100 * nz:g}%) = {noise_entropy(nz, q):.2f}" for nz in noises if nz > 0) + ")\n\n")
         lines = ["| α | " + " | ".join(f"{100 * nz:g}%: val (test) | train loss | tr K/N" for nz in noises) + " |",
                  "|---:|" + "---:|---:|---:|" * len(noises)]
@@ -181,11 +185,14 @@ def sweep_table(results: Sequence[dict[str, Any]], method: str = "mgs_trace") ->
                 if not runs or any(r["summary"]["final_val"] is None for r in runs):
                     cells += ["–" if not runs else "div.", "–", "–"]
                     continue
-                val = 100 * np.mean([r["summary"]["final_val"] for r in runs])
-                test = 100 * np.mean([r["summary"]["final"] for r in runs])
-                trk = np.mean([r["history"][-1]["mgs_trace"] / (r["config"]["probe_size"] * r["data"]["num_outputs"]) for r in runs])
-                txt = f"{val:.1f} ({test:.1f})" + (f" [{len(runs)} seed]" if len(runs) < len(seeds) else "")
-                loss = f"{np.mean([_final_train_loss(r) for r in runs]):.2f}" + (" †" if a == rule[nz] else "")
+                shared = [r for r in runs if r["config"]["seed"] in commons[nz]] or runs  # the seeds the column compares on
+                val = 100 * np.mean([r["summary"]["final_val"] for r in shared])
+                test = 100 * np.mean([r["summary"]["final"] for r in shared])
+                trk = np.mean([r["history"][-1]["mgs_trace"] / (r["config"]["probe_size"] * r["data"]["num_outputs"]) for r in shared])
+                txt = f"{val:.1f} ({test:.1f})"
+                if len(shared) < len(runs):  # this α ran more seeds than the column shares: their mean too
+                    txt += f"; {len(runs)} seeds: {100 * np.mean([r['summary']['final_val'] for r in runs]):.1f}"
+                loss = f"{np.mean([_final_train_loss(r) for r in shared]):.2f}" + (" †" if a == rule[nz] else "")
                 cells += [f"**{txt}**" if a == best[nz] else txt, loss, f"{trk:.3g}"]
             lines.append(f"| {a:g} | " + " | ".join(cells) + " |")
         parts.append(head + "\n".join(lines))
@@ -194,10 +201,10 @@ def sweep_table(results: Sequence[dict[str, Any]], method: str = "mgs_trace") ->
     summary = (f"The rule (†) picks the best-validation α (bold) in {agree} of {total} columns with more than one α"
                + (f"; where it does not, it is {', '.join(str(s) for s in steps if s)} grid step(s) away" if agree < total else "") + "."
                if total else "")
-    return "\n\n".join(parts) + ("\n\nval (test): final validation (test) accuracy in %, mean over seeds (final = mean of the last 5 "
-                                 "evaluations); bold = the α with the best final validation accuracy at that noise level (on the seeds every α "
-                                 "of the column ran, where some ran fewer: [1 seed]); train loss: "
-                                 "final cross-entropy on the noisy training labels (mean of the last 5 evaluations and over seeds); "
+    return "\n\n".join(parts) + ("\n\nval (test): final validation (test) accuracy in %, mean over the seeds every α of the column ran (final = "
+                                 "mean of the last 5 evaluations; where an α ran more seeds, '2 seeds: …' gives their mean validation "
+                                 "accuracy); bold = the α with the best final validation accuracy at that noise level; train loss: "
+                                 "final cross-entropy on the noisy training labels (mean of the last 5 evaluations and over the same seeds); "
                                  "† = the rule's α: the largest α whose final training loss is at most H(p), the loss of a model that predicts "
                                  "every image's true class with probability 1 − p (the label-noise entropy); tr K/N = tr K / N of the fixed "
                                  "32-image probe batch at the last epoch. " + summary + "\n")
