@@ -1,5 +1,6 @@
-"""Figures of the real-MNIST runs → examples/figures/mnist/: the investigation (examples/mnist_investigation.sh)
-and the Table 1 / A.1 grid (examples/run_mnist.sh), whatever of it has finished.
+"""Figures of the real-MNIST runs → examples/figures/mnist/: the investigation (examples/mnist_investigation.sh),
+the Table 1 / A.1 grid (examples/run_mnist.sh) and the 400-epoch runs (examples/run_mnist400.sh, in
+examples/mnist400/{he,glorot}), whatever of them has finished.
 
 Variants of one method (another alpha, an alpha warm-up, another init) get their own curve.
 Usage: PYTHONPATH=.:bench python examples/mnist_figures.py
@@ -56,6 +57,11 @@ def main() -> None:
                 if r["config"]["epochs"] == 100 and r["config"].get("eval_points") == 51]
         if grid:
             plot_curves(grid, FIG / f"mnist_{model}_grid_curves.png", f"Real MNIST, {name}, tuned grid, 100 ep.")
+    for init, name in (("he", "He init, α etc. tuned at 100 ep."), ("glorot", "Glorot init, re-tuned")):
+        folder = Path("examples/mnist400") / init
+        long = load_results(folder, dataset="mnist", model="lenet5", epochs=400) if (folder / "runs").is_dir() else []
+        if long:
+            plot_curves(long, FIG / f"mnist_lenet5_400ep_{init}_curves.png", f"Real MNIST, LeNet-5, 400 ep., {name}")
     for p in sorted(FIG.glob("*.png")):
         print(f"figure: {p}")
 

@@ -26,17 +26,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.:bench OMP_NUM_THREADS=1
 PY=${PYTHON:-python}
-OUT=${OUT:-examples/testbench}
+OUT=${OUT:-examples/repro/mnist}
 EPOCHS=${EPOCHS:-100}
 SEEDS=${SEEDS:-"0 1"}
 NOISE=${NOISE:-"0 0.3 0.6 0.8"}
 # evaluations: every 2 epochs up to 200 epochs, 101 in all beyond (≥ 3 inside the last 5 % either way);
 # RESULTS.template.md's Table 1 / A.1 markers select epochs=100 eval_points=51 — change them with EPOCHS.
 EVAL=$(( EPOCHS / 2 < 100 ? EPOCHS / 2 + 1 : 101 ))
+ARGS=(--dataset mnist --fixed-split --sizes 3000 --noise $NOISE --methods paper-exact adam --seeds $SEEDS
+      --epochs "$EPOCHS" --eval-points "$EVAL" --tune --tune-noise 0.5 --tune-size 3000 --tune-seeds 0
+      --grid mgs_trace=0.001,0.003,0.01,0.03 --grid mgs_logdet=0.003,0.01,0.03,0.05,0.07,0.1 --out "$OUT")
+echo "run_mnist.sh: writing to $OUT; runs left and estimated time (from the speed of the committed runs):"
+$PY -m mgs_bench.cli testbench --model ${MODELS:-lenet5 fcn} "${ARGS[@]}" --estimate-from examples/testbench --dry-run
+[[ -n ${DRY:-} ]] && exit 0
 for model in ${MODELS:-lenet5 fcn}; do
-  $PY -m mgs_bench.cli testbench --dataset mnist --fixed-split --model "$model" --sizes 3000 \
-    --noise $NOISE --methods paper-exact adam --seeds $SEEDS --epochs "$EPOCHS" --eval-points "$EVAL" \
-    --tune --tune-noise 0.5 --tune-size 3000 --tune-seeds 0 \
-    --grid mgs_trace=0.001,0.003,0.01,0.03 --grid mgs_logdet=0.003,0.01,0.03,0.05,0.07,0.1 \
-    --out "$OUT" --figures examples/figures/mnist --no-tensorboard --quiet
+  $PY -m mgs_bench.cli testbench --model "$model" "${ARGS[@]}" --figures "$OUT/figures" --no-tensorboard --quiet
 done

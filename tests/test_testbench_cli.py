@@ -46,21 +46,61 @@ def test_testbench_tiny_grid_tunes_runs_resumes_and_plots(tmp_path, capsys):
 
 
 @pytest.mark.filterwarnings("ignore:MGS kernel not positive definite:RuntimeWarning")  # tiny 8-8 net: K near-singular
-def test_demo_writes_boundaries_curves_and_tensorboard(tmp_path, capsys):
+def test_demo_writes_curves_memorisation_and_tensorboard(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--methods", "unreg", "mgs_trace", "mgs_logdet", "--train-size", "40",
-                 "--hidden", "8", "8", *TINY]) == 0
+    assert main(["demo", "--out", str(out), "--train-size", "40", "--hidden", "8", "8", *TINY]) == 0  # digits, 4 methods
     text = capsys.readouterr().out
-    assert (out / "figures" / "circles_fcn_noise0.3_n40_boundaries.png").stat().st_size > 1000
-    assert (out / "figures" / "circles_fcn_n40_curves.png").stat().st_size > 1000
-    assert len(list((out / "tensorboard").rglob("events.out.tfevents.*"))) == 3
-    assert "demo finished" in text and "MGS log det K" in text
+    assert (out / "figures" / "digits_fcn_demo.png").stat().st_size > 1000
+    assert not (out / "figures" / "digits_fcn_boundaries.png").exists()  # 64-dimensional inputs: no boundaries
+    assert len(list((out / "tensorboard").rglob("events.out.tfevents.*"))) == 4
+    assert "demo finished" in text and "MGS tr K" in text and "Memorised" in text and "What it does not do" in text
+    runs = [json.loads(p.read_text()) for p in (out / "runs").rglob("*.json")]
+    assert {r["config"]["dataset"] for r in runs} == {"digits"} and {r["config"]["train_size"] for r in runs} == {40}
+    assert {r["config"]["method"]: r["config"]["value"] for r in runs} == {
+        "unreg": None, "weight_decay": 0.003, "gradnorm_inputs": 0.1, "mgs_trace": 0.003}  # the digits-FCN tuning's values
     record = tmp_path / "tuned.json"
     record.write_text(json.dumps({"chosen": {"mgs_trace": 0.02}}))
     assert main(["demo", "--out", str(tmp_path / "d2"), "--methods", "mgs_trace", "--train-size", "40", "--hidden", "8",
                  "--tuned", str(record), "--no-plots", "--no-tensorboard", *TINY]) == 0
     (run,) = (tmp_path / "d2" / "runs").rglob("*.json")
     assert json.loads(run.read_text())["config"]["value"] == 0.02
+
+
+@pytest.mark.filterwarnings("ignore:MGS kernel not positive definite:RuntimeWarning")
+def test_demo_on_circles_draws_decision_boundaries(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--dataset", "circles", "--out", str(out), "--methods", "unreg", "mgs_trace", "mgs_logdet",
+                 "--train-size", "40", "--hidden", "8", "8", "--no-tensorboard", *TINY]) == 0
+    assert (out / "figures" / "circles_fcn_boundaries.png").stat().st_size > 1000
+    assert (out / "figures" / "circles_fcn_demo.png").stat().st_size > 1000
+    assert "MGS log det K" in capsys.readouterr().out
+
+
+def _fake_run(method, final, best, memorised, seconds=1.0):
+    from mgs_bench.methods import make_method
+
+    m = make_method(method, None if method == "unreg" else 0.01)
+    return {"config": {"method": method, "seed": 0}, "method": {"name": method, "label": m.label, "hyper": m.hyper, "value": m.value},
+            "summary": {"final": final, "best": best, "higher_is_better": True}, "history": [{"memorised": memorised}],
+            "seconds": seconds}
+
+
+def test_demo_reading_follows_the_numbers():
+    from mgs_bench.cli import _demo_reading
+
+    ahead = _demo_reading([_fake_run("unreg", 0.72, 0.86, 0.4), _fake_run("mgs_trace", 0.88, 0.90, 0.07, 7.0),
+                           _fake_run("gradnorm_inputs", 0.84, 0.92, 0.04)])
+    assert "keeps 16.0 points more" in ahead[1]
+    assert "its max (90.0 %) is below the best max of the others (92.0 %, ‖∇xL‖² penalty); it keeps accuracy" in ahead[2]
+    assert "ahead of it (88.0 % vs 84.0 %)" in ahead[-1] and "MGS tr K 7 s" in ahead[3]
+    level = _demo_reading([_fake_run("unreg", 0.90, 0.92, 0.1), _fake_run("mgs_trace", 0.905, 0.91, 0.05)])
+    assert "does not beat the unregularised net" in level[1]
+    assert "its max (91.0 %) is about the best max of the others (92.0 %, unregularised)." in level[2]
+    higher = _demo_reading([_fake_run("unreg", 0.70, 0.80, 0.4), _fake_run("mgs_trace", 0.88, 0.90, 0.05)])
+    assert "Its max is 10.0 points above the best max of the others (80.0 %, unregularised)." == higher[2]
+    tied = _demo_reading([_fake_run("unreg", 0.1, 0.1, 0.1), _fake_run("weight_decay", 0.1, 0.1, 0.1), _fake_run("mgs_trace", 0.1, 0.1, 0.1)])
+    assert "best max of the others (10.0 %, unregularised)" in tied[2]  # equal maxima: no comparison of runs
+    assert _demo_reading([_fake_run("mgs_trace", 0.9, 0.9, 0.0)]) == []  # nothing to compare with
 
 
 def test_report_command_and_template(tmp_path, capsys):
@@ -75,6 +115,13 @@ def test_report_command_and_template(tmp_path, capsys):
     assert main(["report", "--out", str(out), "--template", str(tpl), "--output", str(tmp_path / "r.md")]) == 0
     body = (tmp_path / "r.md").read_text()
     assert body.startswith("# R\n| method | 20% noise |") and "weight decay (weight_decay=0.001)" in body
+    from mgs_bench.report import render_template  # out=DIR reads another folder than the report's
+
+    assert render_template(f"{{{{table out={out} dataset=circles}}}}", tmp_path / "elsewhere") == body[len("# R\n"):].rstrip("\n")
+    assert main(["testbench", "--dataset", "circles", "--model", "fcn", "--hidden", "8", "--noise", "0.2", "--sizes", "30",
+                 "--methods", "unreg", "--seeds", "1", "--out", str(out), "--no-tensorboard", "--no-plots", *TINY]) == 0
+    partial = render_template("{{table dataset=circles}}", out)  # two seeds in the table, one in the weight-decay cell
+    assert "[1 of 2 seeds]" in partial.split("weight decay")[1].split("\n")[0] and "[1 of" not in partial.split("weight decay")[0]
 
 
 def test_errors_name_the_allowed_values(capsys):
@@ -111,3 +158,19 @@ def test_tensorboard_run_names_start_with_the_method(tmp_path):
     config = RunConfig(dataset="circles", model="fcn", method="mgs_trace", value=3e-4, noise=0.3, train_size=200)
     assert config.display_name.startswith("mgs_trace0.0003_noise0.3_n200_seed0_")
     assert config.display_name.endswith(config.run_id[-8:])
+
+
+def test_dry_run_estimates_the_time_left_from_finished_runs(tmp_path, capsys):
+    done, new = tmp_path / "done", tmp_path / "new"
+    grid = ["testbench", "--dataset", "circles", "--model", "fcn", "--hidden", "8", "--noise", "0.3", "--sizes", "30",
+            "--methods", "unreg", "mgs_trace", "--seeds", "0", "--no-tensorboard", "--no-plots", *TINY]
+    assert main(grid + ["--out", str(done)]) == 0
+    capsys.readouterr()
+    assert main(grid + ["--out", str(done), "--dry-run"]) == 0
+    assert "2 runs, 2 finished\n" in capsys.readouterr().out  # nothing left: no estimate
+    assert main(grid + ["--out", str(new), "--dry-run", "--seeds", "0", "1"]) == 0
+    assert "no finished run of these methods" in capsys.readouterr().out
+    assert main(grid + ["--out", str(new), "--dry-run", "--estimate-from", str(done), "--tune", "--grid", "mgs_trace=0.1,1"]) == 0
+    text = capsys.readouterr().out
+    assert "tuning: 2 runs, 0 finished; about" in text and "2 runs, 0 finished; about" in text and "registry defaults" not in text
+    assert not new.exists()  # a dry run writes nothing

@@ -177,3 +177,29 @@ def test_curves_legend_fits_in_the_figure(monkeypatch, tmp_path):
     assert box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0 and box.y1 <= frame.y1
     for ax in fig.axes:  # and no panel runs into it
         assert ax.get_tightbbox(renderer).y0 >= box.y1 - 1 or ax.get_position().y0 * frame.height >= box.y1 - 1
+
+
+def test_curves_title_and_marker_note_say_only_what_is_drawn(monkeypatch, tmp_path):
+    """One seed: no 'mean ± std over 1 seed'; the × note appears only where a log det was singular (issue 23)."""
+    from pathlib import Path
+
+    seen = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (fig.canvas.draw(), seen.append(fig), Path(path))[-1])
+    results = run_grid([RunConfig(dataset="circles", model="fcn", hidden=(8,), train_size=30, epochs=2, eval_points=2, probe_size=4,
+                                  method=m, noise=0.3) for m in ("unreg", "weight_decay")], tmp_path, progress=False)
+    plots.plot_curves(results, tmp_path / "c.png", "t")
+    texts = [t.get_text() for t in seen[-1].findobj(lambda a: hasattr(a, "get_text"))]
+    assert seen[-1]._suptitle.get_text() == "t  (one run per method, seed 0)"
+    assert not any("K singular" in t for t in texts)
+    singular = json.loads(json.dumps(results))
+    singular[0]["history"][-1].update(mgs_singular=True, mgs_logdet=None)
+    plots.plot_curves(singular + [json.loads(json.dumps(results[0])) | {"config": results[0]["config"] | {"seed": 1}}], tmp_path / "d.png", "t")
+    texts = [t.get_text() for t in seen[-1].findobj(lambda a: hasattr(a, "get_text"))]
+    assert any("K singular" in t for t in texts) and seen[-1]._suptitle.get_text() == "t  (mean ± std over 2 seeds)"
+    plots.plot_demo(results, tmp_path / "e.png", "demo")
+    fig = seen[-1]
+    assert fig._suptitle.get_text() == "demo  (one run per method, seed 0)"
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert len(labels) == 2 and labels[0].startswith("unregularised: final ") and "max" in labels[0]
+    assert [ax.get_ylabel() for ax in fig.axes] == ["test accuracy (%)", "flipped training labels\npredicted as given (%)",
+                                                    "tr K / N of a fixed probe batch"]

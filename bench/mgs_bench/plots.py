@@ -1,8 +1,10 @@
 """Figures from run results (the dicts :func:`~mgs_bench.runner.train_run` returns / writes).
 
 * :func:`plot_curves` — test metric, MGS trace and MGS log det vs epoch per method, one column per
-  noise level (the paper's Figs 2–4); mean over seeds with a ±std band. Where K was singular
-  (log det = −∞) the log-det curve has a gap and a "×" marks the epoch at the bottom of the panel.
+  noise level (the paper's Figs 2–4); mean over seeds with a ±std band (one seed: the run itself,
+  and the title says so). Where K was singular (log det = −∞) the log-det curve has a gap and a "×"
+  marks the epoch at the bottom of the panel (explained under the panels only when one appears).
+* :func:`plot_demo` — the demo's one-row figure: test accuracy, memorised flipped labels and tr K/N per method.
 * :func:`plot_heatmaps` — final test metric over noise × training size, one panel per method (Figs A.4–A.13).
 * :func:`plot_boundaries` — decision boundaries per method on two-dimensional data (Fig 2, top).
 
@@ -22,7 +24,7 @@ import numpy as np
 from . import require
 from .methods import METHODS
 
-__all__ = ["plot_curves", "plot_heatmaps", "plot_boundaries", "METHOD_COLORS"]
+__all__ = ["plot_curves", "plot_demo", "plot_heatmaps", "plot_boundaries", "METHOD_COLORS"]
 
 METHOD_COLORS = {
     "unreg": "#000000", "weight_decay": "#1f77b4", "dropout": "#2ca02c", "gradnorm_params": "#9467bd",
@@ -82,6 +84,7 @@ def plot_curves(results: list[dict[str, Any]], path: str | Path, title: str = ""
     rows = [(key, ylabel), ("mgs_trace", "MGS tr K"), ("mgs_logdet", "MGS log det K")]
     fig, axes = plt.subplots(3, len(noises), figsize=(max(7.0, 3.2 * len(noises) + 0.6), 7.6), squeeze=False, sharex=True)
     handles = {}
+    any_singular = False
     for c, noise in enumerate(noises):
         for method in _order(groups[noise]):
             runs = groups[noise][method]
@@ -96,6 +99,7 @@ def plot_curves(results: list[dict[str, Any]], path: str | Path, title: str = ""
                 if k == "mgs_logdet":
                     mean = np.where(singular.any(0), np.nan, mean)  # any seed singular: no finite mean
                     if singular.any():
+                        any_singular = True
                         ax.plot(ep[singular.any(0)], np.zeros(int(singular.any(0).sum())), "x", color=color, ms=5,
                                 transform=ax.get_xaxis_transform(), clip_on=False)
                 (line,) = ax.plot(ep, mean, color=color, lw=1.4, label=_label(runs[0]))
@@ -107,13 +111,72 @@ def plot_curves(results: list[dict[str, Any]], path: str | Path, title: str = ""
         axes[2][c].set_xlabel("epoch")
     for r_i, (_, lab) in enumerate(rows):
         axes[r_i][0].set_ylabel(lab)
-    axes[2][0].annotate("× : K singular, log det = −∞ (gap)", (0, -0.32), xycoords="axes fraction", fontsize=7)
+    if any_singular:  # explain the marker only where it appears
+        axes[2][0].annotate("× : K singular, log det = −∞ (gap)", (0, -0.32), xycoords="axes fraction", fontsize=7)
     # as many legend columns as the figure's width holds (labels run to ~30 characters at 8 pt ≈ 2.3 in)
     ncol = max(1, min(len(handles), int(fig.get_figwidth() // 2.4)))
     fig.legend(list(handles.values()), [h.get_label() for h in handles.values()], loc="lower center", ncol=ncol, fontsize=8, frameon=False)
-    n_seeds = len({r["config"]["seed"] for r in results})
-    fig.suptitle(f"{title}  (mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''})", fontsize=11)
+    fig.suptitle(f"{title}  ({_seeds_note(results)})", fontsize=11)
     fig.tight_layout(rect=(0, 0.05 + 0.025 * math.ceil(len(handles) / ncol), 1, 0.97))
+    return _save(fig, path)
+
+
+def _seeds_note(results: list[dict[str, Any]]) -> str:
+    """'mean ± std over 3 seeds', or 'one run per method, seed 0' when there is nothing to average."""
+    seeds = sorted({r["config"]["seed"] for r in results})
+    return f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else f"one run per method, seed {seeds[0]}"
+
+
+def plot_demo(results: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """The demo's figure: test accuracy, flipped training labels memorised and tr K/N against epochs, one line per method.
+
+    One panel each; a legend entry gives each method's final and maximum test accuracy. Several seeds
+    are averaged (a ±std band); one seed is drawn as is and the title says so.
+    """
+    plt = _plt()
+    if not results:
+        raise ValueError("no results to plot")
+    by: dict[str, list] = defaultdict(list)
+    for r in results:
+        by[r["config"]["method"]].append(r)
+    classification = bool(results[0]["summary"]["higher_is_better"])
+    panels = [("test_acc" if classification else "test_loss", "test accuracy (%)" if classification else "test MSE", 100 if classification else 1)]
+    if classification and any("memorised" in h for r in results for h in r["history"]):
+        panels.append(("memorised", "flipped training labels\npredicted as given (%)", 100))
+    panels.append(("mgs_trace", "tr K / N of a fixed probe batch", None))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.6), squeeze=False)
+    handles = []
+    for method in _order(by):
+        runs = by[method]
+        color = METHOD_COLORS.get(method)
+        for ax, (key, ylabel, scale) in zip(axes[0], panels):
+            ep, vals, _ = _stack(runs, key)
+            if key == "mgs_trace":  # tr K of the probe → per row of K
+                vals = vals / np.array([[r["config"]["probe_size"] * r["data"]["num_outputs"]] for r in runs])
+            elif scale:
+                vals = vals * scale
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, std = np.nanmean(vals, 0), np.nanstd(vals, 0)
+            (line,) = ax.plot(ep, mean, color=color, lw=1.6)
+            if len(runs) > 1:
+                ax.fill_between(ep, mean - std, mean + std, color=color, alpha=0.15, lw=0)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(ylabel)
+            if key == "mgs_trace":
+                ax.set_yscale("log")
+            if key == panels[0][0]:
+                finals = [r["summary"]["final"] for r in runs]
+                best = [r["summary"]["best"] for r in runs]
+                if classification and all(f is not None for f in finals):
+                    line.set_label(f"{_label(runs[0])}: final {100 * np.mean(finals):.1f}%, max {100 * np.mean(best):.1f}%")
+                else:
+                    line.set_label(_label(runs[0]))
+                handles.append(line)
+    ncol = 2 if len(handles) > 2 else len(handles)
+    fig.legend(handles, [h.get_label() for h in handles], loc="lower center", ncol=ncol, fontsize=8.5, frameon=False)
+    fig.suptitle(f"{title}  ({_seeds_note(results)})", fontsize=10.5)
+    fig.tight_layout(rect=(0, 0.05 + 0.045 * math.ceil(len(handles) / ncol), 1, 0.96))
     return _save(fig, path)
 
 

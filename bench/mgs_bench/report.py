@@ -185,6 +185,7 @@ def results_table(results: Sequence[dict[str, Any]], definition: str = "testbenc
         finals = [f for f in finals if f is not None]
         if finals:
             best_final[n] = max(finals) if higher else min(finals)
+    n_seeds = len({r["config"]["seed"] for r in results})
     for m in _order(by):
         cells = []
         runs_all = [r for n in noises for r in by[m].get(n, [])]
@@ -203,6 +204,8 @@ def results_table(results: Sequence[dict[str, Any]], definition: str = "testbenc
                 cell = f"**{cell}**"
             if div:
                 cell += f" [{div}/{k} diverged]"
+            elif k < n_seeds:  # a grid still running: say which cells rest on fewer seeds
+                cell += f" [{k} of {n_seeds} seeds]"
             cells.append(cell)
         lines.append(f"| {_method_label(runs_all)} | " + " | ".join(cells) + " |")
     seeds = sorted({r["config"]["seed"] for r in results})
@@ -288,7 +291,8 @@ def tuned_table(out_dir: str | Path, dataset: str, model: str) -> str:
     sc = rec["scenario"]
     higher = "accuracy" in rec["criterion"]
     lines = [f"Scenario: {sc['dataset']} / {sc['model']}, noise {sc['noise']:g}, {sc['train_size']} training samples, "
-             f"{sc['epochs']} epochs, seeds {rec['seeds']}; criterion: {rec['criterion']}.", "",
+             f"{sc['epochs']} epochs, seeds {rec['seeds']}" + (f", {sc['init']} init" if sc.get("init", "auto") != "auto" else "")
+             + f"; criterion: {rec['criterion']}.", "",
              "| method | grid (final validation " + ("accuracy %" if higher else "MSE") + ") | chosen |", "|---|---|---|"]
     for m in _order(rec["scores"]):
         vals = ", ".join(f"{v}: {'div.' if s is None else _fmt(s, higher)}" for v, s in rec["scores"][m].items())
@@ -311,7 +315,7 @@ def runtime_table(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_MARKER = re.compile(r"\{\{\s*(table|claims|tuned|runtime|memorised|stopping_selection|stopping|flagging)((?:\s+\w+=[^\s}]+)*)\s*\}\}")
+_MARKER = re.compile(r"\{\{\s*(table|claims|tuned|runtime|memorised|stopping_selection|stopping|flagging|alpha_init|alpha_sweep)((?:\s+\w+=[^\s}]+)*)\s*\}\}")
 
 
 def coerce_value(v: str) -> Any:
@@ -331,10 +335,13 @@ def render_template(template: str, out_dir: str | Path) -> str:
     (:func:`tuned_table`, keys ``dataset`` and ``model``) or ``runtime`` (:func:`runtime_table`);
     ``stopping`` / ``stopping_selection`` (key ``out``: a testbench folder evaluated every epoch;
     ``threshold``, ``window``, ``patience`` / ``select``: the model the rule is chosen on) and
-    ``flagging`` (key ``out``: a ``mgs-torch scores`` folder) read their own folders.
+    ``flagging`` (key ``out``: a ``mgs-torch scores`` folder) read their own folders, and so do ``alpha_init``
+    (key ``out``: folders holding ``init/`` records of ``mgs-torch alpha``) and ``alpha_sweep`` (key ``out``:
+    comma-separated testbench folders; other keys filter their runs; :func:`mgs_bench.alpha.sweep_table`).
     Keys filter the run configs (``dataset``, ``model``, ``train_size``, ``epochs``, ``method``...),
     except ``definition=testbench|paper`` (final/max definitions, for ``table`` and ``claims``) and
-    ``source=tune`` (the tuning runs under ``<out>/tune`` instead of the grid's); a comma-separated
+    ``source=tune`` (the tuning runs under ``<out>/tune`` instead of the grid's) and ``out=DIR`` (read another
+    testbench folder than ``out_dir``; relative to the working directory); a comma-separated
     value matches any of its items (``method=unreg,mgs_trace``).
     """
     cache: dict[tuple, list] = {}
@@ -342,16 +349,17 @@ def render_template(template: str, out_dir: str | Path) -> str:
     def sub(match: re.Match) -> str:
         kind = match.group(1)
         where = {k: coerce_value(v) for k, v in (kv.split("=", 1) for kv in match.group(2).split())}
-        if kind in ("stopping", "stopping_selection", "flagging"):
+        if kind in ("stopping", "stopping_selection", "flagging", "alpha_init", "alpha_sweep"):
             return _analysis_table(kind, where).rstrip("\n")
         definition = str(where.pop("definition", "testbench"))
+        folder = Path(str(where.pop("out", out_dir)))  # out=DIR: another testbench folder than the report's
         if kind == "tuned":
-            return tuned_table(out_dir, where["dataset"], where["model"]).rstrip("\n")
+            return tuned_table(folder, where["dataset"], where["model"]).rstrip("\n")
         source = where.pop("source", "grid")
         if source not in ("grid", "tune"):
             raise ValueError(f"source must be 'grid' or 'tune', got {source!r}")
-        base = Path(out_dir) / "tune" if source == "tune" else Path(out_dir)
-        key = (source, *sorted(where.items()))
+        base = folder / "tune" if source == "tune" else folder
+        key = (str(base), *sorted(where.items()))
         if key not in cache:
             exact = {k: v for k, v in where.items() if not (isinstance(v, str) and "," in v)}
             any_of = {k: {coerce_value(x) for x in v.split(",")} for k, v in where.items() if k not in exact}
@@ -368,6 +376,18 @@ def render_template(template: str, out_dir: str | Path) -> str:
 
 def _analysis_table(kind: str, where: dict[str, Any]) -> str:
     """The early-stopping and flagging tables of examples/RESULTS.md, from their own output folders."""
+    if kind in ("alpha_init", "alpha_sweep"):
+        from .alpha import init_table, load_init_records, sweep_table
+
+        folders = [Path(f) for f in str(where.pop("out")).split(",")]
+        if kind == "alpha_init":
+            return init_table([r for f in folders for r in load_init_records(f)]) if any((f / "init").is_dir() for f in folders) else "_no records found_\n"
+        method = str(where.pop("method", "mgs_trace"))
+        exact = {k: v for k, v in where.items() if not (isinstance(v, str) and "," in v)}
+        any_of = {k: {coerce_value(x) for x in v.split(",")} for k, v in where.items() if k not in exact}
+        runs = [r for f in folders if (f / "runs").is_dir() for r in load_results(f, **exact)
+                if all(r["config"].get(k) in vs for k, vs in any_of.items())]
+        return sweep_table(runs, method)
     folder = Path(str(where["out"]))
     if kind == "flagging":
         import json
