@@ -20,6 +20,7 @@ Peak memory (from a state holding no ``.grad`` buffers, so a step's own gradient
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -35,6 +36,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.func import functional_call, jacrev, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -145,14 +147,19 @@ def methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, q: int, include_
     xq, yq = x.repeat(q, *([1] * (x.dim() - 1))), y.repeat(q)
 
     def step(penalty_fn=None, inputs=x, targets=y):
+        # a penalty step differentiates twice: attention must take SDPA's math kernel (the fused CPU kernels have no
+        # double backward), as mgs_torch does inside its own calls; plain steps keep PyTorch's default kernels
+        context = (lambda: sdpa_kernel(SDPBackend.MATH)) if penalty_fn is not None else contextlib.nullcontext
+
         def run():
-            opt.zero_grad(set_to_none=True)
-            out = model(inputs)
-            loss = F.cross_entropy(out, targets)
-            if penalty_fn is not None:
-                loss = loss + ALPHA * penalty_fn(out)
-            loss.backward()
-            opt.step()
+            with context():
+                opt.zero_grad(set_to_none=True)
+                out = model(inputs)
+                loss = F.cross_entropy(out, targets)
+                if penalty_fn is not None:
+                    loss = loss + ALPHA * penalty_fn(out)
+                loss.backward()
+                opt.step()
         return run
 
     m = {
