@@ -1,0 +1,131 @@
+"""What ``MGSMonitor`` at its defaults costs, as a percentage of a training epoch (issue 22, item 4).
+
+For each model a plain Lightning training run (SGD, cross-entropy, no penalty) is timed with and without
+``MGSMonitor()`` at its defaults (K of the current batch every ``log_every_n_steps`` steps, float64, the metrics
+``mgs_torch.lightning.callback.DEFAULT_METRICS``), on the same random data; runs alternate (off, on, off, on, …)
+and the medians of the epoch times are compared. One thread, no logger I/O (a logger that keeps values in memory).
+
+    python benchmarks/bench_monitor.py                              # lenet5, resnet18, vit; 2 epochs of 64 steps, 3 repeats
+    python benchmarks/bench_monitor.py --models lenet5 --steps 200 --log-every 50
+
+The monitor's cost is one K per logging step: (steps / log_every_n_steps) × (one K of the batch + its metrics),
+so its share falls with a longer interval and rises with the model's per-sample Jacobian cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pytorch_lightning as pl  # noqa: E402
+from pytorch_lightning.loggers import Logger  # noqa: E402
+
+from models import LeNet5, ViT, resnet18  # noqa: E402
+from mgs_torch.lightning import MGSMonitor  # noqa: E402
+
+SETTINGS = {  # model, input shape, classes, batch size
+    "lenet5": (LeNet5, (1, 28, 28), 10, 32),
+    "resnet18": (resnet18, (3, 32, 32), 10, 8),
+    "vit": (ViT, (3, 32, 32), 10, 8),
+}
+
+
+class MemoryLogger(Logger):
+    """Keeps logged values in a list (no file I/O in the timings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[dict] = []
+
+    @property
+    def name(self):
+        return "memory"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append(dict(metrics))
+
+
+class Plain(pl.LightningModule):
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+        self.epoch_times: list[float] = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def on_train_epoch_start(self):
+        self._t = time.perf_counter()
+
+    def on_train_epoch_end(self):
+        self.epoch_times.append(time.perf_counter() - self._t)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def epoch_seconds(name: str, steps: int, epochs: int, log_every: int, monitor: bool) -> tuple[list[float], int]:
+    make, shape, classes, batch = SETTINGS[name]
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(steps * batch, *shape), torch.randint(0, classes, (steps * batch,)))
+    model = Plain(make())
+    logger = MemoryLogger()
+    callbacks = [MGSMonitor()] if monitor else []
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=logger, callbacks=callbacks, log_every_n_steps=log_every,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, DataLoader(data, batch_size=batch, shuffle=False))
+    logged = sum(1 for row in logger.rows if any(k.startswith("mgs/") for k in row))
+    return model.epoch_times, logged
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--steps", type=int, default=64, help="training steps per epoch")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="runs with and without the monitor, alternating")
+    parser.add_argument("--log-every", type=int, default=50, help="the Trainer's log_every_n_steps (Lightning's default: 50)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"# {args.steps} steps per epoch, {args.epochs} epochs, log_every_n_steps={args.log_every}, one thread, torch {torch.__version__}")
+    print("| model | epoch without monitor (s, median) | epoch with MGSMonitor() (s, median) | monitor's share | K computed per epoch |")
+    print("|---|---:|---:|---:|---:|")
+    for name in args.models:
+        off, on, logged = [], [], 0
+        for _ in range(args.repeats):
+            off += epoch_seconds(name, args.steps, args.epochs, args.log_every, monitor=False)[0]
+            times, logged = epoch_seconds(name, args.steps, args.epochs, args.log_every, monitor=True)
+            on += times
+        t_off, t_on = statistics.median(off), statistics.median(on)
+        print(f"| {name} | {t_off:.2f} | {t_on:.2f} | {100 * (t_on - t_off) / t_off:+.1f} % | {logged / args.epochs:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
