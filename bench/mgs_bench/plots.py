@@ -13,6 +13,7 @@ matplotlib is imported lazily (installed with ``pip install -e ./bench``) with t
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections import defaultdict
@@ -122,9 +123,19 @@ def plot_curves(results: list[dict[str, Any]], path: str | Path, title: str = ""
 
 
 def _seeds_note(results: list[dict[str, Any]]) -> str:
-    """'mean ± std over 3 seeds', or 'one run per method, seed 0' when there is nothing to average."""
+    """'mean ± std over 3 seeds', 'one run per method, seed 0' when there is nothing to average, or, when
+    the curves rest on different numbers of seeds, the range (a curve without a band is one seed)."""
     seeds = sorted({r["config"]["seed"] for r in results})
-    return f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else f"one run per method, seed {seeds[0]}"
+    per_curve: dict[tuple, set] = {}
+    for r in results:
+        key = (json.dumps(r.get("method"), sort_keys=True, default=str), r["config"].get("noise"), r["config"].get("n_train"))
+        per_curve.setdefault(key, set()).add(r["config"]["seed"])
+    counts = sorted({len(s) for s in per_curve.values()})
+    if len(seeds) == 1:
+        return f"one run per method, seed {seeds[0]}"
+    if len(counts) > 1:
+        return f"mean ± std over {counts[0]}–{counts[-1]} seeds per curve; no band: one seed"
+    return f"mean ± std over {len(seeds)} seeds"
 
 
 def plot_demo(results: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
