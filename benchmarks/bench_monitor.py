@@ -89,13 +89,13 @@ class Plain(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1e-3)
 
 
-def epoch_seconds(name: str, steps: int, epochs: int, log_every: int, monitor: bool) -> tuple[list[float], int]:
+def epoch_seconds(name: str, steps: int, epochs: int, log_every: int, monitor: bool, max_samples: int | None = None) -> tuple[list[float], int]:
     make, shape, classes, batch = SETTINGS[name]
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(steps * batch, *shape), torch.randint(0, classes, (steps * batch,)))
     model = Plain(make())
     logger = MemoryLogger()
-    callbacks = [MGSMonitor()] if monitor else []
+    callbacks = [MGSMonitor(max_samples=max_samples)] if monitor else []
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=logger, callbacks=callbacks, log_every_n_steps=log_every,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     with warnings.catch_warnings():
@@ -112,16 +112,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="runs with and without the monitor, alternating")
     parser.add_argument("--log-every", type=int, default=50, help="the Trainer's log_every_n_steps (Lightning's default: 50)")
+    parser.add_argument("--max-samples", type=int, default=None, help="MGSMonitor(max_samples=...) instead of the default (the whole batch)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"# {args.steps} steps per epoch, {args.epochs} epochs, log_every_n_steps={args.log_every}, one thread, torch {torch.__version__}")
-    print("| model | epoch without monitor (s, median) | epoch with MGSMonitor() (s, median) | monitor's share | K computed per epoch |")
+    monitor = f"MGSMonitor(max_samples={args.max_samples})" if args.max_samples else "MGSMonitor()"
+    print(f"| model | epoch without monitor (s, median) | epoch with {monitor} (s, median) | monitor's share | K computed per epoch |")
     print("|---|---:|---:|---:|---:|")
     for name in args.models:
         off, on, logged = [], [], 0
         for _ in range(args.repeats):
             off += epoch_seconds(name, args.steps, args.epochs, args.log_every, monitor=False)[0]
-            times, logged = epoch_seconds(name, args.steps, args.epochs, args.log_every, monitor=True)
+            times, logged = epoch_seconds(name, args.steps, args.epochs, args.log_every, monitor=True, max_samples=args.max_samples)
             on += times
         t_off, t_on = statistics.median(off), statistics.median(on)
         print(f"| {name} | {t_off:.2f} | {t_on:.2f} | {100 * (t_on - t_off) / t_off:+.1f} % | {logged / args.epochs:.1f} |", flush=True)
