@@ -110,7 +110,7 @@ def test_a_replay_of_the_spectral_norm_state_bug_is_caught(monkeypatch):
     from test_faithful_forwards import spectral_model
 
     real = _problem.validated_output_shape
-    monkeypatch.setattr(_problem, "validated_output_shape", lambda problem: real(problem)[:3] + (frozenset(), frozenset()))
+    monkeypatch.setattr(_problem, "validated_output_shape", lambda problem: real(problem)[:3] + (frozenset(), frozenset()) + real(problem)[5:])
     torch.manual_seed(3)
     model = spectral_model("parametrization")
     with torch.no_grad():
@@ -125,7 +125,7 @@ def test_a_replay_of_held_parameters_is_caught(monkeypatch):
     from test_faithful_forwards import HeldInAList
 
     real = _problem.validated_output_shape
-    monkeypatch.setattr(_problem, "validated_output_shape", lambda problem: real(problem)[:4] + (frozenset(),))
+    monkeypatch.setattr(_problem, "validated_output_shape", lambda problem: real(problem)[:4] + (frozenset(),) + real(problem)[5:])
     torch.manual_seed(0)
     with pytest.raises(SelfCheckError):
         mgs_kernel(HeldInAList().double(), torch.randn(3, 3, dtype=D))
