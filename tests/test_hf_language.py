@@ -119,3 +119,30 @@ def test_selector_errors(gpt2_lora):
             batch_for("bert"), logits=next_token_logits())
     with pytest.raises(ValueError, match="num_probes must be a positive int"):
         VocabSketch(V, num_probes=0)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_lora_adapters_on_a_padded_bert_are_exact(attn):
+    """Issue 20, class 1: LoRA adapters on a padded BERT were 15-22 % off (the boolean SDPA mask added as 1/0).
+    K and the trace-penalty gradient of the adapters alone, against the loop over each sample without its padding."""
+    from hf_helpers import loop_trace_gradient, tiny
+    from mgs_torch import mgs_kernel, mgs_penalty
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(tiny("bert", attn), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"],
+                                                                       lora_dropout=0.0))
+    with torch.no_grad():  # B = 0 at initialisation makes every A-gradient vanish
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    model.eval()
+    batch = batch_for("bert")
+    assert (batch["attention_mask"] == 0).any()  # padded
+    K = mgs_kernel(model, batch, params=lora)
+    assert relative(K, loop_jacobian(model, batch, params=lora) @ loop_jacobian(model, batch, params=lora).T) < 1e-10
+    grads = torch.autograd.grad(mgs_penalty(model, batch, params=lora, reduction="sum"),
+                                [p for n, p in model.named_parameters() if lora(n, p)])
+    expected = loop_trace_gradient(model, batch, params=lora)
+    assert relative(torch.cat([g.reshape(-1) for g in grads]), torch.cat([g.reshape(-1) for g in expected])) < 1e-10
