@@ -141,14 +141,15 @@ def fresh_caches(model: nn.Module) -> Iterator[None]:
             setattr(m, name, value)
 
 
-_RESEEDING = ("manual_seed", "set_rng_state", "seed")
+# not torch.seed(): it sets a fresh non-deterministic seed, after which draws are as random as without it
+_RESEEDING = ("manual_seed", "set_rng_state")
 
 
 @contextlib.contextmanager
 def watch_reseeding() -> Iterator[list[str]]:
-    """Record calls of ``torch.manual_seed``, ``torch.set_rng_state`` and ``torch.seed`` (and their
-    ``torch.random`` names) made inside the block — a forward that reseeds the global generator, as
-    ``torch.testing``'s ``wrapper_set_seed`` does, draws its random numbers from a fixed state."""
+    """Record calls of ``torch.manual_seed`` and ``torch.set_rng_state`` (and their ``torch.random`` names;
+    ``torch.random.fork_rng`` restores the state with them) made inside the block: a forward that reseeds the
+    global generator, as ``torch.testing``'s ``wrapper_set_seed`` does, draws from a fixed state."""
     calls: list[str] = []
     patched = []
     for owner in (torch, torch.random):
