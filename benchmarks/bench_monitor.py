@@ -3,7 +3,7 @@
 For each model a plain Lightning training run (SGD, cross-entropy, no penalty) is timed with and without
 ``MGSMonitor()`` at its defaults (K of the current batch every ``log_every_n_steps`` steps, float64, the metrics
 ``mgs_torch.lightning.callback.DEFAULT_METRICS``), on the same random data; runs alternate (off, on, off, on, …)
-and the medians of the epoch times are compared. One thread, no logger I/O (a logger that keeps values in memory).
+and the medians of the epoch times are compared. One thread, no logger I/O (Lightning's DummyLogger).
 
     python benchmarks/bench_monitor.py                              # lenet5, resnet18, vit; 2 epochs of 64 steps, 3 repeats
     python benchmarks/bench_monitor.py --models lenet5 --steps 200 --log-every 50
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pytorch_lightning as pl  # noqa: E402
-from pytorch_lightning.loggers import Logger  # noqa: E402
+from pytorch_lightning.loggers.logger import DummyLogger  # noqa: E402
 
 from models import LeNet5, ViT, resnet18  # noqa: E402
 from mgs_torch.lightning import MGSMonitor  # noqa: E402
@@ -42,28 +42,6 @@ SETTINGS = {  # model, input shape, classes, batch size
     "resnet18": (resnet18, (3, 32, 32), 10, 8),
     "vit": (ViT, (3, 32, 32), 10, 8),
 }
-
-
-class MemoryLogger(Logger):
-    """Keeps logged values in a list (no file I/O in the timings)."""
-
-    def __init__(self):
-        super().__init__()
-        self.rows: list[dict] = []
-
-    @property
-    def name(self):
-        return "memory"
-
-    @property
-    def version(self):
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
-
-    def log_metrics(self, metrics, step=None):
-        self.rows.append(dict(metrics))
 
 
 class Plain(pl.LightningModule):
@@ -94,15 +72,13 @@ def epoch_seconds(name: str, steps: int, epochs: int, log_every: int, monitor: b
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(steps * batch, *shape), torch.randint(0, classes, (steps * batch,)))
     model = Plain(make())
-    logger = MemoryLogger()
     callbacks = [MGSMonitor(max_samples=max_samples)] if monitor else []
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=logger, callbacks=callbacks, log_every_n_steps=log_every,
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=DummyLogger(), callbacks=callbacks, log_every_n_steps=log_every,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model, DataLoader(data, batch_size=batch, shuffle=False))
-    logged = sum(1 for row in logger.rows if any(k.startswith("mgs/") for k in row))
-    return model.epoch_times, logged
+    return model.epoch_times, sum(len(c.history) for c in callbacks)
 
 
 def main() -> None:
