@@ -272,23 +272,29 @@ def _compare(problem: KernelProblem, engine, what: tuple[str, ...], report: Self
 
     gradient = "gradient" in what
     real = _real_parameters(problem)
-    loop, lowest = _loop_gradients(sub, real, cot, s, create_graph=gradient)
+    # J restricted to some parameters (params=) can be ~0 there while the rest of J is not (a norm of two features
+    # makes earlier layers flat): then both sides hold round-off, and errors are measured against the whole J's
+    # size — tolerance² of it, as the tests do — never against the round-off itself. One loop serves both: it
+    # differentiates every trainable parameter, and the selected ones are read from it.
+    everything = [p for p in problem.model.parameters() if p.requires_grad]
+    restricted = len(everything) != len(real)
+    loop, lowest = _loop_gradients(sub, everything if restricted else real, cot, s, create_graph=gradient)
     report.dtype = lowest
     report.tolerance = TOLERANCES.get(lowest)
     if report.tolerance is None:
         raise _Inconclusive(f"the forward computes in {lowest}, too coarse to compare")
+    floors = {"rows": 0.0, "kernel": 0.0}
+    if restricted:
+        full = torch.stack([torch.cat([g.detach().reshape(-1) for g in row]) for row in loop]).to(dtype)
+        floors = {"rows": report.tolerance**2 * float((full**2).sum(1).norm()),
+                  "kernel": report.tolerance**2 * float((full @ full.T).norm())}
+        position = {id(p): i for i, p in enumerate(everything)}
+        loop = [tuple(row[position[id(p)]] for p in real) for row in loop]
     flat = torch.stack([torch.cat([g.reshape(-1) for g in row]) for row in loop]).to(dtype)  # (PROBES·s, p), probe-major
     theirs_rows = (flat.detach() ** 2).sum(1).reshape(PROBES, s)
-    # J restricted to some parameters (params=) can be ~0 there while the rest of J is not (a norm of two features
-    # makes earlier layers flat): then both sides hold round-off, and errors are measured against the whole J's
-    # size — tolerance² of it, as the tests do — never against the round-off itself
-    full = _full_rows(sub, real, cot, s)
-    floors = {"rows": 0.0, "kernel": 0.0}
-    if full is not None:
-        floors = {"rows": report.tolerance**2 * float(full.norm()), "kernel": report.tolerance**2 * float((full @ full.T).norm())}
     ours_rows = engine.row_sq_norms(sub, cot)[:, :s]
     report.errors["rows"] = _relative(ours_rows.detach(), theirs_rows, floors["rows"])
-    if full is not None and float(theirs_rows.norm()) <= floors["rows"]:
+    if restricted and float(theirs_rows.norm()) <= floors["rows"]:
         gradient = False  # the selected parameters' part of J is round-off: its gradient says nothing
         report.gradient_check = "not checked (the selected parameters' gradients are at round-off level)"
     quantities = [(ours_rows.sum(), (flat**2).sum())]
@@ -415,12 +421,3 @@ def _norm(params: list[Tensor]) -> float:
 def _relative(a: Tensor, b: Tensor, floor: float = 0.0) -> float:
     return float((a - b).norm()) / max(float(b.norm()), floor, 1e-300)
 
-
-def _full_rows(problem: KernelProblem, real: list[Tensor], cot: Tensor, s: int) -> Tensor | None:
-    """The loop's gᵢ over *every* trainable parameter of the model (probe-major rows), where ``params=`` selected
-    fewer (``real``); None when it selected them all."""
-    everything = [p for p in problem.model.parameters() if p.requires_grad]
-    if len(everything) == len(real):
-        return None
-    rows, _ = _loop_gradients(problem, everything, cot, s, create_graph=False)
-    return torch.stack([torch.cat([g.detach().reshape(-1) for g in row]) for row in rows]).to(cot.dtype)
