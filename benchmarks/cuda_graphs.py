@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_mgs import median_ms  # noqa: E402
-from models import INPUT_SHAPES, MODELS  # noqa: E402
+from models import MODELS, make_input  # noqa: E402
 
 from mgs_torch import capture_step, mgs_penalty  # noqa: E402
 
@@ -71,7 +71,7 @@ def host_syncs(step) -> list[str]:
 def run(name: str, n: int, variant: str, repeats: int) -> dict:
     torch.manual_seed(0)
     base = MODELS[name]().cuda()
-    x = torch.randn(n, *INPUT_SHAPES[name], device="cuda")
+    x = make_input(name, n, "cuda")
     y = torch.randint(0, 10, (n,), device="cuda")
     row = {"model": name, "n": n, "variant": variant}
     eager_model, graph_model = base, copy.deepcopy(base)

@@ -1,5 +1,6 @@
 """The benchmark models: LeNet-5, a 6×300 fully connected net and a small residual CNN with BatchNorm on
-1×28×28 inputs (issue #4), and a CIFAR-sized convolutional net of about 1.1 M parameters on 3×32×32 (issue #12)."""
+1×28×28 inputs (issue #4), a CIFAR-sized convolutional net of about 1.1 M parameters on 3×32×32 (issue #12), and
+(issue #22) a small ViT, ResNet-18 (torchvision's, or the same layout written out) and a tiny BERT on token ids."""
 
 from __future__ import annotations
 
@@ -143,14 +144,22 @@ class _Logits(nn.Module):
         return self.model(input_ids=input_ids).logits
 
 
-def tiny_bert(num_classes: int = 2) -> nn.Module:
+def tiny_bert(num_classes: int = 2, hidden: int = 32, dropout: float | None = None) -> nn.Module:
     """A tiny BertForSequenceClassification built from a config (2 layers, hidden 32, 2 heads, vocabulary 100), on
-    token ids of length 16: needs ``transformers`` (extra ``.[hf]``); nothing is downloaded."""
+    token ids of length 16: needs ``transformers`` (extra ``.[hf]``); nothing is downloaded. ``dropout`` replaces
+    the config's hidden and attention dropout (0.1) where given."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=32, num_labels=num_classes)
+    rates = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+    config = BertConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=32, num_labels=num_classes, **rates)
     return _Logits(BertForSequenceClassification(config))
+
+
+def bert(num_classes: int = 10) -> nn.Module:
+    """The benchmark's tiny BERT: ``tiny_bert`` at hidden 64 (2 layers, 2 heads, vocabulary 100, 10 labels: 80,458
+    parameters) without dropout, so that K is that of one deterministic function (as for the ViT)."""
+    return tiny_bert(num_classes, hidden=64, dropout=0.0)
 
 
 class ViT(nn.Module):
@@ -179,5 +188,22 @@ class ViT(nn.Module):
         return self.head(self.norm(self.blocks(x))[:, 0])
 
 
-MODELS = {"lenet5": LeNet5, "fcn": fcn, "resnet": SmallResNet, "cifar_cnn": CifarCNN, "vit": ViT}
-INPUT_SHAPES = {"lenet5": (1, 28, 28), "fcn": (1, 28, 28), "resnet": (1, 28, 28), "cifar_cnn": (3, 32, 32), "vit": (3, 32, 32)}
+MODELS = {"lenet5": LeNet5, "fcn": fcn, "resnet": SmallResNet, "cifar_cnn": CifarCNN, "vit": ViT,
+          "resnet18": resnet18, "bert": bert}
+INPUT_SHAPES = {"lenet5": (1, 28, 28), "fcn": (1, 28, 28), "resnet": (1, 28, 28), "cifar_cnn": (3, 32, 32), "vit": (3, 32, 32),
+                "resnet18": (3, 32, 32), "bert": (16,)}
+"""The shape of one input; a model named in TOKEN_INPUTS takes token ids of that shape, the others images."""
+TOKEN_INPUTS = {"bert": 100}
+"""Model -> vocabulary size: its inputs are integer token ids drawn below it, not Gaussian images."""
+DEFAULT_MODELS = ["lenet5", "fcn", "resnet", "cifar_cnn", "vit"]
+"""What a benchmark runs when no model is named (what the committed numbers cover); resnet18 (11.2 M parameters,
+where the naive per-sample Jacobians hold q·n·11.2 M floats) and the tiny BERT (needs ``transformers``) on request."""
+
+
+def make_input(name: str, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A batch of ``n`` inputs for model ``name`` from torch's global generator: token ids below the vocabulary
+    for a language model, Gaussian images otherwise."""
+    shape = (n, *INPUT_SHAPES[name])
+    if name in TOKEN_INPUTS:
+        return torch.randint(0, TOKEN_INPUTS[name], shape, device=device)
+    return torch.randn(shape, device=device)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_mgs import median_ms  # noqa: E402
 from cuda_graphs import make_step  # noqa: E402
-from models import INPUT_SHAPES, MODELS  # noqa: E402
+from models import MODELS, make_input  # noqa: E402
 
 from mgs_torch.engines import factors  # noqa: E402
 from mgs_torch.op_fixes import use_transposed_convolution_backward  # noqa: E402
@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = MODELS[args.model]().to(device)
-    x = torch.randn(args.n, *INPUT_SHAPES[args.model], device=device)
+    x = make_input(args.model, args.n, device)
     y = torch.randint(0, 10, (args.n,), device=device)
     step = make_step(model, torch.optim.SGD(model.parameters(), lr=1e-6), x, y, args.variant)
     label = f"{args.model} n={args.n} {args.variant} on {args.device}" + (", transposed-conv" if args.transposed_conv else "")
