@@ -1,4 +1,5 @@
-"""Speed and memory of MGS kernels, traces and penalties: mgs_torch against straightforward torch.func.
+"""Speed and memory of MGS kernels, traces and penalties: mgs_torch against straightforward torch.func
+and against the per-sample-gradient libraries a user would otherwise reach for.
 
 Every configuration is measured side by side in one process: the same model, batch and optimizer,
 each method repeated and its median taken; ratios are to the plain training step (× plain) and to
@@ -7,12 +8,27 @@ NTK tutorial suggests: ``vmap(jacrev)`` per-sample Jacobians, contracted. "plain
 plain step on the batch repeated q times: the floor of any exact trace penalty, which needs q
 output-backward passes.
 
+Models (benchmarks/models.py): lenet5, fcn, resnet, cifar_cnn and vit by default; resnet18
+(torchvision's where it imports, else the same layout written out; 11.2 M parameters) and bert (a tiny
+BertForSequenceClassification from a config, on token ids; needs transformers, downloads nothing) on
+request with --models.
+
+Peers (benchmarks/peers.py), for the exact tr K without a graph: BackPACK's ``BatchL2Grad`` and
+Opacus' ``GradSampleModule`` (``pip install backpack-for-pytorch opacus``), each on a copy of the
+model, BatchNorm on running statistics. Each is run once and its tr K compared with
+``mgs_trace`` (relative 1e-4) before it is timed: a peer that refuses the model's layers is
+recorded as "unsupported", one that runs but disagrees as "mismatch", with the reason, and neither
+is timed. They are on by default where they import (``--no-peers`` leaves them out); their rows
+are compared with "tr K (no graph), naive" like mgs_torch's, and a second table puts each beside
+"tr K (no graph), mgs_torch".
+
 Peak memory (from a state holding no ``.grad`` buffers, so a step's own gradients count): on CUDA,
 ``torch.cuda.max_memory_allocated`` during one step minus the memory held before it; on the CPU, the rise of the process's resident-set high-water mark during one step
 (reset through /proc/self/clear_refs), which also counts allocator slack — read it as a ratio.
 
-    python benchmarks/bench_mgs.py                      # all models, n = 32 and 128; JSON to ./bench-results-<device>-<time>.json
+    python benchmarks/bench_mgs.py                      # the default models, n = 32 and 128; JSON to ./bench-results-<device>-<time>.json
     python benchmarks/bench_mgs.py --models lenet5 --batch 32 --repeats 5
+    python benchmarks/bench_mgs.py --models lenet5 fcn resnet18 vit bert --batch 8 --skip-slow --measure time
     python benchmarks/bench_mgs.py --json benchmarks/results-cpu.json   # replace the committed numbers (on purpose)
     python benchmarks/bench_mgs.py --from-json benchmarks/results-cpu.json   # the tables again, nothing measured
 """
@@ -42,7 +58,8 @@ from torch.func import functional_call, jacrev, vmap
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from models import INPUT_SHAPES, MODELS  # noqa: E402
+import peers  # noqa: E402
+from models import DEFAULT_MODELS, MODELS, make_input  # noqa: E402
 
 from mgs_torch import mgs_kernel, mgs_penalty, mgs_trace  # noqa: E402
 
@@ -188,14 +205,37 @@ def methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, q: int, include_
     return m, lambda: opt.zero_grad(set_to_none=True)
 
 
-def run_config(name: str, n: int, repeats: int, device: torch.device, include_slow: bool, measure: str = "both") -> list[dict]:
+def peer_rows(model: nn.Module, x: torch.Tensor, labels: list[str]) -> tuple[dict, dict[str, str]]:
+    """The peers' exact tr K (benchmarks/peers.py), each checked against mgs_trace before it is timed:
+    ({method: (compared with, callable)} for those that agree, {method: why not} for the others)."""
+    rows, refused = {}, {}
+    if not labels:
+        return rows, refused
+    reference = mgs_trace(model, x)
+    for label in labels:
+        fn, why = peers.prepare(label, model, x, reference)
+        method = f"tr K (no graph), {label}"
+        if fn is None:
+            refused[method] = why
+        else:
+            rows[method] = ("tr K (no graph), naive", fn)
+    return rows, refused
+
+
+def run_config(name: str, n: int, repeats: int, device: torch.device, include_slow: bool, measure: str = "both",
+               peer_labels: list[str] = ()) -> list[dict]:
     torch.manual_seed(0)
     model = MODELS[name]().to(device)
-    x = torch.randn(n, *INPUT_SHAPES[name], device=device)
+    x = make_input(name, n, device)
     y = torch.randint(0, 10, (n,), device=device)
     q = 10
     results = []
+    checked, refused = peer_rows(model, x, list(peer_labels))  # before any step moves the weights
     table, free_grads = methods(model, x, y, q, include_slow)
+    table = {**table, **checked}
+    params = sum(p.numel() for p in model.parameters())
+    for method, why in refused.items():
+        print(f"  {name:7s} n={n:<4d} {method:40s} {why}", flush=True, file=sys.stderr)
     for method in table:
         _, fn = table[method]
         reps = max(1, repeats // 3) if "naive" in method and ("logdet" in method or "penalty" in method) else repeats
@@ -210,18 +250,23 @@ def run_config(name: str, n: int, repeats: int, device: torch.device, include_sl
             torch.cuda.empty_cache()
             t, mem, oom = None, None, True
             print(f"  {name:7s} n={n:<4d} {method:40s} out of memory", flush=True, file=sys.stderr)
-        results.append({"model": name, "params": sum(p.numel() for p in model.parameters()), "n": n, "q": q,
+        results.append({"model": name, "params": params, "n": n, "q": q,
                         "method": method, "compared_with": table[method][0], "median_ms": t, "peak_mb": mem, "repeats": reps,
-                        **({"out_of_memory": True} if oom else {})})
+                        **({"peer": True} if method in checked else {}), **({"out_of_memory": True} if oom else {})})
         if oom:
             continue
         shown = [f"{t:9.2f} ms" if t is not None else "", f"peak {mem:.1f} MB" if mem is not None else ""]
         print(f"  {name:7s} n={n:<4d} {method:40s} " + "  ".join(x for x in shown if x), flush=True, file=sys.stderr)
+    for method, why in refused.items():  # a row that says why, where a time would be
+        results.append({"model": name, "params": params, "n": n, "q": q, "method": method,
+                        "compared_with": "tr K (no graph), naive", "median_ms": None, "peak_mb": None, "repeats": 0,
+                        "peer": True, "status": why})
     return results
 
 
 def add_ratios(results: list[dict]) -> None:
-    """× plain step, speed-up over the naive version of the same quantity (mgs_torch rows only), × plain peak memory."""
+    """× plain step, speed-up over the naive version of the same quantity (mgs_torch's and the peers' rows only),
+    × plain peak memory."""
     groups: dict[tuple, dict[str, dict]] = {}
     for r in results:
         groups.setdefault((r["model"], r["n"]), {})[r["method"]] = r
@@ -231,7 +276,8 @@ def add_ratios(results: list[dict]) -> None:
             timed = r["median_ms"] is not None and plain["median_ms"]
             r["x_plain"] = r["median_ms"] / plain["median_ms"] if timed else None
             ref = by.get(r["compared_with"])
-            ours = "mgs_torch" in r["method"]  # a speed-up is mgs_torch's against the naive route, never naive's own
+            # a speed-up is mgs_torch's (or a peer's) against the naive route, never naive's own
+            ours = "mgs_torch" in r["method"] or r.get("peer", False)
             r["x_naive"] = ref["median_ms"] / r["median_ms"] if ours and ref and timed and ref["median_ms"] else None
             r["x_plain_peak"] = r["peak_mb"] / plain["peak_mb"] if r["peak_mb"] and plain["peak_mb"] else None
 
@@ -241,7 +287,7 @@ def hutchinson_quality(name: str, n: int, device: torch.device, draws: int = 200
     mgs_torch's per-sample probes, Σ_i ‖Σ_a v_ia ∇θ f_a(x_i)‖² (no cross-sample terms)."""
     torch.manual_seed(0)
     model = MODELS[name]().to(device)
-    x = torch.randn(n, *INPUT_SHAPES[name], device=device)
+    x = make_input(name, n, device)
     exact = mgs_trace(model, x).item()
     gen = torch.Generator().manual_seed(0)
     ours = torch.tensor([mgs_trace(model, x, estimator="hutchinson", generator=gen).item() for _ in range(draws)])
@@ -268,10 +314,31 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         lines.append(
             f"| {r['model']} ({r['params']:,} p) | {r['n']} | {r['method']} | "
-            f"{'out of memory' if r.get('out_of_memory') else fmt(r['median_ms'])} | {fmt(r['x_plain'], 1)} | "
+            f"{'out of memory' if r.get('out_of_memory') else r['status'].split(':')[0] if r.get('status') else fmt(r['median_ms'])} | "
+            f"{fmt(r['x_plain'], 1)} | "
             f"{fmt(r['x_naive'], 1)} | {fmt(r['peak_mb'], 0)} | {fmt(r['x_plain_peak'], 1)} |"
         )
     return "\n".join(lines)
+
+
+def peer_table(results: list[dict]) -> str:
+    """tr K without a graph, side by side: mgs_torch against each peer on the same model and batch (empty without
+    peer rows). A peer that refused the model, or disagreed with mgs_trace, says so instead of a time."""
+    ours = {(r["model"], r["n"]): r for r in results if r["method"] == "tr K (no graph), mgs_torch"}
+    lines = []
+    for r in results:
+        mine = ours.get((r["model"], r["n"]))
+        if not r.get("peer") or mine is None:
+            continue
+        timed = r["median_ms"] is not None and mine["median_ms"]
+        peer_ms = r["status"] if r.get("status") else "–" if r["median_ms"] is None else f"{r['median_ms']:.2f}"
+        lines.append(f"| {r['model']} | {r['n']} | {r['method'].split(', ', 1)[1]} | {peer_ms} | "
+                     f"{'–' if mine['median_ms'] is None else format(mine['median_ms'], '.2f')} | "
+                     f"{format(r['median_ms'] / mine['median_ms'], '.1f') if timed else '–'} |")
+    if not lines:
+        return ""
+    return "\n".join(["| model | n | peer (tr K, no graph) | peer ms | mgs_torch ms | mgs_torch speed-up over the peer |",
+                      "|---|---|---|---:|---:|---:|", *lines])
 
 
 def cpu_peaks_in_subprocess(args) -> dict[tuple, float]:
@@ -281,12 +348,19 @@ def cpu_peaks_in_subprocess(args) -> dict[tuple, float]:
         out = Path(tmp) / "memory.json"
         cmd = [sys.executable, __file__, "--measure", "memory", "--json", str(out), "--models", *args.models,
                "--batch", *map(str, args.batch), "--device", "cpu"] + (["--skip-slow"] if args.skip_slow else [])
+        cmd += ["--peers"] if args.peers else ["--no-peers"]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
         rows = json.loads(out.read_text())["results"]
     return {(r["model"], r["n"], r["method"]): r["peak_mb"] for r in rows}
+
+
+def print_peers(results: list[dict]) -> None:
+    table = peer_table(results)
+    if table:
+        print("\n" + table)
 
 
 def print_quality(quality: list[dict]) -> None:
@@ -296,9 +370,24 @@ def print_quality(quality: list[dict]) -> None:
             print(f"| {r['model']} | {r['n']} | {r['estimator']} | {r['relative_std']:.3f} |")
 
 
+def peer_versions(labels: list[str]) -> dict[str, str]:
+    """Peer label -> the version of the library measured."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    dist = {"backpack": "backpack-for-pytorch", "opacus": "opacus"}
+    out = {}
+    for label in labels:
+        try:
+            out[label] = version(dist[peers.PEERS[label]])
+        except PackageNotFoundError:
+            out[label] = "unknown"
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS),
+                    help=f"default: {' '.join(DEFAULT_MODELS)}")
     ap.add_argument("--batch", nargs="+", type=int, default=[32, 128])
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -310,13 +399,23 @@ def main(argv=None) -> None:
                     help="where to write the raw numbers (default ./bench-results-<device>-<date-time>.json: never the "
                          "committed benchmarks/results-*.json unless named here)")
     ap.add_argument("--from-json", default=None, metavar="FILE", help="print the tables of a saved run; measure nothing")
+    ap.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
+                    help="tr K through BackPACK's BatchL2Grad and Opacus' per-sample gradients beside mgs_torch's "
+                         "(default: those that import)")
     args = ap.parse_args(argv)
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
         add_ratios(saved["results"])
         print(markdown(saved["results"]))
+        print_peers(saved["results"])
         print_quality(saved.get("hutchinson", []))
         return
+    found = peers.available()
+    for label, why in found.items():
+        if why and args.peers is not False:
+            print(f"# peer skipped: {label}: {why}", file=sys.stderr)
+    peer_labels = [label for label, why in found.items() if why is None] if args.peers is not False else []
+    args.peers = bool(peer_labels)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -324,14 +423,14 @@ def main(argv=None) -> None:
     machine = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
         "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-        "dtype": "float32", "alpha": ALPHA,
+        "dtype": "float32", "alpha": ALPHA, "peers": peer_versions(peer_labels),
     }
     print(f"# {machine['device']}, torch {machine['torch']}")
     out = Path(args.json or f"bench-results-{device.type}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     results = []
     for name in args.models:
         for n in args.batch:
-            results += run_config(name, n, args.repeats, device, not args.skip_slow, measure_here)
+            results += run_config(name, n, args.repeats, device, not args.skip_slow, measure_here, peer_labels)
             if measure_here != "memory":  # what is measured so far survives a run cut short by a time limit
                 out.write_text(json.dumps({"machine": machine, "results": results, "hutchinson": [], "partial": True}, indent=1))
     if measure_here == "time" and args.measure == "both":
@@ -345,6 +444,7 @@ def main(argv=None) -> None:
             quality += hutchinson_quality(name, min(args.batch), device)
     print()
     print(markdown(results))
+    print_peers(results)
     print_quality(quality)
     out.write_text(json.dumps({"machine": machine, "results": results, "hutchinson": quality}, indent=1))
     print(f"\nraw numbers: {out}")

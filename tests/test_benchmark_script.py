@@ -1,5 +1,7 @@
 """benchmarks/bench_mgs.py: never overwrites the committed numbers by default, prints no 'nan ms', and puts a
-speed-up over naive only on mgs_torch's rows (issue 11, item 8). Measurements are faked: this tests the script."""
+speed-up over naive only on mgs_torch's rows (issue 11, item 8); the models and peers of issue #22, item 6 run
+(resnet18's forward, the tiny BERT on token ids, the peers checked against mgs_trace before they are timed).
+Times are faked or not asserted on: this tests the script, never the speed."""
 
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def _rows(measure):
 def test_default_output_is_a_new_file_in_the_working_directory(bench, monkeypatch, tmp_path, capsys):
     before = hashlib.sha256(COMMITTED.read_bytes()).hexdigest()
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(bench, "run_config", lambda name, n, reps, device, slow, measure: _rows(measure))
+    monkeypatch.setattr(bench, "run_config", lambda name, n, reps, device, slow, measure, *peers: _rows(measure))
     monkeypatch.setattr(bench, "cpu_peaks_in_subprocess", lambda args: {})
     monkeypatch.setattr(bench, "hutchinson_quality", lambda name, n, device: [])
     bench.main(["--models", "fcn", "--batch", "2", "--device", "cpu"])
@@ -65,3 +67,137 @@ def test_from_json_reprints_the_committed_tables(bench, capsys):
     assert "| lenet5" in out and "nan" not in out.lower()
     naive_rows = [line for line in out.splitlines() if line.startswith("| ") and ", naive |" in line]
     assert naive_rows and all(line.split("|")[6].strip() == "–" for line in naive_rows)
+
+
+# ------------------------------------------------------------------ issue #22, item 6: models and peers
+
+FEW = ("plain step", "tr K (no graph), naive", "tr K (no graph), mgs_torch")
+
+
+@pytest.fixture
+def few_methods(bench, monkeypatch):
+    """The plain step and the two tr K rows the peers are compared with: the rest of the table is not needed to
+    exercise a model's inputs or the peers, and would only make the suite slower."""
+    full = bench.methods
+
+    def methods(*args):
+        table, free = full(*args)
+        return {k: v for k, v in table.items() if k in FEW}, free
+
+    monkeypatch.setattr(bench, "methods", methods)
+    return bench
+
+
+def test_resnet18_and_bert_are_registered_and_take_their_inputs(bench):
+    from models import DEFAULT_MODELS, MODELS, make_input
+
+    assert {"resnet18", "bert", "vit"} <= set(MODELS) and set(DEFAULT_MODELS) <= set(MODELS)
+    assert "resnet18" not in DEFAULT_MODELS and "bert" not in DEFAULT_MODELS  # the committed numbers' set stays as it was
+    x = make_input("resnet18", 1)
+    assert x.dtype == bench.torch.float32 and x.shape == (1, 3, 32, 32)
+    with bench.torch.no_grad():
+        assert MODELS["resnet18"]().eval()(x).shape == (1, 10)  # torchvision's, or the same layout written out
+    pytest.importorskip("transformers")
+    ids = make_input("bert", 3)
+    assert ids.dtype == bench.torch.int64 and ids.shape == (3, 16) and 0 <= int(ids.min()) and int(ids.max()) < 100
+    model = MODELS["bert"]()
+    assert model(ids).shape == (3, 10)
+    assert not any(m.p for m in model.modules() if isinstance(m, bench.nn.Dropout))  # one deterministic function
+
+
+def test_bert_runs_through_the_benchmark(few_methods, capsys):
+    pytest.importorskip("transformers")
+    rows = few_methods.run_config("bert", 2, 1, few_methods.torch.device("cpu"), False, "time")
+    assert [r["method"] for r in rows] == list(FEW)
+    assert all(r["median_ms"] is not None and r["params"] == rows[0]["params"] for r in rows)
+    few_methods.add_ratios(rows)
+    assert rows[2]["x_naive"] is not None and rows[1]["x_naive"] is None
+    assert "| bert (" in few_methods.markdown(rows)
+
+
+def _fake_peers(bench, monkeypatch):
+    """Three stand-in peers (the real ones are optional and absent in CI): one right, one refusing the model,
+    one off by a factor of two."""
+    def right(model):
+        return lambda x: bench.naive_trace(model, x)
+
+    def refuses(model):
+        raise NotImplementedError("no extension for this layer")
+
+    def wrong(model):
+        return lambda x: 2 * bench.naive_trace(model, x)
+
+    prepare = {"Right": right, "Refuses": refuses, "Wrong": wrong}
+    monkeypatch.setattr(bench.peers, "PREPARE", prepare)
+    monkeypatch.setattr(bench.peers, "PEERS", {label: "math" for label in prepare})
+    return list(prepare)
+
+
+def test_peers_are_checked_against_mgs_trace_before_they_are_timed(few_methods, monkeypatch, capsys):
+    bench = few_methods
+    labels = _fake_peers(bench, monkeypatch)
+    rows = bench.run_config("lenet5", 2, 1, bench.torch.device("cpu"), False, "time", labels)
+    by = {r["method"]: r for r in rows}
+    right, refuses, wrong = (by[f"tr K (no graph), {label}"] for label in labels)
+    assert right["median_ms"] is not None and right["peer"] and "status" not in right
+    assert refuses["median_ms"] is None and refuses["status"].startswith("unsupported: NotImplementedError")
+    assert wrong["median_ms"] is None and wrong["status"].startswith("mismatch: tr K")
+    bench.add_ratios(rows)
+    assert right["x_naive"] is not None  # compared with the naive tr K, like mgs_torch's row
+    table = bench.markdown(rows)
+    assert "| unsupported |" in table and "| mismatch |" in table and "nan" not in table.lower()
+    side = bench.peer_table(rows).splitlines()
+    assert len(side) == 2 + 3 and "mgs_torch speed-up over the peer" in side[0]
+    assert side[2].split("|")[6].strip() not in ("", "–") and side[3].split("|")[6].strip() == "–"
+
+
+def test_main_runs_the_peers_that_import_and_says_which_do_not(bench, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench.peers, "PEERS", {"Here": "math", "Absent": "no_such_module_mgs"})
+    seen = {}
+
+    def run_config(name, n, reps, device, slow, measure, peer_labels=()):
+        seen["peers"] = list(peer_labels)
+        return _rows(measure)
+
+    monkeypatch.setattr(bench, "run_config", run_config)
+    monkeypatch.setattr(bench, "hutchinson_quality", lambda name, n, device: [])
+    monkeypatch.setattr(bench, "peer_versions", lambda labels: {})
+    out = tmp_path / "r.json"
+    bench.main(["--models", "fcn", "--batch", "2", "--device", "cpu", "--measure", "time", "--json", str(out)])
+    assert seen["peers"] == ["Here"]
+    assert "peer skipped: Absent: no_such_module_mgs not importable" in capsys.readouterr().err
+    bench.main(["--models", "fcn", "--batch", "2", "--device", "cpu", "--measure", "time", "--json", str(out), "--no-peers"])
+    assert seen["peers"] == [] and "peer skipped" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("label", ["BackPACK BatchL2Grad", "Opacus per-sample grads"])
+@pytest.mark.parametrize("name", ["lenet5", "fcn"])
+def test_installed_peer_trace_equals_mgs_trace(bench, label, name):
+    """The real peers, where installed: their tr K on the models both support is mgs_trace's, and stays so on a
+    second call (nothing accumulates between calls)."""
+    pytest.importorskip(bench.peers.PEERS[label])
+    from models import MODELS, make_input
+
+    torch = bench.torch
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    x = make_input(name, 3)
+    reference = bench.mgs_trace(model, x)
+    fn, why = bench.peers.prepare(label, model, x, reference)
+    assert why is None
+    for _ in range(2):
+        torch.testing.assert_close(fn(), reference, rtol=1e-4, atol=0)
+    assert not any(hasattr(m, "_backpack_extend") or hasattr(m, "autograd_grad_sample_hooks") for m in model.modules())
+
+
+def test_installed_backpack_on_batchnorm_and_its_refusal_of_the_vit(bench):
+    pytest.importorskip("backpack")
+    from models import MODELS, make_input
+
+    bench.torch.manual_seed(0)
+    for name, ok in (("resnet", True), ("vit", False)):
+        model = MODELS[name]()
+        x = make_input(name, 2)
+        fn, why = bench.peers.prepare("BackPACK BatchL2Grad", model, x, bench.mgs_trace(model, x))
+        assert (fn is not None) == ok, why
+        assert ok or why.startswith("unsupported: NotImplementedError")  # the ViT's bare Parameters get no batch_l2
