@@ -14,7 +14,7 @@ import dataclasses
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Union
+from typing import Callable, Union
 
 import torch
 from torch import Tensor, nn
@@ -137,15 +137,6 @@ class KernelProblem:
         with fresh_caches(self.model):  # what a first call computes (see _guards.fresh_caches)
             return own(self.model, inputs).reshape(inputs[0].shape[0], -1)
 
-    def restrict(self, names: Iterable[str], *, strict_randomness: bool = False) -> "KernelProblem":
-        """The same problem with only ``names`` differentiated; the rest join ``frozen``."""
-        names = set(names)
-        keep = {k: v for k, v in self.params.items() if k in names}
-        rest = {k: v for k, v in self.params.items() if k not in names}
-        return dataclasses.replace(
-            self, params=keep, frozen={**self.frozen, **rest}, signature=self.signature + (tuple(sorted(names)),),
-            strict_randomness=strict_randomness,
-        )
 
 
 def functional_call_names(model: nn.Module) -> tuple[tuple[str, str], ...]:

@@ -419,19 +419,28 @@ def test_a_half_precision_log_det_asks_for_float32_before_computing_anything():
 class CompilerFailure(nn.Module):
     """A forward that raises what torch.compile's machinery raises, only inside torch.func transforms."""
 
-    def __init__(self):
+    def __init__(self, error: type = torch._dynamo.exc.TorchRuntimeError):
         super().__init__()
-        self.fc = nn.Linear(3, 2)
+        self.fc, self.error = nn.Linear(3, 2), error
 
     def forward(self, x):
         if torch._C._functorch.maybe_current_level() is not None:
-            raise torch._dynamo.exc.TorchRuntimeError("inductor could not lower this graph")
+            raise self.error("inductor could not lower this graph")
         return self.fc(x)
 
 
-def test_a_compiler_failure_is_never_blamed_on_a_layer():
-    with pytest.raises(torch._dynamo.exc.TorchRuntimeError) as info:
-        mgs_kernel(CompilerFailure().double(), torch.randn(2, 3, dtype=D), strategy="jacobian")
+# an exception class of each part of the compiler (Dynamo, Inductor, AOTAutograd), as its module names it
+COMPILER_ERRORS = [
+    torch._dynamo.exc.TorchRuntimeError,
+    type("LoweringException", (RuntimeError,), {"__module__": "torch._inductor.exc"}),
+    type("AOTAutogradFailure", (RuntimeError,), {"__module__": "torch._functorch._aot_autograd.runtime_wrappers"}),
+]
+
+
+@pytest.mark.parametrize("error", COMPILER_ERRORS, ids=lambda e: e.__module__)
+def test_a_compiler_failure_is_never_blamed_on_a_layer(error):
+    with pytest.raises(error) as info:
+        mgs_kernel(CompilerFailure(error).double(), torch.randn(2, 3, dtype=D), strategy="jacobian")
     assert not isinstance(info.value, UnsupportedLayerError)
     assert any("torch.compile" in note for note in getattr(info.value, "__notes__", []))
 

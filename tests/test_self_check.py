@@ -101,6 +101,7 @@ def test_replays_of_wrong_op_replacements_are_caught_before_a_number_is_returned
     with pytest.raises(SelfCheckError, match=r"set_self_check\(False\)") as info:
         mgs_kernel(model, inputs, strategy=strategy)
     assert info.value.report.errors["rows"] > 1e-3
+    assert str(info.value) == info.value.args[0]  # the message alone, not a tuple with the report
 
 
 def test_a_replay_of_the_spectral_norm_state_bug_is_caught(monkeypatch):

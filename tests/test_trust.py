@@ -554,11 +554,12 @@ def _interacting_models():
 
 @pytest.mark.parametrize("name", ["batch_centred", "softmax_over_batch", "sorted_over_batch"])
 @pytest.mark.parametrize("strategy", ["jacobian", "structured"])
-def test_interacting_samples_are_reported_and_batch_mode_differentiates_the_batch(name, strategy):
+@pytest.mark.parametrize("n", [2, 4])
+def test_interacting_samples_are_reported_and_batch_mode_differentiates_the_batch(name, strategy, n):
     from mgs_torch import _warnings
 
     model = _interacting_models()[name]
-    x = torch.randn(4, 3, dtype=torch.float64)
+    x = torch.randn(n, 3, dtype=torch.float64)  # two samples interact already
     key = f"samples-interact-{type(model).__qualname__}"
     _warnings._warned.discard(key)
     with pytest.warns(RuntimeWarning, match="samples interact") as caught:
@@ -758,3 +759,28 @@ def test_a_per_sample_scalar_roll_is_the_identity_inside_mgs():
     model, x = ScalarRoll().double(), torch.randn(3, 3, dtype=torch.float64)
     for strategy in ("jacobian", "structured"):
         assert relative_error(mgs_kernel(model, x, strategy=strategy), kernel_loop(model, x)) < 1e-12
+
+
+def test_per_model_caches_keep_at_most_their_size_and_drop_the_oldest():
+    """Plans and output shapes are cached per model and key: a model called on ever new shapes must not grow them
+    without bound, and a key written again is updated in place (it does not push an older one out)."""
+    from mgs_torch._problem import PerModelCache
+
+    cache, model = PerModelCache(size=3), nn.Linear(2, 2)
+    for key in range(5):
+        cache.put(model, key, f"value {key}")
+    assert [cache.get(model, k) for k in range(5)] == [None, None, "value 2", "value 3", "value 4"]
+    cache.put(model, 3, "updated")
+    assert [cache.get(model, k) for k in (2, 3, 4)] == ["value 2", "updated", "value 4"]
+
+
+@pytest.mark.parametrize("strategy", ["jacobian", "structured", "auto"])
+def test_dropout_in_training_is_not_taken_for_interacting_samples(strategy):
+    """Each sample draws its own Dropout mask, so its outputs alone differ from its outputs in the batch:
+    the interaction check must not run on random forwards (no warning, the per-sample route)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 2)).double().train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        K = mgs_kernel(model, torch.randn(5, 3, dtype=torch.float64), strategy=strategy)
+    assert K.shape == (10, 10)
