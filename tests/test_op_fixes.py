@@ -647,16 +647,18 @@ def test_replacement_is_faithful_to_the_public_op(op):
 
 # the torch.* aliases: builtins without a Python signature or docstring; their defaults are in the ATen schema
 ATEN_ALIASES = {torch.layer_norm: "aten::layer_norm", torch.native_layer_norm: "aten::native_layer_norm",
-                torch.instance_norm: "aten::instance_norm", torch.batch_norm: "aten::batch_norm"}
+                torch.instance_norm: "aten::instance_norm", torch.batch_norm: "aten::batch_norm",
+                torch.fused_moving_avg_obs_fake_quant: "aten::fused_moving_avg_obs_fake_quant"}
 
 
 @pytest.mark.parametrize("op", list(ATEN_ALIASES), ids=_name)
 def test_alias_replacement_has_the_aten_schemas_arguments_and_defaults(op):
     """``torch.layer_norm(x, shape)`` leaves eps out: the replacement's default must be ATen's (the faithfulness
-    cases call the aliases with every argument, so a wrong default passed them)."""
+    cases call the aliases with every argument, so a wrong default passed them). The same for the fused
+    FakeQuantize op, which has no Python signature either."""
     (schema,) = [s for s in torch._C._jit_get_schemas_for_operator(ATEN_ALIASES[op]) if s.overload_name == ""]
     params = list(inspect.signature(REPLACED_OPS[op]).parameters.values())
-    assert [p.name for p in params] == [a.name for a in schema.arguments]
+    assert [p.name for p in params] == [{"self": "input"}.get(a.name, a.name) for a in schema.arguments]
     for p, a in zip(params, schema.arguments):
         assert (p.default is not inspect.Parameter.empty) == a.has_default_value(), p.name
         if a.has_default_value():
@@ -736,3 +738,19 @@ def test_embedding_bag_with_2d_input_and_offsets_raises_as_the_public_op():
         REPLACED_OPS[F.embedding_bag](idx, torch.randn(6, 3), offsets=offsets)
     with pytest.raises(ValueError, match="offsets"):
         mgs_kernel(Bags(), idx, strategy="jacobian")
+
+
+def test_multi_head_attention_replacement_returns_the_weights_when_need_weights_is_left_out():
+    """need_weights defaults to True in F.multi_head_attention_forward: called without it, the replacement must
+    return the averaged attention weights as the public op does (not None)."""
+    torch.manual_seed(0)
+    d, heads = 4, 2
+    q = torch.randn(3, 2, d, dtype=torch.float64)  # (length, batch, embed)
+    args = (q, q, q, d, heads, torch.randn(3 * d, d, dtype=torch.float64), torch.randn(3 * d, dtype=torch.float64),
+            None, None, False, 0.0, torch.randn(d, d, dtype=torch.float64), torch.randn(d, dtype=torch.float64))
+    theirs = F.multi_head_attention_forward(*args)
+    ours = REPLACED_OPS[F.multi_head_attention_forward](*args)
+    assert theirs[1] is not None and ours[1] is not None
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-12, atol=1e-12)
+    assert REPLACED_OPS[F.multi_head_attention_forward](*args, need_weights=False)[1] is None
