@@ -9,6 +9,9 @@ that is wrong, imprecise, or rescaled by definition; the loop computes them as t
   (a map turned into tokens).
 * ``F.hardsigmoid``: relu6(x + 3) / 6. PyTorch's CPU derivative multiplies by a single-precision 1/6 even in
   float64 (3·10⁻⁸ off), and it has no double backward.
+* ``F.prelu``: where(x > 0, x, w·x). PyTorch's first derivative at an input of exactly 0 is the slope w, but its
+  double backward there is not the derivative of that first derivative (off by the zero inputs' share), so the
+  penalty gradient of a PReLU fed exact zeros (a zero sample through a layer without bias) would not be checked.
 * ``F.embedding`` / ``F.embedding_bag`` with ``scale_grad_by_freq=True``: autograd reports the gradient divided
   by each index's count in the batch, which is not the function's derivative; MGS uses the function's derivative
   (``sparse=True`` only changes the gradient's layout).
@@ -28,7 +31,7 @@ __all__ = ["LoopFormulas", "FloatingDtypes", "lowest_precision"]
 
 
 class LoopFormulas(TorchFunctionMode):
-    """The loop's instance norm, hardsigmoid and embeddings, as the formulas and definitions above."""
+    """The loop's instance norm, hardsigmoid, PReLU and embeddings, as the formulas and definitions above."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -38,6 +41,10 @@ class LoopFormulas(TorchFunctionMode):
             x = args[0] if args else kwargs["input"]
             y = F.relu6(x + 3.0) / 6.0
             return x.copy_(y) if (args[1:2] or [kwargs.get("inplace", False)])[0] else y
+        if func is F.prelu:
+            x, w = (list(args) + [kwargs.get(k) for k in ("input", "weight")[len(args):]])[:2]
+            w = w.reshape(()) if w.numel() == 1 else w if x.dim() < 2 else w.reshape((1, -1) + (1,) * (x.dim() - 2))
+            return torch.where(x > 0, x, w * x)
         if func in (F.embedding, F.embedding_bag) and (kwargs.get("scale_grad_by_freq") or kwargs.get("sparse")):
             kwargs = {**kwargs, "scale_grad_by_freq": False, "sparse": False}
         return func(*args, **kwargs)

@@ -14,7 +14,7 @@ import dataclasses
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Union
+from typing import Callable, Union
 
 import torch
 from torch import Tensor, nn
@@ -137,15 +137,6 @@ class KernelProblem:
         with fresh_caches(self.model):  # what a first call computes (see _guards.fresh_caches)
             return own(self.model, inputs).reshape(inputs[0].shape[0], -1)
 
-    def restrict(self, names: Iterable[str], *, strict_randomness: bool = False) -> "KernelProblem":
-        """The same problem with only ``names`` differentiated; the rest join ``frozen``."""
-        names = set(names)
-        keep = {k: v for k, v in self.params.items() if k in names}
-        rest = {k: v for k, v in self.params.items() if k not in names}
-        return dataclasses.replace(
-            self, params=keep, frozen={**self.frozen, **rest}, signature=self.signature + (tuple(sorted(names)),),
-            strict_randomness=strict_randomness,
-        )
 
 
 def functional_call_names(model: nn.Module) -> tuple[tuple[str, str], ...]:
@@ -179,6 +170,13 @@ def call_with(model: nn.Module, state: dict[str, Tensor], inputs: tuple, names: 
     """
     substitute = {path: state[name] for path, name in names if name in state}
     return call(lambda *args, **kwargs: functional_call(model, substitute, args, kwargs, tie_weights=False), inputs)
+
+
+def _batch_statistics(m: nn.Module) -> bool:
+    """Whether a BatchNorm normalises with the batch's statistics, by PyTorch's own rule (``_BatchNorm.forward``):
+    in training, or in eval mode when it holds no running statistics (``track_running_stats=False`` at
+    construction). A flag set to False later leaves the statistics in place, and eval mode uses them."""
+    return m.training or (m.running_mean is None and m.running_var is None)
 
 
 def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
@@ -236,13 +234,13 @@ def build_problem(
     bns = [m for m in model.modules() if isinstance(m, BATCH_NORM_TYPES)]
     if batch_norm == "eval":
         for m in bns:
-            if not m.track_running_stats or m.running_mean is None:
+            if _batch_statistics(m):
                 raise ValueError(
                     f"{type(m).__name__} without running statistics normalises with batch statistics even "
                     f"in eval mode, so a per-sample kernel is undefined; pass batch_norm='batch' for the "
                     f"Jacobian of the whole-batch function"
                 )
-    per_sample = not any(m.training or not m.track_running_stats or m.running_mean is None for m in bns)
+    per_sample = not any(_batch_statistics(m) for m in bns)
     stochastic = any(isinstance(m, _DROPOUT_TYPES) and m.training and m.p > 0 for m in model.modules())
 
     owners = {}

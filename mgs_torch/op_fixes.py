@@ -111,7 +111,7 @@ def explained_failures(model, strategy: str) -> Iterator[None]:
                 f"this op; the kernel, tr K and the metrics are exact (mgs_kernel, mgs_trace). Leave the parameters whose "
                 f"gradient passes through it out with params=..., or write the op as a composition of standard ops."
             ) from error
-        if "being transformed by a functorch transform" in str(error) or "autograd.functional" in str(error):
+        if "being transformed by a functorch transform" in str(error):  # torch.autograd.grad, requires_grad_(), autograd.functional
             raise autograd_in_forward_error(model, error) from error
         if "_nested_tensor_from_mask" in str(error):
             raise UnsupportedLayerError(
@@ -259,9 +259,10 @@ def torch_batch_norm(input, weight, bias, running_mean, running_var, training, m
 
 
 def prelu(input, weight):
-    # one shared slope keeps the input's shape (a 0-d input stays 0-d, as in the public op)
+    # one shared slope keeps the input's shape (a 0-d input stays 0-d, as in the public op); at an input of exactly
+    # 0 the derivative is the slope, as PyTorch's (prelu_backward takes the identity branch for input > 0 only)
     w = weight.reshape(()) if weight.numel() == 1 else weight if input.dim() < 2 else _channel_view(weight, input)
-    return torch.where(input >= 0, input, w * input)
+    return torch.where(input > 0, input, w * input)
 
 
 def _in_place(input: Tensor, result: Tensor, inplace: bool) -> Tensor:
@@ -277,8 +278,8 @@ def hardsigmoid(input, inplace=False):
 def rrelu(input, lower=1.0 / 8, upper=1.0 / 3, training=False, inplace=False):
     if not training:
         return F.leaky_relu(input, (lower + upper) / 2, inplace)
-    slope = lower + (upper - lower) * torch.rand_like(input)
-    return _in_place(input, torch.where(input >= 0, input, slope * input), inplace)
+    slope = lower + (upper - lower) * torch.rand_like(input)  # drawn for inputs <= 0, as rrelu_with_noise does
+    return _in_place(input, torch.where(input > 0, input, slope * input), inplace)
 
 
 # ---------------------------------------------------------------------------------- embeddings
@@ -302,9 +303,17 @@ def _padding_index(padding_idx, weight: Tensor) -> int | None:
 
 
 def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False):
+    """The rows of ``weight``; those at ``padding_idx`` are constants (PyTorch's gradient of the padding row is zero).
+
+    The padding entries are detached here rather than left to ``torch.embedding``'s padding argument: with the
+    weight batched per sample (the structured engine's parameter taps) that argument gave the padding row a
+    gradient (K 2-6 % off)."""
     _refuse_max_norm(max_norm)
     padding_idx = _padding_index(padding_idx, weight)
-    return torch.embedding(weight, input, -1 if padding_idx is None else padding_idx, False, False)
+    rows = torch.embedding(weight, input, -1, False, False)
+    if padding_idx is None:
+        return rows
+    return torch.where((input == padding_idx).unsqueeze(-1), rows.detach(), rows)
 
 
 def embedding_bag(
@@ -312,6 +321,11 @@ def embedding_bag(
     per_sample_weights=None, include_last_offset=False, padding_idx=None,
 ):
     _refuse_max_norm(max_norm)
+    if input.dim() == 2 and offsets is not None:
+        raise ValueError(  # the public op's own refusal
+            f"if input is 2D, then offsets has to be None, as input is treated is a mini-batch of fixed length "
+            f"sequences. However, found offsets of type {type(offsets)}"
+        )
     if input.dim() != 2 or offsets is not None:
         raise UnsupportedLayerError(
             "EmbeddingBag with 1-D input and offsets packs several samples into one row, so the "

@@ -187,7 +187,7 @@ def _verify(model: nn.Module, inputs: Inputs, *, samples: int, strategy: str, pa
         params = list(select_parameters(model, params))
     try:
         with preserved_state(ref_model, "eval"), explained_failures(ref_model, strategy):
-            problem = build_problem(ref_model, call.inputs(xs), params=params, logits=logits)
+            problem = build_problem(ref_model, call.inputs(xs), params=params, logits=logits, batch_norm="eval")
             report.samples_interact = problem.samples_interact
             whole_batch = not problem.per_sample
             if whole_batch:

@@ -16,6 +16,7 @@ import functools
 
 import pytest
 import torch
+from torch import nn
 
 from model_zoo import CASES, Case, build
 from reference import kernel_loop, penalty_grad_fd, penalty_grad_loop, relative_error, trainable
@@ -153,6 +154,31 @@ def test_transposed_convolution_backward_matches_the_loop(case: Case, strategy: 
         audit(case, strategy)
     finally:
         use_transposed_convolution_backward(False)
+
+
+@pytest.mark.parametrize("strategy", ["jacobian", "structured"])
+@pytest.mark.parametrize("selected", ["first convolution", "second convolution's bias"])
+def test_transposed_convolution_backward_with_frozen_weights(selected: str, strategy: str):
+    """The opt-in replacement returns an input-gradient exactly when its input needs one, whether or not its own
+    weight is differentiated: params= leaves the second convolution's weight frozen (no gradient) while the first
+    convolution's J passes through it, and a first convolution whose input needs no gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Conv2d(3, 2, 2, stride=2), nn.Flatten(), nn.Linear(8, 2)).double()
+    x = torch.randn(3, 2, 7, 7, dtype=torch.float64)
+    params = [model[0].weight, model[0].bias] if selected == "first convolution" else [model[2].bias]
+    use_transposed_convolution_backward(True)
+    try:
+        K = mgs_kernel(model, x, params=params, strategy=strategy)
+        value = mgs_penalty(model, x, params=params, strategy=strategy, reduction="sum")
+        grads = torch.autograd.grad(value, list(model.parameters()), allow_unused=True)
+    finally:
+        use_transposed_convolution_backward(False)
+    expected = kernel_loop(model, x, params, create_graph=True)
+    assert relative_error(K, expected.detach()) <= TOL
+    theirs = torch.autograd.grad(expected.trace(), list(model.parameters()), allow_unused=True)
+    for g, e, p in zip(grads, theirs, model.parameters()):  # ∂ tr K reaches the frozen weights too
+        g, e = (torch.zeros_like(p) if t is None else t for t in (g, e))
+        assert float((g - e).norm()) <= TOL * max(float(e.norm()), 1.0)
 
 
 OPTION_CASES = ["folded_sequence", "permuted_batch", "lstm_tm_tagger", "encoder_layer_default", "batchnorm2d_batch", "layernorm_twice", "tied_weights"]

@@ -190,3 +190,20 @@ def test_non_finite_outputs_after_a_cached_call_raise_too(call, strategy, whole_
         model[0].weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteOutputError, match="non-finite outputs"):
         call(model, x, strategy=strategy, **kw)
+
+
+@pytest.mark.parametrize("strategy", ["jacobian", "structured", "auto"])
+def test_batch_norm_whose_flag_was_turned_off_later_keeps_its_running_statistics_in_eval(strategy):
+    """PyTorch's rule: in eval mode a BatchNorm normalises with batch statistics only when it has no running
+    statistics. Setting track_running_stats = False after construction leaves them there, eval mode still uses
+    them, and the per-sample kernel is defined (it used to be refused as if they were missing)."""
+    from reference import kernel_loop, relative_error
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Tanh(), nn.Linear(3, 2)).double()
+    model.train()(torch.randn(16, 4, dtype=torch.float64))  # running statistics that are not 0 and 1
+    model.eval()
+    model[1].track_running_stats = False
+    x = torch.randn(5, 4, dtype=torch.float64)
+    assert torch.allclose(model(x)[:1], model(x[:1]))  # a sample alone as in the batch: no batch statistics
+    assert relative_error(mgs_kernel(model, x, strategy=strategy), kernel_loop(model, x)) < 1e-12

@@ -258,3 +258,22 @@ def test_fake_quantize_works_with_its_observer_off():
     model.apply(disable_observer)
     report = verify(model, X, samples=3)
     assert report.ok, report
+
+
+def test_a_failure_only_under_the_op_replacements_is_not_called_autograd_in_forward(monkeypatch):
+    """The validation forward fails; model(x) runs with gradients on, but so must the forward under mgs_torch's
+    op replacements before the error is put down to torch.autograd inside forward — here a replacement is what
+    fails, and the original error is explained instead (never the force-field advice)."""
+    import torch.nn.functional as F
+    from mgs_torch.op_fixes import REPLACED_OPS
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the hardsigmoid replacement failed")
+
+    monkeypatch.setitem(REPLACED_OPS, F.hardsigmoid, broken)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Hardsigmoid(), nn.Linear(4, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    model(x)  # the model itself runs
+    with pytest.raises(UnsupportedLayerError, match="the hardsigmoid replacement failed") as info:
+        mgs_kernel(model, x, strategy="jacobian")
+    assert "torch.func.grad" not in str(info.value) and "fails on these inputs" not in str(info.value)

@@ -177,16 +177,50 @@ def test_a_hook_or_forward_added_after_a_first_call_is_seen(change, strategy):
     assert_exact(two_layer(), x, strategy)  # and again without the change
 
 
-def test_a_stale_plan_is_caught_at_run_time_even_if_the_cache_key_collides(monkeypatch):
+@pytest.mark.parametrize("change", ["global hook", "global pre-hook", "module hook", "module pre-hook", "instance forward"])
+def test_a_stale_plan_is_caught_at_run_time_even_if_the_cache_key_collides(monkeypatch, change):
     """Cache keys hold ids, which Python may reuse: the structured engine re-checks at every forward that no
-    covered layer gained a hook or a patched forward since planning."""
+    covered layer gained a hook (global, forward or pre-forward) or a patched forward since planning."""
     from mgs_torch import _problem
 
     monkeypatch.setattr(_problem, "forward_structure", lambda model: ())
     model, x = two_layer(), torch.randn(4, 3, dtype=D)
     mgs_kernel(model, x, strategy="structured")
-    with torch.nn.modules.module.register_module_forward_hook(_doubling_hook):
+    if change == "instance forward":
+        original = model[0].forward
+        model[0].forward = lambda t: original(t) * 3
         assert_exact(model, x, "structured")
+        return
+    if change == "global hook":
+        handle = torch.nn.modules.module.register_module_forward_hook(_doubling_hook)
+    elif change == "global pre-hook":
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(
+            lambda m, args: (args[0] * 2,) if isinstance(m, nn.Tanh) else None)
+    elif change == "module hook":
+        handle = model[0].register_forward_hook(_doubling_hook)
+    else:
+        handle = model[0].register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    with handle:
+        assert_exact(model, x, "structured")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_hook_that_mixes_rows_breaks_the_row_wise_proof(strategy):
+    """A plain Sequential of row-wise layers runs as one batched forward (no per-sample vmap), but a hook on its
+    parameter-free Tanh centres the batch: the proof must not hold, and K stays the per-sample kernel (each
+    sample alone, as documented for interacting samples)."""
+    import warnings
+
+    from mgs_torch import _warnings
+
+    model = two_layer()
+    model[1].register_forward_hook(lambda m, args, out: out - out.mean(0, keepdim=True))
+    x = torch.randn(4, 3, dtype=D)
+    _warnings._warned.discard("samples-interact-Sequential")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*samples interact.*")
+        K = mgs_kernel(model, x, strategy=strategy)
+    assert relative_error(K, kernel_loop(model, x, batch_of_one=True)) < 1e-10
 
 
 # ----------------------------------------------------------------------------------- forwards with state
@@ -391,6 +425,44 @@ def test_cross_map_lrn2d_is_exact(size, strategy):
     assert_gradients_match(ours, penalty_grad_loop(twin, x, "trace"), trainable(model))
 
 
+def test_cross_map_lrn2d_is_left_as_it_was_and_named_by_verify():
+    """The exact forward is an instance attribute only while mgs_torch runs: none is left behind, and verify
+    lists the module among what it replaced."""
+    from mgs_torch import verify
+
+    x = torch.randn(3, 2, 4, 4, dtype=D)
+    model = lrn_model(nn.CrossMapLRN2d(3, alpha=0.3, beta=0.75, k=1.5))
+    mgs_kernel(model, x)
+    assert "forward" not in vars(model[1])
+    report = verify(model, x)
+    assert report.ok and "CrossMapLRN2d" in report.replaced_ops, str(report)
+    assert "forward" not in vars(model[1])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_cross_map_lrn2d_whose_forward_the_user_patched_keeps_the_patch(strategy):
+    """An instance forward the user set is the model's function: mgs_torch must differentiate it (it runs
+    CrossMapLRN2d's own forward, refused with advice or computed through the reference route) and leave it set."""
+    x = torch.randn(3, 2, 4, 4, dtype=D)
+    layer = nn.CrossMapLRN2d(3, alpha=0.3, beta=0.75, k=1.5)
+    twin_layer = LoopCrossMapLRN2d(3, alpha=0.3, beta=0.75, k=1.5)
+    layer.forward = lambda t: twin_layer(t) * 2  # the user's own forward: twice the transliterated one
+    model, twin = lrn_model(layer), lrn_model(twin_layer)
+    twin[1] = Scaled(twin_layer, 2.0)
+    assert torch.allclose(model(x), twin(x), rtol=1e-13, atol=1e-13)
+    assert relative_error(mgs_kernel(model, x, strategy=strategy), kernel_loop(twin, x)) < 1e-10
+    assert "forward" in vars(layer)
+
+
+class Scaled(nn.Module):
+    def __init__(self, inner, factor):
+        super().__init__()
+        self.inner, self.factor = inner, factor
+
+    def forward(self, t):
+        return self.inner(t) * self.factor
+
+
 def test_transformer_encoder_in_eval_mode_with_a_padding_mask_gets_advice_that_works():
     torch.manual_seed(0)
 
@@ -419,19 +491,28 @@ def test_a_half_precision_log_det_asks_for_float32_before_computing_anything():
 class CompilerFailure(nn.Module):
     """A forward that raises what torch.compile's machinery raises, only inside torch.func transforms."""
 
-    def __init__(self):
+    def __init__(self, error: type = torch._dynamo.exc.TorchRuntimeError):
         super().__init__()
-        self.fc = nn.Linear(3, 2)
+        self.fc, self.error = nn.Linear(3, 2), error
 
     def forward(self, x):
         if torch._C._functorch.maybe_current_level() is not None:
-            raise torch._dynamo.exc.TorchRuntimeError("inductor could not lower this graph")
+            raise self.error("inductor could not lower this graph")
         return self.fc(x)
 
 
-def test_a_compiler_failure_is_never_blamed_on_a_layer():
-    with pytest.raises(torch._dynamo.exc.TorchRuntimeError) as info:
-        mgs_kernel(CompilerFailure().double(), torch.randn(2, 3, dtype=D), strategy="jacobian")
+# an exception class of each part of the compiler (Dynamo, Inductor, AOTAutograd), as its module names it
+COMPILER_ERRORS = [
+    torch._dynamo.exc.TorchRuntimeError,
+    type("LoweringException", (RuntimeError,), {"__module__": "torch._inductor.exc"}),
+    type("AOTAutogradFailure", (RuntimeError,), {"__module__": "torch._functorch._aot_autograd.runtime_wrappers"}),
+]
+
+
+@pytest.mark.parametrize("error", COMPILER_ERRORS, ids=lambda e: e.__module__)
+def test_a_compiler_failure_is_never_blamed_on_a_layer(error):
+    with pytest.raises(error) as info:
+        mgs_kernel(CompilerFailure(error).double(), torch.randn(2, 3, dtype=D), strategy="jacobian")
     assert not isinstance(info.value, UnsupportedLayerError)
     assert any("torch.compile" in note for note in getattr(info.value, "__notes__", []))
 
@@ -702,3 +783,84 @@ def test_a_forward_that_reseeds_without_drawing_is_exact(strategy):
     model = Reseeding("manual_seed").double().eval()
     x = torch.randn(4, 3, dtype=torch.float64)
     assert relative_error(mgs_kernel(model, x, strategy=strategy), kernel_loop(model, x)) < 1e-12
+
+
+# ----------------------------------------------------------------------------------- norms on running statistics, channel slopes
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_instance_norm_on_running_statistics_in_eval(strategy):
+    """InstanceNorm(track_running_stats=True) in eval normalises with its running statistics (use_input_stats=False),
+    a branch of the exact replacement no other model reaches."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.InstanceNorm1d(3, affine=True, track_running_stats=True), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(3 * 6, 2)).double()
+    model.train()(torch.randn(8, 2, 8, dtype=D))  # running statistics away from 0 and 1
+    model.eval()
+    assert_exact(model, torch.randn(4, 2, 8, dtype=D), strategy)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_prelu_with_a_slope_per_channel_on_sequences(strategy):
+    """PReLU(C) on (n, C, L): the slopes run along the channel dimension, not the last one (C ≠ L here)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.PReLU(3, init=0.2), nn.Flatten(), nn.Linear(3 * 5, 2)).double()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([0.1, 0.4, -0.3]))
+    assert_exact(model, torch.randn(4, 2, 7, dtype=D), strategy)
+
+
+# ----------------------------------------------------------------------------------- kinks at exact zero inputs
+
+# Activations with a kink at 0 (and smooth ones beside them): a sample of zeros through a Linear whose bias is
+# zero reaches the activation at exactly 0, where the derivative is a convention — PyTorch's (the loop's) must be
+# mgs_torch's too. The PReLU replacement once took the identity branch there (K 30-50 % off).
+KINKED = {
+    "PReLU": lambda: nn.PReLU(init=0.3), "PReLU(4)": lambda: nn.PReLU(4, init=0.3), "LeakyReLU": lambda: nn.LeakyReLU(0.3),
+    "ReLU": nn.ReLU, "RReLU (eval)": nn.RReLU, "Hardsigmoid": nn.Hardsigmoid, "Hardtanh": nn.Hardtanh, "ReLU6": nn.ReLU6,
+    "ELU": nn.ELU, "CELU": nn.CELU, "SELU": nn.SELU, "Hardswish": nn.Hardswish, "Softshrink": nn.Softshrink,
+    "Hardshrink": nn.Hardshrink, "Threshold": lambda: nn.Threshold(0.0, 0.5), "GELU": nn.GELU,
+}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("name", list(KINKED))
+def test_activations_at_an_exact_zero_input_take_pytorchs_derivative(name, strategy):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), KINKED[name](), nn.Linear(4, 2)).double().eval()
+    with torch.no_grad():
+        model[0].bias.zero_()
+    x = torch.randn(5, 3, dtype=D)
+    x[0] = 0  # the first layer's outputs for this sample are exactly 0
+    # K only: tr K is not differentiable in the first layer's parameters there (they move the input across the kink)
+    assert_exact(model, x, strategy, penalty=False)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_prelu_penalty_gradient_at_an_exact_zero_input_is_that_of_tr_k(strategy):
+    """Where the slope and the last layer move no input across the kink, ∂ tr K/∂θ is defined: mgs_torch's equals
+    central differences of the loop's tr K (PyTorch's own double backward does not, tests/test_upstream_bugs.py),
+    and the self-check, whose loop uses the consistent formula, passes."""
+    from reference import penalty_grad_fd
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.PReLU(init=0.3), nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        model[0].bias.zero_()
+    x = torch.randn(5, 3, dtype=D)
+    x[0] = 0
+    wrt = [model[1].weight, model[2].weight]
+    value = mgs_penalty(model, x, strategy=strategy, reduction="sum")
+    ours = torch.autograd.grad(value, wrt)
+    fd = penalty_grad_fd(model, x, "trace")  # every parameter's, in model.parameters() order
+    assert_gradients_match(ours, [fd[2].view_as(wrt[0]), fd[3].view_as(wrt[1])], wrt, tol=1e-7)
+
+
+def test_train_mode_rrelu_draws_a_slope_at_an_exact_zero_input():
+    """F.rrelu in training draws the random slope for inputs <= 0, so its derivative at 0 is that slope (< 1), not 1."""
+    from mgs_torch.op_fixes import REPLACED_OPS
+
+    x = torch.zeros(200, dtype=D, requires_grad=True)
+    for rrelu in (F.rrelu, REPLACED_OPS[F.rrelu]):
+        (grad,) = torch.autograd.grad(rrelu(x, 0.1, 0.3, training=True).sum(), x)
+        assert float(grad.min()) >= 0.1 and float(grad.max()) <= 0.3, rrelu

@@ -180,3 +180,76 @@ def test_whole_batch_route_notices_a_changed_output_size(strategy):
     model.register_forward_hook(lambda module, args, out: out[:, :2])
     expected = kernel_loop(model, x, whole_batch=True).detach()
     assert_close(mgs_kernel(model, x, strategy=strategy, batch_norm="batch"), expected)
+
+
+class _Narrowed(nn.Module):
+    """Outputs the first ``width`` of its linear layer's: a plain attribute, no hook, so the forward's
+    structure (and the cached problem's key) stays the same when ``width`` changes."""
+
+    def __init__(self, batch_norm: bool, dropout: float = 0.0):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 4), *([nn.BatchNorm1d(4)] if batch_norm else []), nn.Tanh(),
+                                  *([nn.Dropout(dropout)] if dropout else []), nn.Linear(4, 3))
+        self.width = 3
+
+    def forward(self, x):
+        return self.body(x)[:, : self.width]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("route", ["per-sample", "whole-batch"])
+def test_a_changed_output_size_under_the_same_key_is_noticed(strategy, route):
+    """The cached output shape is reused while the problem's key is unchanged; an engine whose forward
+    returns another q must send the problem back for a rebuild, not compute K of the old size."""
+    torch.manual_seed(0)
+    whole = route == "whole-batch"
+    model = _Narrowed(batch_norm=whole).double().train()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    options = {"batch_norm": "batch"} if whole else {}
+    assert mgs_kernel(model, x, strategy=strategy, **options).shape == (12, 12)
+    model.width = 2
+    expected = kernel_loop(model, x, whole_batch=whole).detach()
+    assert expected.shape == (8, 8)
+    assert_close(mgs_kernel(model, x, strategy=strategy, **options), expected)
+    assert_close(mgs_trace(model, x, strategy=strategy, **options), expected.trace())
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_rebuild_after_a_changed_output_size_keeps_the_dropout_masks_model_x_would_draw(strategy):
+    """The rebuild computes again from the random state the call started with: the same masks as a call
+    that found nothing stale (both from one seed), not the masks after the failed attempt's draws."""
+    torch.manual_seed(0)
+    model = _Narrowed(batch_norm=False, dropout=0.5).double().train()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    mgs_kernel(model, x, strategy=strategy)
+    model.width = 2
+    torch.manual_seed(1)
+    rebuilt = mgs_kernel(model, x, strategy=strategy)  # the cached shape is stale: computed twice
+    torch.manual_seed(1)
+    assert_close(rebuilt, mgs_kernel(model, x, strategy=strategy))  # nothing stale now: computed once
+
+
+class _PooledSequence(nn.Module):
+    """Position-wise layers over (n, length, features), averaged over the positions: the output shape does not
+    depend on the sequence length (a sample's second dimension)."""
+
+    def __init__(self, pooled: bool = True):
+        super().__init__()
+        self.embed, self.head, self.pooled = nn.Linear(2, 3), nn.Linear(3, 2), pooled
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        return self.head(h.mean(1) if self.pooled else h)  # unpooled: q = 2 outputs per position
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("pooled", [True, False])
+def test_inputs_of_another_length_get_their_own_kernel(strategy, pooled):
+    """Cached output shapes and plans are keyed by every dimension of a sample: a batch of longer
+    sequences (the same features, the same outputs) must not reuse what the shorter ones measured."""
+    torch.manual_seed(0)
+    model = _PooledSequence(pooled).double()
+    for length in (4, 7, 4):
+        x = torch.randn(3, length, 2, dtype=torch.float64)
+        assert_close(mgs_kernel(model, x, strategy=strategy), kernel_loop(model, x).detach())
+        assert_close(mgs_trace(model, x, strategy=strategy), kernel_loop(model, x).detach().trace())

@@ -643,3 +643,114 @@ def test_replacement_is_faithful_to_the_public_op(op):
     assert outcomes.get("match", 0) > 0, outcomes
     if "refused" in outcomes:
         assert op in REFUSALS
+
+
+# the torch.* aliases: builtins without a Python signature or docstring; their defaults are in the ATen schema
+ATEN_ALIASES = {torch.layer_norm: "aten::layer_norm", torch.native_layer_norm: "aten::native_layer_norm",
+                torch.instance_norm: "aten::instance_norm", torch.batch_norm: "aten::batch_norm",
+                torch.fused_moving_avg_obs_fake_quant: "aten::fused_moving_avg_obs_fake_quant"}
+
+
+@pytest.mark.parametrize("op", list(ATEN_ALIASES), ids=_name)
+def test_alias_replacement_has_the_aten_schemas_arguments_and_defaults(op):
+    """``torch.layer_norm(x, shape)`` leaves eps out: the replacement's default must be ATen's (the faithfulness
+    cases call the aliases with every argument, so a wrong default passed them). The same for the fused
+    FakeQuantize op, which has no Python signature either."""
+    (schema,) = [s for s in torch._C._jit_get_schemas_for_operator(ATEN_ALIASES[op]) if s.overload_name == ""]
+    params = list(inspect.signature(REPLACED_OPS[op]).parameters.values())
+    assert [p.name for p in params] == [{"self": "input"}.get(a.name, a.name) for a in schema.arguments]
+    for p, a in zip(params, schema.arguments):
+        assert (p.default is not inspect.Parameter.empty) == a.has_default_value(), p.name
+        if a.has_default_value():
+            assert p.default == a.default_value, f"{_name(op)}: default {p.name}={p.default!r}, ATen's is {a.default_value!r}"
+
+
+def test_layer_norm_alias_with_its_defaults_is_the_public_op():
+    """The value check beside the schema one: eps left out, on inputs whose variance is near eps."""
+    torch.manual_seed(0)
+    x = 1e-3 * torch.randn(3, 5, dtype=torch.float64)
+    torch.testing.assert_close(REPLACED_OPS[torch.layer_norm](x, (5,)), torch.layer_norm(x, (5,)), rtol=1e-12, atol=1e-12)
+
+
+class _PaddedBag(nn.Module):
+    """F.embedding / F.embedding_bag called with the padding index as given (nn.Embedding makes a negative
+    one positive when it is built; the functional ops take it as it comes)."""
+
+    def __init__(self, bag: bool, padding_idx: int):
+        super().__init__()
+        self.bag, self.padding_idx = bag, padding_idx
+        self.weight, self.head = nn.Parameter(torch.randn(6, 3)), nn.Linear(3, 2)
+
+    def forward(self, i):
+        if self.bag:
+            e = F.embedding_bag(i, self.weight, mode="sum", padding_idx=self.padding_idx)
+        else:
+            e = F.embedding(i, self.weight, padding_idx=self.padding_idx).mean(1)
+        return self.head(torch.tanh(e))
+
+
+@pytest.mark.parametrize("bag", [False, True], ids=["embedding", "embedding_bag"])
+@pytest.mark.parametrize("padding_idx", [1, -1])
+def test_padding_rows_get_pytorchs_zero_gradient_in_k(bag, padding_idx):
+    """The padding row is a constant by PyTorch's definition (its gradient is zero, whatever its values): the
+    faithfulness cases accept a derivative that matches the values by finite differences, which the padding
+    convention is not, so K is checked against the autograd loop here. A negative index counts from the end."""
+    from mgs_torch import mgs_kernel
+    from reference import kernel_loop, relative_error
+
+    torch.manual_seed(0)
+    model = _PaddedBag(bag, padding_idx).double()
+    idx = torch.tensor([[0, 2, 5], [1, 5, 5], [3, 1, 4]])
+    for strategy in ("jacobian", "structured", "auto"):
+        assert relative_error(mgs_kernel(model, idx, strategy=strategy), kernel_loop(model, idx)) < 1e-12
+
+
+def test_train_mode_rrelu_replacement_draws_slopes_as_the_public_op():
+    """The random cases only compare shapes and in-place effects: here the slopes themselves. On negative inputs
+    both draw slope ~ U(lower, upper) per element (the replacement from the same generator, not the same numbers)."""
+    x = -torch.rand(20000, dtype=torch.float64) - 0.5
+    for rrelu in (F.rrelu, REPLACED_OPS[F.rrelu]):
+        torch.manual_seed(0)
+        slope = rrelu(x, 0.1, 0.3, training=True) / x
+        assert 0.1 <= float(slope.min()) and float(slope.max()) <= 0.3, rrelu
+        assert abs(float(slope.mean()) - 0.2) < 0.005 and abs(float(slope.std()) - 0.2 / 12**0.5) < 0.005, rrelu
+    positive = torch.rand(100, dtype=torch.float64) + 0.1
+    assert torch.equal(REPLACED_OPS[F.rrelu](positive, 0.1, 0.3, training=True), positive)
+
+
+def test_embedding_bag_with_2d_input_and_offsets_raises_as_the_public_op():
+    """The public op refuses offsets beside a 2-D input (each row is a bag already); the replacement must not
+    compute a kernel for a call model(x) cannot make (the faithfulness cases skip what the public op refuses)."""
+    from mgs_torch import mgs_kernel
+
+    class Bags(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight, self.head = nn.Parameter(torch.randn(6, 3)), nn.Linear(3, 2)
+
+        def forward(self, i):
+            return self.head(F.embedding_bag(i, self.weight, offsets=torch.tensor([0, 1]), mode="sum"))
+
+    idx, offsets = torch.tensor([[0, 2], [1, 5], [3, 4]]), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="offsets"):
+        Bags()(idx)
+    with pytest.raises(ValueError, match="offsets"):  # the replacement itself (the self-check would also catch it)
+        REPLACED_OPS[F.embedding_bag](idx, torch.randn(6, 3), offsets=offsets)
+    with pytest.raises(ValueError, match="offsets"):
+        mgs_kernel(Bags(), idx, strategy="jacobian")
+
+
+def test_multi_head_attention_replacement_returns_the_weights_when_need_weights_is_left_out():
+    """need_weights defaults to True in F.multi_head_attention_forward: called without it, the replacement must
+    return the averaged attention weights as the public op does (not None)."""
+    torch.manual_seed(0)
+    d, heads = 4, 2
+    q = torch.randn(3, 2, d, dtype=torch.float64)  # (length, batch, embed)
+    args = (q, q, q, d, heads, torch.randn(3 * d, d, dtype=torch.float64), torch.randn(3 * d, dtype=torch.float64),
+            None, None, False, 0.0, torch.randn(d, d, dtype=torch.float64), torch.randn(d, dtype=torch.float64))
+    theirs = F.multi_head_attention_forward(*args)
+    ours = REPLACED_OPS[F.multi_head_attention_forward](*args)
+    assert theirs[1] is not None and ours[1] is not None
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-12, atol=1e-12)
+    assert REPLACED_OPS[F.multi_head_attention_forward](*args, need_weights=False)[1] is None

@@ -61,6 +61,7 @@ def test_it_can_be_switched_off():
     assert self_check_reports(model) == []
 
 
+@pytest.mark.self_check_switch  # a rule made wrong on purpose: the switch is what the test checks
 def test_a_wrong_rule_is_caught_and_the_reference_engine_used_instead():
     """A user's rule registered after a first call: the rebuilt plan is checked, fails, and the reference engine
     (which passes) computes K from then on, with one warning."""
@@ -101,6 +102,7 @@ def test_replays_of_wrong_op_replacements_are_caught_before_a_number_is_returned
     with pytest.raises(SelfCheckError, match=r"set_self_check\(False\)") as info:
         mgs_kernel(model, inputs, strategy=strategy)
     assert info.value.report.errors["rows"] > 1e-3
+    assert str(info.value) == info.value.args[0]  # the message alone, not a tuple with the report
 
 
 def test_a_replay_of_the_spectral_norm_state_bug_is_caught(monkeypatch):
@@ -131,6 +133,7 @@ def test_a_replay_of_held_parameters_is_caught(monkeypatch):
         mgs_kernel(HeldInAList().double(), torch.randn(3, 3, dtype=D))
 
 
+@pytest.mark.self_check_switch  # a rule made wrong on purpose: the switch is what the test checks
 def test_a_wrong_penalty_gradient_is_caught_where_values_agree(monkeypatch):
     """A rule whose values are right but whose double backward is not: only the gradient check can see it."""
     from mgs_torch.engines.factors import DirectFactor

@@ -38,6 +38,44 @@ def test_verify_reports_errors_routes_and_replaced_ops():
     assert "OK" in text and "rule:LayerNorm" in text
 
 
+class _Gain(nn.Module):
+    """A parameter no layer rule covers: its per-sample gradients come from the reference engine."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor([1.5, -0.5]))
+
+    def forward(self, x):
+        return x * self.gain
+
+
+class _ExtraOnALinear(nn.Module):
+    """A Linear holding one more Parameter that its parent uses: the Linear rule covers weight and bias only."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.a.extra = nn.Parameter(torch.tensor([0.5, -1.0, 2.0, 0.3]))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.a(x) * self.a.extra))
+
+
+def test_verify_names_the_reference_route_of_a_parameter_no_rule_covers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2), nn.Tanh(), nn.Linear(2, 2), _Gain()).double()
+    report = verify(model, torch.randn(4, 3, dtype=torch.float64), strategy="structured")
+    assert report.ok, str(report)
+    assert report.routes["0.weight"] == "rule:Linear"
+    assert report.routes["5.gain"].startswith("reference: ")
+    # a parameter the rule of its own module does not know
+    extra = _ExtraOnALinear().double()
+    report = verify(extra, torch.randn(4, 3, dtype=torch.float64), strategy="structured")
+    assert report.ok, str(report)
+    assert report.routes["a.weight"] == "rule:Linear"
+    assert report.routes["a.extra"] == "reference: Linear.extra is not covered by its rule"
+
+
 def test_verify_runs_ops_without_a_double_backward_as_formulas_for_the_gradient_check():
     model, x = build(by_name("embedding_bag_sum"))
     report = verify(model, x)
@@ -348,6 +386,30 @@ def test_a_cached_plan_is_rebuilt_when_the_forward_starts_reusing_a_weight(quant
     assert close(compute(), expect())
 
 
+class ReuseInAList(nn.Module):
+    """The first layer's weight also enters an op as an element of a list (torch.cat), outside the layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        mixed = torch.cat([self.a.weight, self.a.weight], dim=0).sum(0)  # (4,): a.weight outside a's forward
+        return self.head(h * mixed)
+
+
+@pytest.mark.parametrize("strategy", ["structured", "auto"])
+def test_a_weight_used_elsewhere_inside_a_list_is_seen(strategy):
+    """The use monitor looks one level into list arguments: a.weight also reaches J through torch.cat, which a's
+    rule does not describe, so a goes to the reference engine and K is exact."""
+    torch.manual_seed(0)
+    model = ReuseInAList().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    assert close(mgs_kernel(model, x, strategy=strategy), kernel_loop(model, x))
+    assert close(mgs_trace(model, x, strategy=strategy), kernel_loop(model, x).trace())
+
+
 def test_embedding_max_norm_is_refused_before_the_weight_is_touched():
     emb = nn.Embedding(5, 3, max_norm=0.1)
     with torch.no_grad():
@@ -554,11 +616,12 @@ def _interacting_models():
 
 @pytest.mark.parametrize("name", ["batch_centred", "softmax_over_batch", "sorted_over_batch"])
 @pytest.mark.parametrize("strategy", ["jacobian", "structured"])
-def test_interacting_samples_are_reported_and_batch_mode_differentiates_the_batch(name, strategy):
+@pytest.mark.parametrize("n", [2, 4])
+def test_interacting_samples_are_reported_and_batch_mode_differentiates_the_batch(name, strategy, n):
     from mgs_torch import _warnings
 
     model = _interacting_models()[name]
-    x = torch.randn(4, 3, dtype=torch.float64)
+    x = torch.randn(n, 3, dtype=torch.float64)  # two samples interact already
     key = f"samples-interact-{type(model).__qualname__}"
     _warnings._warned.discard(key)
     with pytest.warns(RuntimeWarning, match="samples interact") as caught:
@@ -758,3 +821,28 @@ def test_a_per_sample_scalar_roll_is_the_identity_inside_mgs():
     model, x = ScalarRoll().double(), torch.randn(3, 3, dtype=torch.float64)
     for strategy in ("jacobian", "structured"):
         assert relative_error(mgs_kernel(model, x, strategy=strategy), kernel_loop(model, x)) < 1e-12
+
+
+def test_per_model_caches_keep_at_most_their_size_and_drop_the_oldest():
+    """Plans and output shapes are cached per model and key: a model called on ever new shapes must not grow them
+    without bound, and a key written again is updated in place (it does not push an older one out)."""
+    from mgs_torch._problem import PerModelCache
+
+    cache, model = PerModelCache(size=3), nn.Linear(2, 2)
+    for key in range(5):
+        cache.put(model, key, f"value {key}")
+    assert [cache.get(model, k) for k in range(5)] == [None, None, "value 2", "value 3", "value 4"]
+    cache.put(model, 3, "updated")
+    assert [cache.get(model, k) for k in (2, 3, 4)] == ["value 2", "updated", "value 4"]
+
+
+@pytest.mark.parametrize("strategy", ["jacobian", "structured", "auto"])
+def test_dropout_in_training_is_not_taken_for_interacting_samples(strategy):
+    """Each sample draws its own Dropout mask, so its outputs alone differ from its outputs in the batch:
+    the interaction check must not run on random forwards (no warning, the per-sample route)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 2)).double().train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        K = mgs_kernel(model, torch.randn(5, 3, dtype=torch.float64), strategy=strategy)
+    assert K.shape == (10, 10)

@@ -256,3 +256,21 @@ def test_jacrev_of_cdist_is_wrong(p):
     plain = torch.stack([torch.autograd.grad(f(a.requires_grad_()), a, v)[0].reshape(-1) for v in torch.eye(15, dtype=torch.float64)])
     assert relative_error(plain, by_values) < 1e-8
     assert relative_error(jacrev(f)(a.detach()).reshape(15, -1), by_values) > 0.1, FIXED_UPSTREAM.format(torch.__version__, "torch.cdist")
+
+
+def test_prelu_double_backward_at_zero_inputs_is_not_the_derivative_of_its_first_derivative():
+    """At an input of exactly 0, PyTorch's PReLU derivative with respect to the input is the slope w; the derivative
+    of that with respect to w (a double backward) should count those zeros, and PyTorch's does not: the loop's
+    penalty gradient uses where(x > 0, x, w·x) instead (mgs_torch._plain_loop)."""
+    x = torch.tensor([0.0, 0.0, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
+
+    def input_gradient_norm(slope):  # ‖∂ prelu(x) / ∂x‖², a function of the slope alone
+        (g,) = torch.autograd.grad(F.prelu(x, slope).sum(), x, create_graph=True)
+        return (g**2).sum()
+
+    (autograd,) = torch.autograd.grad(input_gradient_norm(w), w)
+    h = 1e-6
+    by_values = (input_gradient_norm(w + h) - input_gradient_norm(w - h)) / (2 * h)  # 3 slopes: 2·3·w = 1.8
+    assert abs(float(by_values) - 1.8) < 1e-6
+    assert abs(float(autograd) - float(by_values)) > 0.1, FIXED_UPSTREAM.format(torch.__version__, "F.prelu (loop formula)")

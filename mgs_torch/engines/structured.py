@@ -213,11 +213,8 @@ def plan(problem: KernelProblem) -> Plan:
     fallback: dict[str, str] = {}
     by_module: dict[str, dict[str, str]] = {}
     version = LAYER_RULES.version
-    for full in problem.params:
-        mname = problem.modules_of_params.get(full)
-        if mname is None:  # tied parameter listed under another name
-            fallback[full] = "shared with another module"
-            continue
+    for full in problem.params:  # build_problem lists every parameter's own module (a tied one under its first name)
+        mname = problem.modules_of_params[full]
         by_module.setdefault(mname, {})[full[len(mname) + 1:] if mname else full] = full
     modules = dict(model.named_modules())
     for mname, module in modules.items():  # children whose parameters the parent's forward uses (its rule covers them)
