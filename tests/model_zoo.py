@@ -876,6 +876,7 @@ case("bilinear", lambda: (BilinearNet(), (randn(N, 3), randn(N, 4))))
 # convolutions
 case("conv1d", lambda: _conv(nn.Conv1d(2, 3, 3, stride=2, padding=1, dilation=1), (2, 7), 3 * 4))
 case("conv1d_same_dilated", lambda: _conv(nn.Conv1d(2, 3, 3, padding="same", dilation=2), (2, 6), 3 * 6))
+case("conv2d_valid", lambda: _conv(nn.Conv2d(2, 2, 3, padding="valid"), (2, 5, 5), 2 * 3 * 3))
 case("conv1d_circular", lambda: _conv(nn.Conv1d(2, 2, 3, padding=1, padding_mode="circular"), (2, 5), 2 * 5))
 case("conv2d_groups", lambda: _conv(nn.Conv2d(4, 4, 2, groups=2), (4, 3, 3), 4 * 2 * 2))
 case("conv2d_reflect_stride", lambda: _conv(nn.Conv2d(1, 2, (3, 2), padding=1, padding_mode="reflect", stride=(1, 2)), (1, 5, 4), 2 * 5 * 3))
@@ -887,6 +888,8 @@ case("convtranspose2d", lambda: _conv(nn.ConvTranspose2d(2, 2, 2, stride=1, padd
 # normalisation
 case("batchnorm1d_eval", lambda: _batchnorm_eval(nn.BatchNorm1d(3), (3, 4), 3 * 4))
 case("batchnorm2d_eval", lambda: _batchnorm_eval(nn.BatchNorm2d(2), (2, 2, 2), 2 * 2 * 2))
+case("batchnorm2d_eval_no_affine",  # no γ, β: the rule's shift is −μ·s alone; a convolution before it has parameters
+     lambda: _batchnorm_eval(seq(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2, affine=False)), (2, 2, 2), 2 * 2 * 2))
 case(
     "batchnorm2d_batch",
     lambda: (_conv(seq(nn.Conv2d(1, 2, 2), nn.BatchNorm2d(2)), (1, 3, 3), 2 * 2 * 2)[0].train(), (randn(N, 1, 3, 3),)),

@@ -864,3 +864,48 @@ def test_train_mode_rrelu_draws_a_slope_at_an_exact_zero_input():
     for rrelu in (F.rrelu, REPLACED_OPS[F.rrelu]):
         (grad,) = torch.autograd.grad(rrelu(x, 0.1, 0.3, training=True).sum(), x)
         assert float(grad.min()) >= 0.1 and float(grad.max()) <= 0.3, rrelu
+
+
+# ----------------------------------------------------------------------------------- recurrent layers: every output, every option
+
+
+class _Recurrent(nn.Module):
+    """An RNN whose final states h_n (and c_n) and last step both reach the outputs."""
+
+    def __init__(self, kind: str, **options):
+        super().__init__()
+        self.kind = kind
+        self.rnn = getattr(nn, kind)(3, 4, batch_first=True, **options)
+        width = options.get("proj_size") or 4
+        self.head = nn.Linear(width * (2 if options.get("bidirectional") else 1) + width, 2)
+
+    def forward(self, x):
+        out, state = self.rnn(x)
+        h_n = state[0] if self.kind == "LSTM" else state
+        features = [out[:, -1], h_n[-1]]
+        if self.kind == "LSTM":
+            features[1] = features[1] + state[1][-1][..., : features[1].shape[-1]]  # c_n too
+        return self.head(torch.tanh(torch.cat(features, -1)))
+
+
+RECURRENT = {
+    "LSTM, 2 layers, inter-layer dropout 1": ("LSTM", dict(num_layers=2, dropout=1.0)),
+    "GRU, 2 layers, inter-layer dropout 1": ("GRU", dict(num_layers=2, dropout=1.0)),
+    "RNN, 3 layers, inter-layer dropout 1": ("RNN", dict(num_layers=3, dropout=1.0)),
+    "LSTM, projections, no biases": ("LSTM", dict(proj_size=2, bias=False)),
+    "LSTM, bidirectional, 2 layers": ("LSTM", dict(num_layers=2, bidirectional=True)),
+}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", list(RECURRENT))
+def test_recurrent_layers_with_every_output_and_option(name, mode):
+    """The exact RNN replacement on what the audit's RNNs leave out: inter-layer dropout (p = 1 zeroes the input of
+    every later layer in training, deterministically; in eval it is off), final states h_n and c_n as outputs,
+    projections without biases."""
+    torch.manual_seed(0)
+    kind, options = RECURRENT[name]
+    model = _Recurrent(kind, **options).double().train(mode == "train")
+    x = torch.randn(3, 4, 3, dtype=D)
+    for strategy in STRATEGIES:
+        assert_exact(model, x, strategy, penalty=strategy == "jacobian")
