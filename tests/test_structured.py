@@ -8,7 +8,7 @@ from torch import nn
 from helpers import assert_close, reference_kernel
 from model_zoo import Scale, ScaleRule
 from reference import kernel_loop, relative_error
-from mgs_torch import mgs_kernel, mgs_trace, register_layer_rule
+from mgs_torch import mgs_kernel, mgs_trace, register_layer_rule, verify
 from mgs_torch._guards import preserved_state
 from mgs_torch._problem import build_problem
 from mgs_torch.engines import LAYER_RULES, factors, structured
@@ -357,3 +357,33 @@ def test_outer_factor_kernels_both_ways_for_every_token_count(tokens, outputs, g
     K = mgs_kernel(model, x, strategy="structured", outputs=outputs)
     assert relative_error(K, kernel_loop(model, x, outputs=outputs).detach()) <= 1e-12
     assert relative_error(mgs_trace(model, x, strategy="structured"), kernel_loop(model, x).trace().detach()) <= 1e-12
+
+
+class _AttentionCalledPositionally(nn.Module):
+    """nn.MultiheadAttention called the way user code may: masks as positional arguments, and its averaged attention
+    weights (returned by default) used as features beside its output."""
+
+    def __init__(self, positional: bool, d: int = 4, heads: int = 2):
+        super().__init__()
+        self.attn, self.head = nn.MultiheadAttention(d, heads, batch_first=True), nn.Linear(d + 3, 2)
+        self.positional = positional
+
+    def forward(self, x, keep):
+        causal = torch.ones(x.shape[1], x.shape[1]).triu(1).bool()
+        if self.positional:
+            y, w = self.attn(x, x, x, ~keep, True, causal)  # key_padding_mask, need_weights, attn_mask by position
+        else:
+            y, w = self.attn(x, x, x, key_padding_mask=~keep)  # need_weights and average_attn_weights left out
+        return self.head(torch.cat([y.mean(1), w.mean(1)], -1))
+
+
+@pytest.mark.parametrize("strategy", ["structured", "auto"])
+@pytest.mark.parametrize("positional", [True, False], ids=["positional", "defaults"])
+def test_multihead_attention_rule_reads_positional_masks_and_returns_default_weights(strategy, positional):
+    torch.manual_seed(0)
+    model = _AttentionCalledPositionally(positional).double()
+    x = torch.randn(4, 3, 4, dtype=torch.float64)
+    keep = torch.tensor([[True, True, True], [True, True, False], [True, False, False], [True, True, True]])
+    K = mgs_kernel(model, (x, keep), strategy=strategy)
+    assert relative_error(K, kernel_loop(model, (x, keep))) < 1e-10
+    assert verify(model, (x, keep), strategy=strategy).routes["attn.in_proj_weight"] == "rule:MultiheadAttention"
