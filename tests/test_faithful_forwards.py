@@ -909,3 +909,4 @@ def test_recurrent_layers_with_every_output_and_option(name, mode):
     x = torch.randn(3, 4, 3, dtype=D)
     for strategy in STRATEGIES:
         assert_exact(model, x, strategy, penalty=strategy == "jacobian")
+

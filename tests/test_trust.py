@@ -386,6 +386,29 @@ def test_a_cached_plan_is_rebuilt_when_the_forward_starts_reusing_a_weight(quant
     assert close(compute(), expect())
 
 
+class ReuseWithDropout(Reuse):
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return super().forward(self.drop(x))
+
+
+def test_a_plan_rebuilt_mid_call_keeps_the_dropout_masks_model_x_would_draw():
+    """A cached plan found stale during the forward is rebuilt and the call computed again from the random state it
+    started with: the same masks as a call that found nothing stale, from the same seed."""
+    torch.manual_seed(0)
+    model = ReuseWithDropout().double().train()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    mgs_kernel(model, x, strategy="structured")
+    model.reuse = True  # same key, the plan is stale
+    torch.manual_seed(1)
+    rebuilt = mgs_kernel(model, x, strategy="structured")
+    torch.manual_seed(1)
+    assert close(rebuilt, mgs_kernel(model, x, strategy="structured"))  # the plan is fresh now
+
+
 class ReuseInAList(nn.Module):
     """The first layer's weight also enters an op as an element of a list (torch.cat), outside the layer."""
 
