@@ -387,3 +387,43 @@ def test_multihead_attention_rule_reads_positional_masks_and_returns_default_wei
     K = mgs_kernel(model, (x, keep), strategy=strategy)
     assert relative_error(K, kernel_loop(model, (x, keep))) < 1e-10
     assert verify(model, (x, keep), strategy=strategy).routes["attn.in_proj_weight"] == "rule:MultiheadAttention"
+
+
+class _TokenScores(nn.Module):
+    """A score per token: the last Linear has one output and sees every sample as T rows (O = 1, T > 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.score = nn.Linear(3, 4), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.score(torch.tanh(self.a(x))).squeeze(-1)  # (n, T)
+
+
+@pytest.mark.parametrize("strategy", ["structured", "auto"])
+def test_one_output_per_token_trace_and_kernel(strategy):
+    torch.manual_seed(0)
+    model, x = _TokenScores().double(), torch.randn(3, 5, 3, dtype=torch.float64)
+    expected = kernel_loop(model, x)
+    assert relative_error(mgs_kernel(model, x, strategy=strategy), expected) < 1e-10
+    assert relative_error(mgs_trace(model, x, strategy=strategy), expected.trace()) < 1e-10
+
+
+class _SelfAttentionWithDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn, self.head = nn.MultiheadAttention(4, 2, dropout=1.0, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.attn(x, x, x, need_weights=False)[0].mean(1) + x.mean(1)))
+
+
+@pytest.mark.parametrize("strategy", ["structured", "auto"])
+def test_multihead_attention_rule_applies_attention_dropout_in_training(strategy):
+    """dropout = 1 zeroes every attention weight in training, deterministically: the rule's recomputation of the
+    attention must drop them as the module does (in eval it keeps them)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 4, dtype=torch.float64)
+    for mode in (True, False):
+        model = _SelfAttentionWithDropout().double().train(mode)
+        assert relative_error(mgs_kernel(model, x, strategy=strategy), kernel_loop(model, x)) < 1e-10
