@@ -248,6 +248,25 @@ def test_register_layer_rule_covers_a_custom_layer():
         register_layer_rule(Scale, object())
 
 
+@pytest.mark.parametrize("removal", ["del", "pop"])
+def test_removing_a_rule_replans_at_once(removal):
+    """A cached plan that used a rule is not reused after the rule is removed (the registry's version changes)."""
+    model = nn.Sequential(nn.Linear(3, 4), Scale(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    routes = lambda: structured.cached_plan(build_problem(model, x))[0].routes()  # noqa: E731 - the plan mgs_kernel uses
+    register_layer_rule(Scale, ScaleRule())
+    try:
+        mgs_kernel(model, x, strategy="structured")
+        assert routes()["1.weight"] == "rule:Scale"
+    finally:
+        if removal == "del":
+            del LAYER_RULES[Scale]
+        else:
+            LAYER_RULES.pop(Scale)
+    assert Scale not in LAYER_RULES
+    assert routes()["1.weight"] == "reference: no rule for Scale"
+
+
 def test_layer_called_with_keyword_input():
     class Kw(nn.Module):
         def __init__(self):
