@@ -246,6 +246,13 @@ def test_register_layer_rule_covers_a_custom_layer():
         register_layer_rule(int, ScaleRule())
     with pytest.raises(TypeError, match="LayerRule instance"):
         register_layer_rule(Scale, object())
+    from mgs_torch import layer_rule, unregister_layer_rule
+
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        unregister_layer_rule(int)
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        with layer_rule("Linear", None):
+            pass
 
 
 @pytest.mark.parametrize("removal", ["del", "pop"])

@@ -386,6 +386,31 @@ def test_a_cached_plan_is_rebuilt_when_the_forward_starts_reusing_a_weight(quant
     assert close(compute(), expect())
 
 
+class CallsChange(nn.Module):
+    """A Python flag makes the forward call its first layer twice, or skip it, with the same shapes throughout."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+        self.calls = 1
+
+    def forward(self, x):
+        for _ in range(self.calls):
+            x = torch.tanh(self.a(x))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("calls", [2, 0])
+def test_a_cached_plan_is_rebuilt_when_a_layer_runs_twice_or_not_at_all(calls):
+    torch.manual_seed(0)
+    model = CallsChange().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    assert close(mgs_kernel(model, x, strategy="structured"), kernel_loop(model, x))
+    model.calls = calls  # same key, same shapes: the plan is stale
+    assert close(mgs_kernel(model, x, strategy="structured"), kernel_loop(model, x))
+    assert close(mgs_trace(model, x, strategy="structured"), kernel_loop(model, x).trace())
+
+
 class ReuseWithDropout(Reuse):
     def __init__(self):
         super().__init__()
