@@ -734,7 +734,7 @@ def test_embedding_bag_with_2d_input_and_offsets_raises_as_the_public_op():
     idx, offsets = torch.tensor([[0, 2], [1, 5], [3, 4]]), torch.tensor([0, 1])
     with pytest.raises(ValueError, match="offsets"):
         Bags()(idx)
-    with pytest.raises(ValueError, match="offsets"):  # the replacement itself (the self-check would also catch it)
+    with pytest.raises(ValueError, match="if input is 2D, then offsets has to be None"):  # the replacement itself
         REPLACED_OPS[F.embedding_bag](idx, torch.randn(6, 3), offsets=offsets)
     with pytest.raises(ValueError, match="offsets"):
         mgs_kernel(Bags(), idx, strategy="jacobian")
@@ -754,3 +754,13 @@ def test_multi_head_attention_replacement_returns_the_weights_when_need_weights_
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours[1], theirs[1], rtol=1e-12, atol=1e-12)
     assert REPLACED_OPS[F.multi_head_attention_forward](*args, need_weights=False)[1] is None
+
+
+def test_the_transposed_convolution_backward_is_switched_on_and_off():
+    """The opt-in replaces the convolutions only while on (its own tests in test_audit.py need it really on)."""
+    try:
+        use_transposed_convolution_backward()  # the default: on
+        assert all(REPLACED_OPS.get(op) is _CONVOLUTIONS[op] for op in _CONVOLUTIONS)
+    finally:
+        use_transposed_convolution_backward(False)
+    assert not any(op in REPLACED_OPS for op in _CONVOLUTIONS)
