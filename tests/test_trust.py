@@ -434,12 +434,8 @@ def test_a_plan_rebuilt_mid_call_keeps_the_dropout_masks_model_x_would_draw():
     assert close(rebuilt, mgs_kernel(model, x, strategy="structured"))  # the plan is fresh now
 
 
-class ReuseInAList(nn.Module):
+class ReuseInAList(Reuse):
     """The first layer's weight also enters an op as an element of a list (torch.cat), outside the layer."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
 
     def forward(self, x):
         h = torch.tanh(self.a(x))
