@@ -287,3 +287,13 @@ def test_a_real_allocation_failure_becomes_the_error_with_advice():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "OutOfMemoryError: mgs_torch ran out of memory" in out.stdout and "strategy='auto'" in out.stdout
     assert "auto (1000, 1000)" in out.stdout
+
+
+@pytest.mark.parametrize("estimator, extent, what", [("exact", 3, "outputs"), ("hutchinson", 2, "probes")])
+def test_an_idle_chunk_of_the_penalty_names_what_it_splits(fresh_warnings, estimator, extent, what):
+    """The chunked penalty splits the q output cotangents (exact) or the probes (Hutchinson): the warning says which."""
+    model, x = _net(), torch.randn(6, 4, dtype=torch.float64)
+    options = {"num_probes": 2} if estimator == "hutchinson" else {}
+    call = lambda: mgs_penalty(model, x, estimator=estimator, chunk_size=extent, **options)  # noqa: E731
+    (message,) = [m for m in _messages(call) if "is at least" in m]
+    assert f"chunk_size={extent} is at least the {extent} {what} it splits" in message
