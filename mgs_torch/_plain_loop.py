@@ -42,12 +42,17 @@ class LoopFormulas(TorchFunctionMode):
             y = F.relu6(x + 3.0) / 6.0
             return x.copy_(y) if (args[1:2] or [kwargs.get("inplace", False)])[0] else y
         if func is F.prelu:
-            x, w = (list(args) + [kwargs.get(k) for k in ("input", "weight")[len(args):]])[:2]
-            w = w.reshape(()) if w.numel() == 1 else w if x.dim() < 2 else w.reshape((1, -1) + (1,) * (x.dim() - 2))
-            return torch.where(x > 0, x, w * x)
+            return prelu_formula(*args, **kwargs)
         if func in (F.embedding, F.embedding_bag) and (kwargs.get("scale_grad_by_freq") or kwargs.get("sparse")):
             kwargs = {**kwargs, "scale_grad_by_freq": False, "sparse": False}
         return func(*args, **kwargs)
+
+
+def prelu_formula(input, weight):
+    """where(x > 0, x, w·x), the slopes along dim 1 (one shared slope keeps any shape)."""
+    w = weight.reshape(()) if weight.numel() == 1 else weight if input.dim() < 2 else weight.reshape(
+        (1, -1) + (1,) * (input.dim() - 2))
+    return torch.where(input > 0, input, w * input)
 
 
 def instance_norm_formula(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True, momentum=0.1,

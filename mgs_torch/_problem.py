@@ -138,7 +138,6 @@ class KernelProblem:
             return own(self.model, inputs).reshape(inputs[0].shape[0], -1)
 
 
-
 def functional_call_names(model: nn.Module) -> tuple[tuple[str, str], ...]:
     """(attribute path, canonical name) for each distinct (module, attribute) holding a tensor.
 

@@ -420,4 +420,3 @@ def _norm(params: list[Tensor]) -> float:
 
 def _relative(a: Tensor, b: Tensor, floor: float = 0.0) -> float:
     return float((a - b).norm()) / max(float(b.norm()), floor, 1e-300)
-
