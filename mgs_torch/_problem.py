@@ -182,7 +182,7 @@ def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
-def build_problem(
+def draft_problem(
     model: nn.Module,
     inputs: Inputs,
     *,
@@ -191,18 +191,10 @@ def build_problem(
     create_graph: bool = False,
     batch_norm: str = "eval",
     values: dict[str, Tensor] | None = None,
-    revalidate: bool = False,
     logits: OutputSelector = None,
 ) -> KernelProblem:
-    """Validate the model and inputs and assemble a :class:`KernelProblem`; call inside :func:`preserved_state`
-    with options already checked by :class:`~mgs_torch.options.KernelOptions`.
-
-    With ``create_graph=False`` every tensor is detached (no autograd graph is built); otherwise the
-    selected and frozen parameters stay connected to the model's parameters, so the kernel can be
-    back-propagated to all of them. ``values`` substitutes tensors for parameters by name.
-    The validation forward that fixes ``q`` runs once per (model, signature); ``revalidate`` forces it.
-    ``inputs`` and ``logits`` as :func:`mgs_torch._io.model_call` takes them.
-    """
+    """The :class:`KernelProblem` of one call before any forward has run (``q`` = 0): the parameters, inputs and
+    modes, with every check that needs no forward. Arguments as :func:`build_problem`."""
     dtype = as_dtype("dtype", dtype)  # a name ("float64") as a torch.dtype: the one rule, see options.py
     selected = select_parameters(model, params)
     x, call = model_call(model, inputs, logits)
@@ -248,18 +240,44 @@ def build_problem(
             owners[f"{mname}.{pname}" if mname else pname] = mname
 
     buffers = frozenset(k for k, _ in model.named_buffers())
+    return KernelProblem(model, x, chosen, frozen, x[0].shape[0], 0, (), per_sample, stochastic, owners, buffers,
+                         call_names=functional_call_names(model), call=call)
+
+
+def build_problem(
+    model: nn.Module,
+    inputs: Inputs,
+    *,
+    params: ParamFilter = None,
+    dtype: torch.dtype | None = None,
+    create_graph: bool = False,
+    batch_norm: str = "eval",
+    values: dict[str, Tensor] | None = None,
+    revalidate: bool = False,
+    logits: OutputSelector = None,
+) -> KernelProblem:
+    """Validate the model and inputs and assemble a :class:`KernelProblem`; call inside :func:`preserved_state`
+    with options already checked by :class:`~mgs_torch.options.KernelOptions`.
+
+    With ``create_graph=False`` every tensor is detached (no autograd graph is built); otherwise the
+    selected and frozen parameters stay connected to the model's parameters, so the kernel can be
+    back-propagated to all of them. ``values`` substitutes tensors for parameters by name.
+    The validation forward that fixes ``q`` runs once per (model, signature); ``revalidate`` forces it.
+    ``inputs`` and ``logits`` as :func:`mgs_torch._io.model_call` takes them.
+    """
+    draft = draft_problem(model, inputs, params=params, dtype=dtype, create_graph=create_graph, batch_norm=batch_norm,
+                          values=values, logits=logits)
+    n, per_sample = draft.n, draft.per_sample
     # what a cached structured plan may depend on: parameter identities, modes, input layout, dtype
     signature = (
-        tuple((k, id(p), k in selected) for k, p in model.named_parameters()),
+        tuple((k, id(p), k in draft.params) for k, p in model.named_parameters()),
         tuple(m.training for m in model.modules()),
-        tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in x),
-        dtype,
+        tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in draft.inputs),
+        as_dtype("dtype", dtype),
         forward_structure(model),
-        call.key,
+        draft.call.key,
     )
-    n = x[0].shape[0]
-    draft = KernelProblem(model, x, chosen, frozen, n, 0, (), per_sample, stochastic, owners, buffers, signature,
-                          call_names=functional_call_names(model), call=call)
+    draft = dataclasses.replace(draft, signature=signature)
     if n == 1 and not per_sample:
         _refuse_a_batch_of_one(draft)
     cached = None if revalidate else _OUTPUT_SHAPES.get(model, signature)

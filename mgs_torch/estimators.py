@@ -36,8 +36,9 @@ def default_generator() -> torch.Generator:
 
 
 def rademacher_probes(num_probes: int, n: int, q: int, generator: torch.Generator | None, device) -> Tensor:
-    """Independent ±1 entries, shape (num_probes, n, q), drawn on the generator's device."""
-    gen_device = generator.device if generator is not None else torch.device("cpu")
+    """Independent ±1 entries, shape (num_probes, n, q), drawn on the generator's device; without a generator (a call
+    traced by torch.compile, see :mod:`mgs_torch._compiled`) from the global random stream, on ``device``."""
+    gen_device = generator.device if generator is not None else torch.device(device)
     if gen_device.type != "cuda" and capturing_cuda_graph(device):
         raise RuntimeError(
             "Hutchinson probes from a CPU generator cannot be captured into a CUDA graph (a replay would "

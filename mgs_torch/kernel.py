@@ -9,13 +9,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ._compiled import compiling, eager_reason, run_eagerly, traced_problem, traced_state
 from ._costs import announced
 from ._guards import preserved_state
 from ._problem import build_problem, with_fresh_outputs
 
 from ._io import OutputSelector
 from ._validation import Inputs, ParamFilter, functional_model
-from .engines import engine_for
+from .engines import engine_for, jacobian
 from .estimators import default_generator, trace_from_rows
 from .op_fixes import explained_failures
 from .options import KernelOptions, PenaltyOptions
@@ -113,7 +114,8 @@ def mgs_trace(
     """
     opts = PenaltyOptions(params=params, strategy=strategy, chunk_size=chunk_size, dtype=dtype, batch_norm=batch_norm,
                           estimator=estimator, num_probes=num_probes)
-    generator = generator if generator is not None else default_generator()
+    if generator is None and estimator == "hutchinson" and not compiling():  # traced: the graph's own random stream
+        generator = default_generator()
 
     def compute(problem, engine):
         cotangents = problem.q if estimator == "exact" else num_probes
@@ -139,6 +141,13 @@ def on_problem(
     """
 
     model = functional_model(model)
+    if compiling() and eager_reason(model, opts.batch_norm) is not None:
+        return run_eagerly(on_problem)(model, inputs, opts, create_graph, compute, kernel=kernel, logits=logits)
+    if compiling():  # torch.compile traces this call: the route a graph can hold (see mgs_torch._compiled)
+        with traced_state(model, opts.batch_norm):
+            problem = traced_problem(model, inputs, params=opts.params, dtype=opts.dtype, create_graph=create_graph,
+                                     batch_norm=opts.batch_norm, logits=logits)
+            return compute(problem, jacobian)
 
     def attempt(revalidate: bool):
         problem = build_problem(

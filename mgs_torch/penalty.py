@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ._compiled import compiling, run_eagerly
 from ._costs import announced, warn_if_idle_chunk
 from ._linalg import logdet_psd
 from ._guards import preserved_state, restore_rng_states, rng_states
@@ -170,13 +171,22 @@ def mgs_penalty(
     (:func:`mgs_torch.capture_step`): no host sync happens inside, the output NaN check is skipped while capturing,
     ``kind="logdet"`` then keeps ε = ``jitter`` and yields NaN where K + εI is not positive definite,
     and Hutchinson probes need ``generator=torch.Generator(device="cuda")``, passed to capture_step too.
+    Inside ``torch.compile`` it is traced into the step's graph on the reference engine (docs/costs.md, "A compiled
+    training step"; :mod:`mgs_torch._compiled`).
     """
     opts = PenaltyOptions(outputs, params, strategy, chunk_size, dtype, batch_norm, kind, estimator, num_probes, reduction, jitter)
     dtype = opts.dtype
     if kind == "logdet":
         _check_logdet_precision(model, dtype)
-    generator = generator if generator is not None else default_generator()
+    if generator is None and estimator == "hutchinson" and not compiling():  # traced: the graph's own random stream
+        generator = default_generator()
     if kind == "trace" and chunk_size is not None:
+        if compiling():  # each chunk's graph is rebuilt during backward (a Python callback): outside the traced graph
+            return run_eagerly(mgs_penalty)(
+                model, inputs, kind=kind, estimator=estimator, num_probes=num_probes, generator=generator,
+                reduction=reduction, outputs=outputs, params=params, strategy=strategy, chunk_size=chunk_size, dtype=dtype,
+                batch_norm=batch_norm, jitter=jitter, logits=logits,
+            )
         value, problem = _trace_in_chunks(
             model, inputs, strategy, estimator=estimator, num_probes=num_probes, generator=generator,
             chunk_size=chunk_size, batch_norm=batch_norm, build={"params": params, "dtype": dtype, "logits": logits},

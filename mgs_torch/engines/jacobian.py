@@ -63,6 +63,8 @@ def retry_if_random(compute):
     """Run ``compute(problem, ...)``; if the model turns out random, rerun on a stochastic copy."""
 
     def run(problem: KernelProblem, *args, **kwargs):
+        if torch.compiler.is_compiling():  # no random-state copies in a traced graph (see mgs_torch._compiled)
+            return compute(problem, *args, **kwargs)
         rng = rng_states(problem.model)
         try:
             return compute(problem, *args, **kwargs)

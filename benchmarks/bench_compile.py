@@ -1,0 +1,131 @@
+"""A training step with the MGS penalty under ``torch.compile`` against the same step run eagerly (issue 22, item 3).
+
+For each model and step (plain; exact trace penalty; one-probe Hutchinson penalty), in one process: the loss function
+``cross_entropy(model(x), y) + α·mgs_penalty(model, x)`` is compiled (Inductor, the default backend), Dynamo's
+graph and break count are recorded, the compiled loss and gradients are compared with the eager step's at the same
+weights (relative error; the Hutchinson rows draw their probes from the global random stream in both, with
+Inductor's ``fallback_random``, so the two see the same probes), and then eager and compiled steps (loss, backward,
+SGD step) are timed alternately: medians of ``--repeats``. Under compile mgs_torch takes the reference route (see
+``mgs_torch/_compiled.py``); eagerly it takes the structured engine, so "compiled ÷ eager" compares two engines as
+well as two executions.
+
+    python benchmarks/bench_compile.py --threads 1 --models lenet5 fcn --batch 8 32 --repeats 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from mgs_torch import mgs_penalty  # noqa: E402
+from models import MODELS, make_input  # noqa: E402
+
+ALPHA = 0.01
+STEPS = {
+    "plain": None,
+    "exact trace penalty": {},
+    "Hutchinson penalty (1 probe)": {"estimator": "hutchinson"},
+}
+
+
+def loss_function(model, penalty, eager: bool):
+    """The step's loss; an eager Hutchinson step draws from the global generator, as a traced one does."""
+    if penalty is not None and eager and penalty.get("estimator") == "hutchinson":
+        penalty = {**penalty, "generator": torch.default_generator}
+
+    def loss(x, y):
+        value = F.cross_entropy(model(x), y)
+        return value if penalty is None else value + ALPHA * mgs_penalty(model, x, reduction="sum", **penalty)
+    return loss
+
+
+def gradients(model, loss):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
+
+
+def relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    num = sum(float((x - y).norm()) ** 2 for x, y in zip(a, b)) ** 0.5
+    return num / max(sum(float(y.norm()) ** 2 for y in b) ** 0.5, 1e-300)
+
+
+def measure(name: str, n: int, step: str, repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = MODELS[name]().train()
+    x = make_input(name, n)
+    y = torch.randint(0, 10, (n,))
+    eager = loss_function(model, STEPS[step], eager=True)
+    traced = loss_function(model, STEPS[step], eager=False)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(traced)(x, y)
+    compiled = torch.compile(traced)
+    state = copy.deepcopy(model.state_dict())
+    with torch._inductor.config.patch(fallback_random=True):
+        torch.manual_seed(1)
+        started = time.perf_counter()
+        compiled_loss = compiled(x, y)
+        compiled_grads = gradients(model, compiled_loss)
+        compile_s = time.perf_counter() - started
+        model.load_state_dict(state)
+        torch.manual_seed(1)
+        eager_loss = eager(x, y)
+        eager_grads = gradients(model, eager_loss)
+        model.load_state_dict(state)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-6)  # tiny steps: the weights stay where they are
+
+        def timed(function):
+            started = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            function(x, y).backward()
+            opt.step()
+            return time.perf_counter() - started
+
+        times = {"eager": [], "compiled": []}
+        for _ in range(2):  # warm-up
+            timed(eager), timed(compiled)
+        for _ in range(repeats):
+            times["eager"].append(timed(eager))
+            times["compiled"].append(timed(compiled))
+    eager_ms, compiled_ms = (statistics.median(times[k]) * 1e3 for k in ("eager", "compiled"))
+    return {
+        "model": name, "n": n, "step": step, "graphs": explained.graph_count, "breaks": explained.graph_break_count,
+        "loss_rel": abs(float(compiled_loss - eager_loss)) / abs(float(eager_loss)),
+        "grad_rel": relative(compiled_grads, eager_grads), "compile_s": compile_s,
+        "eager_ms": eager_ms, "compiled_ms": compiled_ms, "ratio": compiled_ms / eager_ms,
+    }
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["lenet5", "fcn"], choices=list(MODELS))
+    ap.add_argument("--batch", nargs="+", type=int, default=[8, 32])
+    ap.add_argument("--steps", nargs="+", default=list(STEPS), choices=list(STEPS))
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU, Inductor; medians of {args.repeats}")
+    print("| model | n | step | graphs | breaks | loss rel. diff. | gradient rel. diff. | compile s | eager ms | compiled ms | compiled ÷ eager |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name in args.models:
+        for n in args.batch:
+            for step in args.steps:
+                r = measure(name, n, step, args.repeats)
+                print(f"| {r['model']} | {r['n']} | {r['step']} | {r['graphs']} | {r['breaks']} | {r['loss_rel']:.1e} | "
+                      f"{r['grad_rel']:.1e} | {r['compile_s']:.0f} | {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | "
+                      f"{r['ratio']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
