@@ -191,3 +191,29 @@ def test_compiled_dropout_draws_masks_with_the_eager_distribution():
     assert traced.unique().numel() > 900  # fresh masks on every call
     standard_error = (traced.var() / 1000 + eager.var() / 1000).sqrt()
     assert abs(traced.mean() - eager.mean()) < 5 * standard_error
+
+
+def test_a_compiled_hugging_face_step_on_a_padded_batch_is_one_graph_and_equals_the_loop():
+    """A BERT classifier from a config (nothing downloaded) on a padded batch passed as the tokenizer's dict: one
+    graph, and the penalty gradient equals the loop's over each sample run alone without its padding."""
+    pytest.importorskip("transformers")
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hf_helpers import loop_trace_gradient
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                        max_position_embeddings=16, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification(config).double()
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, 5:], mask[2, 3:] = 0, 0
+    inputs = {"input_ids": torch.randint(1, 50, (3, 8)), "attention_mask": mask}
+
+    def penalty(inputs):
+        return mgs_penalty(model, inputs, reduction="sum")
+
+    assert graphs_and_breaks(penalty, inputs) == (1, [])
+    compiled = gradients(model, torch.compile(penalty)(inputs))
+    loop = loop_trace_gradient(model, inputs)
+    flat = lambda grads: torch.cat([g.reshape(-1) for g in grads])  # noqa: E731 - one norm over every parameter
+    assert relative_error(flat(compiled), flat(loop)) < 1e-10

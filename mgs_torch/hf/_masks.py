@@ -60,8 +60,12 @@ def _modules_to_patch() -> tuple[list[object], Callable | None]:
 @contextlib.contextmanager
 def masks_built_under_transforms() -> Iterator[None]:
     """transformers' ``is_tracing(t)`` is also true for a torch.func-wrapped ``t`` inside this block
-    (re-entrant and thread-safe: patched on the first entry, restored on the last exit)."""
+    (re-entrant and thread-safe: patched on the first entry, restored on the last exit). Nothing to do while
+    torch.compile traces the call: ``is_tracing`` is true there already (and a lock cannot be traced)."""
     global _depth
+    if torch.compiler.is_compiling():
+        yield
+        return
     with _lock:
         if _depth == 0:
             modules, original = _modules_to_patch()
