@@ -7,7 +7,8 @@ weights (relative error; the Hutchinson rows draw their probes from the global r
 Inductor's ``fallback_random``, so the two see the same probes), and then eager and compiled steps (loss, backward,
 SGD step) are timed alternately: medians of ``--repeats``. Under compile mgs_torch takes the reference route (see
 ``mgs_torch/_compiled.py``); eagerly it takes the structured engine, so "compiled ÷ eager" compares two engines as
-well as two executions.
+well as two executions. The ``strategy='structured'`` rows run the penalty eagerly inside the compiled step (a graph
+break on each side of it) and compile the rest.
 
     python benchmarks/bench_compile.py --threads 1 --models lenet5 fcn --batch 8 32 --repeats 7
 """
@@ -35,6 +36,8 @@ STEPS = {
     "plain": None,
     "exact trace penalty": {},
     "Hutchinson penalty (1 probe)": {"estimator": "hutchinson"},
+    "exact trace penalty, strategy='structured'": {"strategy": "structured"},
+    "Hutchinson penalty, strategy='structured'": {"estimator": "hutchinson", "strategy": "structured"},
 }
 
 

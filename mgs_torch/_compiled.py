@@ -35,14 +35,18 @@ def compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def eager_reason(model: nn.Module, batch_norm: str) -> str | None:
+def eager_reason(model: nn.Module, batch_norm: str, strategy: str = "auto") -> str | None:
     """Why this call must run eagerly inside a compiled function (a graph break), or None.
 
-    A BatchNorm in training mode read with its running statistics (``batch_norm="eval"``): the model's own forward
+    ``strategy="structured"``, asked for explicitly: its forward hooks are registered per call, which Dynamo
+    cannot trace, so the call runs eagerly, where it is often faster than the traced reference engine (it never
+    holds per-sample gradients; benchmarks/RESULTS.md). A BatchNorm in training mode read with its running statistics (``batch_norm="eval"``): the model's own forward
     in the same compiled step updates those statistics, and Inductor (PyTorch 2.13) then gets the gradient of
     anything computed from the updated statistics wrong, 6–8 % off with the right value (pinned in
     ``tests/test_upstream_bugs.py``, without mgs_torch). The penalty gradient was 3 % off; eager it is exact.
     """
+    if strategy == "structured":
+        return "strategy='structured' was asked for, and its per-call forward hooks cannot be traced"
     for m in model.modules():
         if isinstance(m, BATCH_NORM_TYPES) and m.training and batch_norm == "eval" and m.running_var is not None:
             return (

@@ -141,7 +141,7 @@ def on_problem(
     """
 
     model = functional_model(model)
-    if compiling() and eager_reason(model, opts.batch_norm) is not None:
+    if compiling() and eager_reason(model, opts.batch_norm, opts.strategy) is not None:
         return run_eagerly(on_problem)(model, inputs, opts, create_graph, compute, kernel=kernel, logits=logits)
     if compiling():  # torch.compile traces this call: the route a graph can hold (see mgs_torch._compiled)
         with traced_state(model, opts.batch_norm):

@@ -217,3 +217,19 @@ def test_a_compiled_hugging_face_step_on_a_padded_batch_is_one_graph_and_equals_
     loop = loop_trace_gradient(model, inputs)
     flat = lambda grads: torch.cat([g.reshape(-1) for g in grads])  # noqa: E731 - one norm over every parameter
     assert relative_error(flat(compiled), flat(loop)) < 1e-10
+
+
+def test_strategy_structured_runs_eagerly_inside_a_compiled_step():
+    """The structured engine registers forward hooks per call, which Dynamo cannot trace: asked for by name, it
+    runs eagerly inside the compiled step (where it is often faster than the traced reference engine)."""
+    model = small_cnn()
+    x, y = batch()
+
+    def step_loss(x, y):
+        return F.cross_entropy(model(x), y) + ALPHA * mgs_penalty(model, x, strategy="structured")
+
+    _, breaks = graphs_and_breaks(step_loss, x, y)
+    assert breaks and all("disable" in reason for reason in breaks), breaks
+    compiled = gradients(model, torch.compile(step_loss)(x, y))
+    for c, e in zip(compiled, gradients(model, step_loss(x, y))):
+        assert relative_error(c, e) < 1e-12
