@@ -11,6 +11,7 @@ well as two executions. The ``strategy='structured'`` rows run the penalty eager
 break on each side of it) and compile the rest.
 
     python benchmarks/bench_compile.py --threads 1 --models lenet5 fcn --batch 8 32 --repeats 7
+    python benchmarks/bench_compile.py --device cuda --models lenet5 cifar_cnn --batch 32 128   (gpu_check.sh)
 """
 
 from __future__ import annotations
@@ -62,11 +63,11 @@ def relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return num / max(sum(float(y.norm()) ** 2 for y in b) ** 0.5, 1e-300)
 
 
-def measure(name: str, n: int, step: str, repeats: int) -> dict:
+def measure(name: str, n: int, step: str, repeats: int, device: torch.device = torch.device("cpu")) -> dict:
     torch.manual_seed(0)
-    model = MODELS[name]().train()
-    x = make_input(name, n)
-    y = torch.randint(0, 10, (n,))
+    model = MODELS[name]().train().to(device)
+    x = make_input(name, n, device)
+    y = torch.randint(0, 10, (n,), device=device)
     eager = loss_function(model, STEPS[step], eager=True)
     traced = loss_function(model, STEPS[step], eager=False)
     torch._dynamo.reset()
@@ -87,10 +88,14 @@ def measure(name: str, n: int, step: str, repeats: int) -> dict:
         opt = torch.optim.SGD(model.parameters(), lr=1e-6)  # tiny steps: the weights stay where they are
 
         def timed(function):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             started = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             function(x, y).backward()
             opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             return time.perf_counter() - started
 
         times = {"eager": [], "compiled": []}
@@ -115,16 +120,19 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", nargs="+", default=list(STEPS), choices=list(STEPS))
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (timed with a synchronize around each step)")
     args = ap.parse_args(argv)
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU, Inductor; medians of {args.repeats}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
+    print(f"torch {torch.__version__}, {where}, Inductor; medians of {args.repeats}")
     print("| model | n | step | graphs | breaks | loss rel. diff. | gradient rel. diff. | compile s | eager ms | compiled ms | compiled ÷ eager |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.models:
         for n in args.batch:
             for step in args.steps:
-                r = measure(name, n, step, args.repeats)
+                r = measure(name, n, step, args.repeats, device)
                 print(f"| {r['model']} | {r['n']} | {r['step']} | {r['graphs']} | {r['breaks']} | {r['loss_rel']:.1e} | "
                       f"{r['grad_rel']:.1e} | {r['compile_s']:.0f} | {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | "
                       f"{r['ratio']:.2f} |", flush=True)

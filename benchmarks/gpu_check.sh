@@ -7,13 +7,15 @@
 #   3. penalty steps eager against replayed from a CUDA graph (benchmarks/cuda_graphs.py);
 #   4. where the time of the CIFAR CNN's exact trace step goes (torch.profiler, benchmarks/profile_step.py),
 #      with and without the opt-in transposed-convolution backward (mgs_torch.op_fixes), and the trace and
-#      log-det steps with every convolution's Gram product forced to the materialised or the ghost route.
-# Each part has its own time limit (seconds; env TESTS_S, BENCH_S, GRAPHS_S, PROFILE_S), and what a part
+#      log-det steps with every convolution's Gram product forced to the materialised or the ghost route;
+#   5. a torch.compile'd LeNet-5 training step with the penalty against the eager step (benchmarks/bench_compile.py;
+#      not yet run on a GPU; rows are printed as they finish, so a part cut by its limit keeps them).
+# Each part has its own time limit (seconds; env TESTS_S, BENCH_S, GRAPHS_S, PROFILE_S, COMPILE_S), and what a part
 # measured before its limit is kept. On an H200 (2026-11-27) the first three parts took about 25, 170 and 200 s (graphs over four
 # configurations; three now); the profile part adds two profiled and four timed runs of about 15–30 s each.
 # Usage: PYTHONPATH=. bash benchmarks/gpu_check.sh [OUT_DIR]   (default: benchmarks/)
 # Writes OUT_DIR/results-cuda.json, OUT_DIR/results-cuda.md, OUT_DIR/results-cuda-graphs.json,
-# OUT_DIR/profile.txt and OUT_DIR/gpu_check.log.
+# OUT_DIR/profile.txt, OUT_DIR/results-cuda-compile.md and OUT_DIR/gpu_check.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PYTHONPATH:-.}:bench"  # the benchmark models come from the testbench (bench/)
@@ -54,4 +56,9 @@ fi
     timeout "${PROFILE_S:-60}" "$PY" benchmarks/profile_step.py --model cifar_cnn --n 128 --variant $run --time-only >> "$OUT/profile.txt" 2>&1
   done
   grep "median of 10 steps" "$OUT/profile.txt"
+  echo "## compiled step"
+  timeout "${COMPILE_S:-120}" "$PY" benchmarks/bench_compile.py --device cuda --models lenet5 --batch 32 128 \
+    --steps plain "exact trace penalty" "Hutchinson penalty (1 probe)" --repeats 5 > "$OUT/results-cuda-compile.md"
+  echo "bench_compile exit code: $?"
+  cat "$OUT/results-cuda-compile.md"
 } 2>&1 | tee "$OUT/gpu_check.log"

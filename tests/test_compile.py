@@ -233,3 +233,22 @@ def test_strategy_structured_runs_eagerly_inside_a_compiled_step():
     compiled = gradients(model, torch.compile(step_loss)(x, y))
     for c, e in zip(compiled, gradients(model, step_loss(x, y))):
         assert relative_error(c, e) < 1e-12
+
+
+def test_the_compile_benchmark_reports_one_graph_and_equal_steps(monkeypatch, capsys):
+    """benchmarks/bench_compile.py (also part 5 of gpu_check.sh) on the smallest configuration: its rows say one graph,
+    no break, and a compiled step equal to the eager one; times are printed, never asserted on."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_compile_under_test", root / "benchmarks" / "bench_compile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--models", "fcn", "--batch", "2", "--steps", "exact trace penalty", "--repeats", "1"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| fcn")]
+    assert len(rows) == 1
+    graphs, breaks, loss_diff, grad_diff = (cell.strip() for cell in rows[0][3:7])
+    assert (graphs, breaks) == ("1", "0")
+    assert float(loss_diff) < 1e-5 and float(grad_diff) < 1e-5  # float32
