@@ -251,12 +251,13 @@ def _restored_buffers(model: nn.Module) -> Iterator[None]:
 
 def _restore(model: nn.Module) -> None:
     """Put back the buffers a forward wrote, only those (compared by value: PyTorch's batch_norm kernel updates
-    running statistics without a version bump): writing one that an earlier sample's graph saved (BatchNorm's
-    running statistics in eval mode) would make that graph unusable."""
-    with torch.no_grad():
-        for b, value in _SAVED_BUFFERS.get(id(model), []):
-            if not torch.equal(b, value):
-                b.copy_(value)
+    running statistics without a version bump), and without a version bump either (through ``.data``, as that
+    kernel writes them): a graph that saved the buffer — an earlier sample's, or the user's own training forward
+    whose loss the penalty joins (BatchNorm saves its running statistics in both modes) — would otherwise refuse
+    its backward ("modified by an inplace operation"). The values are those it saved."""
+    for b, value in _SAVED_BUFFERS.get(id(model), []):
+        if not torch.equal(b, value):
+            b.data.copy_(value)
 
 
 def _compare(problem: KernelProblem, engine, what: tuple[str, ...], report: SelfCheckReport) -> None:
@@ -393,18 +394,16 @@ def _finite_difference_error(sub, real: list[Tensor], cot, s, mine: Tensor) -> f
     saved = [p.detach().clone() for p in real]
 
     def value_at(step: float) -> float:
-        with torch.no_grad():
-            offset = 0
-            for p, p0 in zip(real, saved):
-                p.copy_(p0 + step * v[offset : offset + p.numel()].reshape(p.shape).to(p))
-                offset += p.numel()
+        offset = 0
+        for p, p0 in zip(real, saved):
+            p.data.copy_(p0 + step * v[offset : offset + p.numel()].reshape(p.shape).to(p))
+            offset += p.numel()
         try:
             rows, _ = _loop_gradients(sub, real, cot, s, create_graph=False)
             return float(sum((g.detach().double() ** 2).sum() for row in rows for g in row))
         finally:
-            with torch.no_grad():
-                for p, p0 in zip(real, saved):
-                    p.copy_(p0)
+            for p, p0 in zip(real, saved):  # through .data: no version bump for the user's graph that saved p
+                p.data.copy_(p0)
 
     directional = (value_at(h) - value_at(-h)) / (2 * h)
     return abs(directional - float(mine.double() @ v.double())) / max(float(mine.norm()) * float(v.norm()), 1e-300)

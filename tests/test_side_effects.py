@@ -177,3 +177,31 @@ def test_functional_dropout_in_a_custom_layer_is_handled_consistently():
         assert torch.equal(torch.get_rng_state(), rng)
     model.eval()
     assert_close(mgs_kernel(model, x), reference_kernel(model, x))
+
+
+@pytest.mark.parametrize("batch_norm", ["batch", "eval"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_first_penalty_after_the_training_forward_leaves_its_graph_usable(strategy, batch_norm):
+    """The usual step, on a model mgs_torch has not seen: loss = CE(model(x)) + α·penalty, then backward. The
+    training forward's BatchNorm saved its running statistics for backward; the first call's self-check runs the
+    model itself and put those statistics back with an in-place copy, whose version bump made that backward
+    fail ("modified by an inplace operation"). The gradient must be the forward's plus α times the penalty's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Tanh(), nn.Flatten(), nn.Linear(32, 3)).double()
+    x, y = torch.randn(4, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    params = list(model.parameters())
+    state = copy.deepcopy(model.state_dict())
+
+    def grads(loss):
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
+
+    together = grads(F.cross_entropy(model(x), y) + 0.01 * mgs_penalty(model, x, strategy=strategy, batch_norm=batch_norm))
+    after = copy.deepcopy(model.state_dict())
+    model.load_state_dict(state)
+    ce = grads(F.cross_entropy(model(x), y))
+    penalty = grads(mgs_penalty(model, x, strategy=strategy, batch_norm=batch_norm))
+    flat = lambda grads: torch.cat([g.reshape(-1) for g in grads])  # noqa: E731 - one norm: the conv bias before a
+    # train-mode BatchNorm has a gradient of zero up to rounding, which no per-parameter relative error can judge
+    assert relative_error(flat(together), flat(ce) + 0.01 * flat(penalty)) < 1e-12
+    for key, value in model.state_dict().items():  # the running statistics moved once, by the training forward
+        assert torch.equal(value, after[key]), key
