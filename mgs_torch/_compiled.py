@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ._guards import BATCH_NORM_TYPES
+from ._guards import BATCH_NORM_TYPES, has_backward_hooks
 from ._problem import KernelProblem, draft_problem
 from ._validation import check_outputs
 
@@ -40,13 +40,17 @@ def eager_reason(model: nn.Module, batch_norm: str, strategy: str = "auto") -> s
 
     ``strategy="structured"``, asked for explicitly: its forward hooks are registered per call, which Dynamo
     cannot trace, so the call runs eagerly, where it is often faster than the traced reference engine (it never
-    holds per-sample gradients; benchmarks/RESULTS.md). A BatchNorm in training mode read with its running statistics (``batch_norm="eval"``): the model's own forward
+    holds per-sample gradients; benchmarks/RESULTS.md). Module backward hooks (per module or global): torch.func
+    cannot run the autograd.Function behind them, and setting them aside is a side effect the eager route's
+    :func:`~mgs_torch._guards.preserved_state` undoes after the call. A BatchNorm in training mode read with its running statistics (``batch_norm="eval"``): the model's own forward
     in the same compiled step updates those statistics, and Inductor (PyTorch 2.13) then gets the gradient of
     anything computed from the updated statistics wrong, 6–8 % off with the right value (pinned in
     ``tests/test_upstream_bugs.py``, without mgs_torch). The penalty gradient was 3 % off; eager it is exact.
     """
     if strategy == "structured":
         return "strategy='structured' was asked for, and its per-call forward hooks cannot be traced"
+    if has_backward_hooks(model):  # set aside eagerly (preserved_state), which a traced graph cannot do
+        return "backward hooks are registered, which torch.func cannot run and only the eager route sets aside"
     for m in model.modules():
         if isinstance(m, BATCH_NORM_TYPES) and m.training and batch_norm == "eval" and m.running_var is not None:
             return (

@@ -94,6 +94,15 @@ _MODULE_HOOK_DICTS = ("_backward_hooks", "_backward_pre_hooks")
 _GLOBAL_HOOK_DICTS = ("_global_backward_hooks", "_global_backward_pre_hooks")
 
 
+def has_backward_hooks(model: nn.Module) -> bool:
+    """Whether any module of ``model``, or the global registry, holds a backward hook or pre-hook."""
+    from torch.nn.modules import module as module_lib
+
+    return any(getattr(m, attr, None) for m in model.modules() for attr in _MODULE_HOOK_DICTS) or any(
+        getattr(module_lib, attr, None) for attr in _GLOBAL_HOOK_DICTS
+    )
+
+
 def _set_aside_backward_hooks(model: nn.Module) -> list:
     """Empty every backward-hook dict of ``model``'s modules and the global ones; return what to restore."""
     from torch.nn.modules import module as module_lib

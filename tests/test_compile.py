@@ -277,3 +277,26 @@ def test_compiled_whole_batch_penalty_with_train_mode_batch_norm_equals_eager_an
     # train-mode BatchNorm has a gradient of zero up to rounding
     assert relative_error(flat(compiled), flat(eager)) < 1e-10
     assert relative_error(flat(compiled), flat(loop)) < 1e-9
+
+
+def test_a_model_with_backward_hooks_runs_the_penalty_eagerly_and_exactly():
+    """Module backward hooks: torch.func cannot run them, so the eager route sets them aside for the call; a traced
+    graph cannot, so the call runs eagerly (it failed with torch.func's autograd.Function error before). The hook
+    still fires once, in the step's own backward."""
+    model = small_cnn()
+    x, y = batch()
+    calls = []
+    model[0].register_full_backward_hook(lambda module, grad_in, grad_out: calls.append(1))
+
+    def step_loss(x, y):
+        return F.cross_entropy(model(x), y) + ALPHA * mgs_penalty(model, x, reduction="sum")
+
+    _, breaks = graphs_and_breaks(step_loss, x, y)
+    assert any("disable" in reason for reason in breaks), breaks
+    calls.clear()
+    eager = gradients(model, step_loss(x, y))
+    assert len(calls) == 1
+    compiled = gradients(model, torch.compile(step_loss)(x, y))
+    assert len(calls) == 2
+    flat = lambda grads: torch.cat([g.reshape(-1) for g in grads])  # noqa: E731
+    assert relative_error(flat(compiled), flat(eager)) < 1e-12
