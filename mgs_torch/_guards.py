@@ -9,6 +9,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
+from . import _walk
+
 __all__ = [
     "BATCH_NORM_TYPES", "capturing_cuda_graph", "cuda_devices", "rng_states", "restore_rng_states", "preserved_state",
     "fresh_caches",
@@ -31,7 +33,7 @@ def capturing_cuda_graph(device: torch.device | str) -> bool:
 def rng_states(model: nn.Module) -> list[tuple[str, int, Tensor]]:
     """The random states a forward of ``model`` draws from: the CPU's and its CUDA devices'."""
     states = [("cpu", 0, torch.get_rng_state())]
-    for index in cuda_devices(model.parameters()):
+    for index in cuda_devices(_walk.parameters(model)):
         states.append(("cuda", index, torch.cuda.get_rng_state(index)))
     return states
 
@@ -62,17 +64,24 @@ def preserved_state(model: nn.Module, batch_norm: str) -> Iterator[None]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    with _walk.one_walk(model):  # the module tree, walked once for every check of this call (see _walk)
+        with _preserved_state(model, batch_norm):
+            yield
+
+
+@contextlib.contextmanager
+def _preserved_state(model: nn.Module, batch_norm: str) -> Iterator[None]:
     from torch.nn.utils import parametrize
 
     caching = parametrize._cache_enabled  # parametrize.cached() would hand out weights made before substitution
     parametrize._cache_enabled = 0
-    flags = [(m, m.training) for m in model.modules()]
+    flags = [(m, m.training) for m in _walk.modules(model)]
     hooks = _set_aside_backward_hooks(model)
-    on_cuda = cuda_devices(model.parameters())
+    on_cuda = cuda_devices(_walk.parameters(model))
     devices = [] if on_cuda and capturing_cuda_graph("cuda") else on_cuda
     try:
         if batch_norm == "eval":
-            for m in model.modules():
+            for m in _walk.modules(model):
                 if isinstance(m, BATCH_NORM_TYPES):
                     m.eval()
         with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as stack:
@@ -98,7 +107,7 @@ def has_backward_hooks(model: nn.Module) -> bool:
     """Whether any module of ``model``, or the global registry, holds a backward hook or pre-hook."""
     from torch.nn.modules import module as module_lib
 
-    return any(getattr(m, attr, None) for m in model.modules() for attr in _MODULE_HOOK_DICTS) or any(
+    return any(getattr(m, attr, None) for m in _walk.modules(model) for attr in _MODULE_HOOK_DICTS) or any(
         getattr(module_lib, attr, None) for attr in _GLOBAL_HOOK_DICTS
     )
 
@@ -108,7 +117,7 @@ def _set_aside_backward_hooks(model: nn.Module) -> list:
     from torch.nn.modules import module as module_lib
 
     saved = []
-    for m in model.modules():
+    for m in _walk.modules(model):
         for attr in _MODULE_HOOK_DICTS:
             hooks = getattr(m, attr, None)
             if hooks:
@@ -138,7 +147,7 @@ def fresh_caches(model: nn.Module) -> Iterator[None]:
     Parameters would be zero); with the cache empty it computes it from the Parameters, as its first call does.
     """
     swapped = [
-        (m, name, value) for m in model.modules() for name, value in list(vars(m).items())
+        (m, name, value) for m in _walk.modules(model) for name, value in list(vars(m).items())
         if isinstance(value, dict) and "cache" in name.lower() and not name.startswith("__")
     ]
     try:

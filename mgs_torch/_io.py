@@ -23,6 +23,7 @@ from typing import Any, Callable, Union
 
 from torch import Tensor, nn
 
+from . import _walk
 from ._validation import Inputs, as_input_tuple
 
 __all__ = [
@@ -179,7 +180,7 @@ def uses_transformers(model: nn.Module) -> bool:
     """Whether ``model`` holds modules of Hugging Face ``transformers`` (never imports it)."""
     if "transformers" not in sys.modules:
         return False
-    return any(type(m).__module__.startswith("transformers.") for m in model.modules())
+    return any(type(m).__module__.startswith("transformers.") for m in _walk.modules(model))
 
 
 def model_call(model: nn.Module, inputs: Inputs | Mapping[str, Any], logits: OutputSelector = None) -> tuple[tuple[Tensor, ...], ModelCall]:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.overrides import TorchFunctionMode
 
+from . import _walk
 from ._dtypes import as_dtype
 from ._guards import BATCH_NORM_TYPES, cuda_devices, fresh_caches, restore_rng_states, rng_states, watch_reseeding
 from ._io import ModelCall, OutputSelector, model_call
@@ -125,7 +126,7 @@ class KernelProblem:
         state.update(buffers or {})
         held = {}
         if self.held_params:
-            originals = dict(self.model.named_parameters())
+            originals = dict(_walk.named_parameters(self.model))
             held = {id(originals[k]): state[k] for k in self.held_params}
         with fresh_caches(self.model), exact_computation(self.model, held) if exact_ops else contextlib.nullcontext():
             return call_with(self.model, state, self.inputs if inputs is None else inputs, self.call_names, self.call)
@@ -146,10 +147,10 @@ def functional_call_names(model: nn.Module) -> tuple[tuple[str, str], ...]:
     ALBERT-style ``nn.ModuleList([layer] * k)``) is listed once; a parameter tied between two modules
     (``out.weight = emb.weight``) once per module. :func:`call_with` swaps exactly these attributes.
     """
-    canonical = {id(t): k for k, t in model.named_parameters()}
-    canonical.update({id(t): k for k, t in model.named_buffers()})
+    canonical = {id(t): k for k, t in _walk.named_parameters(model)}
+    canonical.update({id(t): k for k, t in _walk.named_buffers(model)})
     names = []
-    for mname, module in model.named_modules():  # each module object once
+    for mname, module in _walk.named_modules(model):  # each module object once
         prefix = f"{mname}." if mname else ""
         for local, tensor in [*module._parameters.items(), *module._buffers.items()]:
             if tensor is not None and id(tensor) in canonical:
@@ -218,11 +219,11 @@ def draft_problem(
 
     values = values or {}
     chosen = {k: prep(values.get(k, p)) for k, p in selected.items()}
-    frozen: dict[str, Tensor] = {k: prep(values.get(k, p)) for k, p in model.named_parameters() if k not in selected}
+    frozen: dict[str, Tensor] = {k: prep(values.get(k, p)) for k, p in _walk.named_parameters(model) if k not in selected}
     # buffers are cloned: modules that update buffers in forward (BatchNorm running stats) write to copies
-    frozen.update({k: _cast(b.detach().clone(), dtype) for k, b in model.named_buffers()})
+    frozen.update({k: _cast(b.detach().clone(), dtype) for k, b in _walk.named_buffers(model)})
 
-    bns = [m for m in model.modules() if isinstance(m, BATCH_NORM_TYPES)]
+    bns = [m for m in _walk.modules(model) if isinstance(m, BATCH_NORM_TYPES)]
     if batch_norm == "eval":
         for m in bns:
             if _batch_statistics(m):
@@ -232,14 +233,14 @@ def draft_problem(
                     f"Jacobian of the whole-batch function"
                 )
     per_sample = not any(_batch_statistics(m) for m in bns)
-    stochastic = any(isinstance(m, _DROPOUT_TYPES) and m.training and m.p > 0 for m in model.modules())
+    stochastic = any(isinstance(m, _DROPOUT_TYPES) and m.training and m.p > 0 for m in _walk.modules(model))
 
     owners = {}
-    for mname, mod in model.named_modules():
+    for mname, mod in _walk.named_modules(model):
         for pname, _ in mod.named_parameters(recurse=False):
             owners[f"{mname}.{pname}" if mname else pname] = mname
 
-    buffers = frozenset(k for k, _ in model.named_buffers())
+    buffers = frozenset(k for k, _ in _walk.named_buffers(model))
     return KernelProblem(model, x, chosen, frozen, x[0].shape[0], 0, (), per_sample, stochastic, owners, buffers,
                          call_names=functional_call_names(model), call=call)
 
@@ -270,8 +271,8 @@ def build_problem(
     n, per_sample = draft.n, draft.per_sample
     # what a cached structured plan may depend on: parameter identities, modes, input layout, dtype
     signature = (
-        tuple((k, id(p), k in draft.params) for k, p in model.named_parameters()),
-        tuple(m.training for m in model.modules()),
+        tuple((k, id(p), k in draft.params) for k, p in _walk.named_parameters(model)),
+        tuple(m.training for m in _walk.modules(model)),
         tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in draft.inputs),
         as_dtype("dtype", dtype),
         forward_structure(model),
@@ -329,7 +330,7 @@ def forward_structure(model: nn.Module) -> tuple:
     )
     return hooks, tuple(
         (id(m), type(m), tuple(m._forward_pre_hooks), tuple(m._forward_hooks), id(vars(m).get("forward")))
-        for m in model.modules()
+        for m in _walk.modules(model)
     )
 
 
@@ -384,7 +385,7 @@ def validated_output_shape(problem: KernelProblem) -> tuple:
     with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices(problem.params.values())):
         buffers = {k: problem.frozen[k].clone() for k in problem.buffer_names}
         versions = {k: b._version for k, b in buffers.items()}
-        spy = _HeldParameters({id(p): k for k, p in problem.model.named_parameters()})
+        spy = _HeldParameters({id(p): k for k, p in _walk.named_parameters(problem.model)})
         try:
             with spy, watch_reseeding() as reseeding:
                 out = problem.raw_forward(buffers=buffers)

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from . import _walk
 from ._guards import capturing_cuda_graph
 
 __all__ = [
@@ -88,7 +89,7 @@ def functional_model(model: nn.Module) -> nn.Module:
         )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    scripted = [name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    scripted = [name for name, m in _walk.named_modules(model) if isinstance(m, torch.jit.ScriptModule)]
     if scripted:
         raise TypeError(
             f"{type(model).__name__} contains TorchScript submodules ({', '.join(scripted[:3])}"
@@ -109,7 +110,7 @@ def select_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    named = [(k, p) for k, p in _walk.named_parameters(model) if p.requires_grad]
     if not named:
         raise ValueError(
             f"{type(model).__name__} has no trainable parameters (none with requires_grad=True); "
@@ -186,7 +187,7 @@ def raise_integer_input_hint(inputs: tuple[Tensor, ...], err: RuntimeError, mode
     Not for a model with an index-taking layer (``nn.Embedding``, ``nn.EmbeddingBag``): its integer
     inputs are right, and the dtype error is the model's own (raised unchanged).
     """
-    if model is not None and any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules()):
+    if model is not None and any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in _walk.modules(model)):
         return
     ints = [(i, t.dtype) for i, t in enumerate(inputs) if not t.is_floating_point() and not t.is_complex()]
     if ints and "dtype" in str(err).lower():

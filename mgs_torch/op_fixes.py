@@ -57,6 +57,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from . import _walk
+
 __all__ = [
     "ExactOps", "UnsupportedLayerError", "ModelForwardError", "SelfCheckError", "REPLACED_OPS", "EXACT_FORWARDS", "exact_computation",
     "explained_failures", "autograd_in_forward_error",
@@ -512,7 +514,7 @@ EXACT_FORWARDS: dict = {torch.nn.CrossMapLRN2d: cross_map_lrn2d}
 def exact_forwards(model) -> Iterator[None]:
     """Instances of :data:`EXACT_FORWARDS` types in ``model`` forward through their exact equivalents while
     active (an instance attribute, removed after; nothing else about the modules changes)."""
-    patched = [m for m in model.modules() if type(m) in EXACT_FORWARDS and "forward" not in vars(m)]
+    patched = [m for m in _walk.modules(model) if type(m) in EXACT_FORWARDS and "forward" not in vars(m)]
 
     def exact(module, *args, **kwargs):
         for record in _RECORDERS:

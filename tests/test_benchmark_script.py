@@ -201,3 +201,15 @@ def test_installed_backpack_on_batchnorm_and_its_refusal_of_the_vit(bench):
         fn, why = bench.peers.prepare("BackPACK BatchL2Grad", model, x, bench.mgs_trace(model, x))
         assert (fn is not None) == ok, why
         assert ok or why.startswith("unsupported: NotImplementedError")  # the ViT's bare Parameters get no batch_l2
+
+
+def test_module_walks_script_counts_one_walk_per_call(capsys):
+    """benchmarks/module_walks.py on LeNet-5 (15 modules): about 4 walks a call (60 visits), not 29 (432)."""
+    spec = importlib.util.spec_from_file_location("module_walks_under_test", ROOT / "benchmarks" / "module_walks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--models", "lenet5"])
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("lenet5 (15 modules) | exact tr K: ")
+    visits = [int(cell.split(": ")[1].split()[0]) for cell in line.split(" | ")[1:]]
+    assert len(visits) == 3 and all(15 <= v <= 6 * 15 for v in visits), line

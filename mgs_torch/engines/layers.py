@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _walk
 from ..op_fixes import same_padding_amounts
 from .factors import ConvFactor, DirectFactor, IndexOuterFactor, OuterFactor
 
@@ -407,7 +408,7 @@ _ADOPTED: set[type] = set()
 
 def adopt_named_rules(model: nn.Module) -> None:
     """Register the rules of :data:`_RULES_BY_NAME` for the types ``model`` holds (once per type and process)."""
-    for kind in {type(m) for m in model.modules()} - _ADOPTED:
+    for kind in {type(m) for m in _walk.modules(model)} - _ADOPTED:
         rule = _RULES_BY_NAME.get((kind.__module__, kind.__qualname__))
         if rule is not None:
             _ADOPTED.add(kind)

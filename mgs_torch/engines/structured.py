@@ -32,6 +32,7 @@ from torch.func import vjp, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
+from .. import _walk
 from .._guards import cuda_devices, restore_rng_states, rng_states
 
 from .._problem import Cotangents, KernelProblem, PerModelCache, one_hot_cotangents
@@ -109,7 +110,7 @@ def _watch_parameter_use(model: nn.Module, problem: KernelProblem, layers: dict[
         stack.pop()
 
     try:
-        for name, mod in model.named_modules():
+        for name, mod in _walk.named_modules(model):
             _register(handles, mod.register_forward_pre_hook(lambda m, a, k, name=name: stack.append(name), with_kwargs=True))
             _register(handles, mod.register_forward_hook(pop, with_kwargs=True, always_call=True))
         _register(handles, model.register_forward_pre_hook(lambda *a: setattr(monitor, "active", True), with_kwargs=True, prepend=True))
@@ -216,7 +217,7 @@ def plan(problem: KernelProblem) -> Plan:
     for full in problem.params:  # build_problem lists every parameter's own module (a tied one under its first name)
         mname = problem.modules_of_params[full]
         by_module.setdefault(mname, {})[full[len(mname) + 1:] if mname else full] = full
-    modules = dict(model.named_modules())
+    modules = dict(_walk.named_modules(model))
     for mname, module in modules.items():  # children whose parameters the parent's forward uses (its rule covers them)
         rule = LAYER_RULES.get(type(module))
         for child in rule.children if rule is not None else ():
