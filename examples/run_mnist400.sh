@@ -20,7 +20,7 @@
 #   lane2: (a) ‖∇xL‖² and unregularised, 80 % / 60 %, seed 0 then 1 (≈ 10 / 5 min)  ≈ 1.0 h
 #          (a) weight decay, dropout ×8 (≈ 5 min)                                  ≈ 0.7 h
 #          (b) tuning: 28 runs of 100 epochs (4 MGS tr K ≈ 11 min each)            ≈ 1.5 h
-#          (b) ‖∇xL‖², unregularised, weight decay, dropout ×16                     ≈ 1.7 h
+#          (b) ‖∇xL‖², unregularised, weight decay, dropout ×16, seed 0 first      ≈ 1.7 h
 #          (a)+(b) Adam ×8, (b) ‖∇θL‖ ×4                                            ≈ 1.4 h
 # Times: one idle core of the 2-core CPU here (the 100-epoch grid's mean seconds per epoch: MGS tr K 6.8,
 # ‖∇xL‖² 1.5, ‖∇θL‖ 1.6, the rest 0.7); ≈ 13 core-hours in all, ≈ 6.5 h per lane when the cores are
@@ -92,8 +92,7 @@ lane2() {
   for seed in 0 1; do for noise in 0.8 0.6; do tb he $noise $seed gradnorm_inputs unreg; done; done
   for seed in 0 1; do for noise in 0.8 0.6; do tb he $noise $seed weight_decay dropout; done; done
   tune_glorot
-  for seed in 0 1; do for noise in 0.8 0.6; do tb glorot $noise $seed gradnorm_inputs unreg; done; done
-  for seed in 0 1; do for noise in 0.8 0.6; do tb glorot $noise $seed weight_decay dropout; done; done
+  for seed in 0 1; do for noise in 0.8 0.6; do tb glorot $noise $seed gradnorm_inputs unreg weight_decay dropout; done; done
   for seed in 0 1; do for noise in 0.8 0.6; do tb he $noise $seed adam; tb glorot $noise $seed adam; done; done
   for seed in 0 1; do for noise in 0.8 0.6; do tb glorot $noise $seed gradnorm_params_norm; done; done
 }
