@@ -213,3 +213,15 @@ def test_module_walks_script_counts_one_walk_per_call(capsys):
     assert line.startswith("lenet5 (15 modules) | exact tr K: ")
     visits = [int(cell.split(": ")[1].split()[0]) for cell in line.split(" | ")[1:]]
     assert len(visits) == 3 and all(15 <= v <= 6 * 15 for v in visits), line
+
+
+def test_hutchinson_engines_script_prints_both_engines(capsys):
+    spec = importlib.util.spec_from_file_location("hutchinson_engines_under_test", ROOT / "benchmarks" / "hutchinson_engines.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--models", "fcn", "--n", "4", "--repeats", "2"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| fcn |")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    structured, reference, ratio = (float(c) for c in cells[2:])
+    assert structured > 0 and reference > 0 and abs(ratio - reference / structured) < 0.01 + 0.01 * ratio
