@@ -223,8 +223,10 @@ def test_hutchinson_engines_script_prints_both_engines(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| fcn |")]
     assert len(rows) == 1
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
-    structured, reference, ratio = (float(c) for c in cells[2:])
-    assert structured > 0 and reference > 0 and abs(ratio - reference / structured) < 0.01 + 0.01 * ratio
+    structured, reference, plain, ratio, plain_ratio = (float(c) for c in cells[2:])
+    assert structured > 0 and reference > 0 and plain > 0
+    assert abs(ratio - reference / structured) < 0.01 + 0.01 * ratio
+    assert abs(plain_ratio - plain / structured) < 0.01 + 0.01 * plain_ratio
 
 
 def _load_hutchinson_steps():
