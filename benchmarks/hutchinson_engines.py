@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hutchinson_steps import naive_per_sample_probe  # noqa: E402
+from hutchinson_steps import interleaved_cpu_times, naive_per_sample_probe  # noqa: E402
 from models import MODELS, make_input  # noqa: E402
 from mgs_torch import mgs_trace  # noqa: E402
 from mgs_torch.estimators import rademacher_probes  # noqa: E402
@@ -48,15 +47,7 @@ def measure(name: str, n: int, repeats: int) -> dict[str, float]:
             return naive_per_sample_probe(model, x, rademacher_probes(1, n, q, gen, x.device)[0]).detach()
 
     calls["plain probe"] = plain_probe
-    for call in calls.values():  # plans, self-checks, warm caches
-        call(), call()
-    times: dict[str, list[float]] = {s: [] for s in calls}
-    for _ in range(repeats):
-        for s, call in calls.items():
-            started = time.process_time()
-            call()
-            times[s].append(time.process_time() - started)
-    return {s: lower_quartile_ms(t) for s, t in times.items()}
+    return {s: lower_quartile_ms(t) for s, t in interleaved_cpu_times(calls, repeats).items()}
 
 
 def main(argv=None) -> None:

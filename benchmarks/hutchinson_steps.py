@@ -84,7 +84,7 @@ def make_steps(name: str, n: int, seed: int = 0):
     x = make_input(name, n)
     y = torch.randint(0, 10, (n,))
     q = base(x).shape[-1]
-    steps, models = {}, {}
+    steps = {}
     for method in METHODS:
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -104,7 +104,7 @@ def make_steps(name: str, n: int, seed: int = 0):
             loss.backward()
             opt.step()
 
-        steps[method], models[method] = step, model
+        steps[method] = step
     return base, x, q, steps
 
 
@@ -138,20 +138,27 @@ def op_families(step, total_ms: float, steps: int = 2) -> dict[str, float]:
     return {k: v for k, v in out.items() if v >= 0.05}
 
 
+def interleaved_cpu_times(calls: dict, repeats: int) -> dict[str, list[float]]:
+    """Each call twice to warm up (plans, self-checks, allocator), then ``repeats`` rounds of every call in turn:
+    the process CPU time of each call, in seconds (less sensitive to other work on the cores than wall time)."""
+    for call in calls.values():
+        call(), call()
+    times: dict[str, list[float]] = {key: [] for key in calls}
+    for _ in range(repeats):
+        for key, call in calls.items():
+            started = time.process_time()
+            call()
+            times[key].append(time.process_time() - started)
+    return times
+
+
 def measure(name: str, n: int, repeats: int, profile_ops: bool) -> None:
     base, x, q, steps = make_steps(name, n)
     rel = agreement(base, x, q)
     if rel > 1e-4:
         print(f"| {name} | {n} | mismatch: mgs_torch and the naive per-sample probe differ by {rel:.1e} | | | |", flush=True)
         return
-    for step in steps.values():  # warm-up: plans, self-checks, allocator
-        step(), step()
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
-    for _ in range(repeats):
-        for method, step in steps.items():
-            started = time.process_time()
-            step()
-            times[method].append(time.process_time() - started)
+    times = interleaved_cpu_times(steps, repeats)
     med = {m: statistics.median(t) * 1e3 for m, t in times.items()}
     plain = med["plain"]
     cells = " | ".join(f"{med[m]:.1f} ms ({med[m] / plain:.1f}×)" for m in METHODS[1:])

@@ -15,13 +15,18 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "benchmarks" / "results-cpu.json"
 
 
-@pytest.fixture
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_mgs_under_test", ROOT / "benchmarks" / "bench_mgs.py")
+def _load_script(name: str):
+    """benchmarks/<name>.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return _load_script("bench_mgs")
 
 
 def _rows(measure):
@@ -205,9 +210,7 @@ def test_installed_backpack_on_batchnorm_and_its_refusal_of_the_vit(bench):
 
 def test_module_walks_script_counts_one_walk_per_call(capsys):
     """benchmarks/module_walks.py on LeNet-5 (15 modules): about 4 walks a call (60 visits), not 29 (432)."""
-    spec = importlib.util.spec_from_file_location("module_walks_under_test", ROOT / "benchmarks" / "module_walks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_script("module_walks")
     module.main(["--models", "lenet5"])
     line = capsys.readouterr().out.strip()
     assert line.startswith("lenet5 (15 modules) | exact tr K: ")
@@ -216,9 +219,7 @@ def test_module_walks_script_counts_one_walk_per_call(capsys):
 
 
 def test_hutchinson_engines_script_prints_both_engines(capsys):
-    spec = importlib.util.spec_from_file_location("hutchinson_engines_under_test", ROOT / "benchmarks" / "hutchinson_engines.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_script("hutchinson_engines")
     module.main(["--models", "fcn", "--n", "4", "--repeats", "2"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| fcn |")]
     assert len(rows) == 1
@@ -229,18 +230,11 @@ def test_hutchinson_engines_script_prints_both_engines(capsys):
     assert abs(plain_ratio - plain / structured) < 0.01 + 0.01 * plain_ratio
 
 
-def _load_hutchinson_steps():
-    spec = importlib.util.spec_from_file_location("hutchinson_steps_under_test", ROOT / "benchmarks" / "hutchinson_steps.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_hutchinson_steps_naive_probe_matches_a_per_sample_loop():
     """The script's naive per-sample probe Σ_i ‖∇θ⟨f(x_i), v_i⟩‖² against a plain autograd loop, float64."""
     import torch
 
-    module = _load_hutchinson_steps()
+    module = _load_script("hutchinson_steps")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
     x, v = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
@@ -252,7 +246,7 @@ def test_hutchinson_steps_naive_probe_matches_a_per_sample_loop():
 
 
 def test_hutchinson_steps_script_prints_ratios_and_families(capsys):
-    module = _load_hutchinson_steps()
+    module = _load_script("hutchinson_steps")
     module.PROFILES.clear()
     module.main(["--models", "fcn", "--n", "4", "--repeats", "2"])
     out = capsys.readouterr().out
