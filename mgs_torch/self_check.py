@@ -17,7 +17,10 @@ backward) and the definitions of :mod:`mgs_torch._plain_loop` where PyTorch's ow
   backward; not checked below float64 there).
 
 Errors are relative (‖a − b‖ / ‖b‖), compared with a tolerance set by the least precise dtype the forward
-computes in: 10⁻⁶ in float64, 10⁻³ in float32; nothing is checked in half precision. On a mismatch of a route
+computes in: 10⁻⁶ in float64, 10⁻³ in float32; nothing is checked in half precision. TF32 (on by default for
+cuDNN convolutions on CUDA, and for matrix products where the user enabled it) keeps only 10 bits of mantissa, so
+its round-off alone reaches 10⁻³: the check runs both sides in full float32 (:func:`_full_float32`), which tests
+the same maths, and the computation after it keeps the user's setting. On a mismatch of a route
 that uses layer rules, the reference engine is checked too: if it agrees, it is used for this model from then on
 (one warning); otherwise :class:`SelfCheckError` is raised with the report. Forwards with active Dropout are
 checked with its probability set to 0 (both sides deterministic); other random ops make the check inconclusive
@@ -198,7 +201,7 @@ def _run(problem: KernelProblem, engine, what: tuple[str, ...]) -> SelfCheckRepo
     report = SelfCheckReport(type(problem.model).__name__, name, what, min(SAMPLES, problem.n), PROBES)
     rng = rng_states(problem.model)  # the check draws nothing the computation after it would see
     try:
-        with torch.enable_grad(), _deterministic(problem) as det, _restored_buffers(problem.model):
+        with torch.enable_grad(), _deterministic(problem) as det, _restored_buffers(problem.model), _full_float32():
             _compare(det, engine, what, report)
     except _Inconclusive as why:
         report.outcome = f"skipped: {why}"
@@ -217,6 +220,25 @@ def _run(problem: KernelProblem, engine, what: tuple[str, ...]) -> SelfCheckRepo
 
 class _Inconclusive(Exception):
     pass
+
+
+@contextlib.contextmanager
+def _full_float32() -> Iterator[None]:
+    """TF32 off for cuDNN and cuBLAS inside (restored after): float32 products keep their 24-bit mantissa.
+
+    On an H200 with PyTorch's defaults (TF32 convolutions) both the engine and the autograd loop differed from
+    full float32 by about 1.6·10⁻³ on a CIFAR-sized CNN's penalty gradient, above the float32 tolerance, so the
+    check failed where nothing was wrong (benchmarks/RESULTS.md, the GPU run of issue #22)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @contextlib.contextmanager

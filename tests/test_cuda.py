@@ -145,6 +145,27 @@ def test_hutchinson_penalty_step_replays_from_a_cuda_graph_with_new_probes():
     check_graph_replay("hutchinson")
 
 
+def test_self_check_passes_in_float32_under_tf32_convolutions():
+    """PyTorch's default on CUDA computes float32 convolutions in TF32, whose round-off (≈ 1.6e-3 on this net's
+    penalty gradient) once failed the float32 self-check of a correct engine; the check runs in full float32 now."""
+    from mgs_torch import self_check_reports
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from models import CifarCNN, make_input
+
+    torch.manual_seed(0)
+    model, x = CifarCNN().cuda(), make_input("cifar_cnn", 8, torch.device("cuda"))
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        value = mgs_penalty(model, x, reduction="sum")
+        torch.autograd.grad(value, list(model.parameters()), allow_unused=True)  # the last bias: no gradient
+        assert [r.outcome for r in self_check_reports(model)] == ["ok"]
+        assert torch.backends.cudnn.allow_tf32 is True  # the user's setting, back after the check
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def test_lightning_fit_on_gpu_in_bf16():
     import pytorch_lightning as pl
     import torch.nn.functional as F

@@ -272,3 +272,28 @@ def test_parameters_whose_part_of_j_is_round_off_are_no_false_alarm():
     mgs_penalty(model, x, params=first).backward()  # the gradient check is skipped there, not failed
     assert self_check_reports(model)[-1].outcome == "ok"
     assert "round-off" in self_check_reports(model)[-1].gradient_check
+
+
+def test_the_check_compares_in_full_float32_and_restores_the_users_tf32_settings(monkeypatch):
+    """TF32 round-off (10 bits of mantissa) once failed the float32 check of a correct engine on a GPU: the check
+    turns TF32 off for cuDNN and cuBLAS while it compares, and the user's settings are back after it."""
+    from mgs_torch import self_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    seen = []
+    real_compare = self_check._compare
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return real_compare(*args, **kwargs)
+
+    monkeypatch.setattr(self_check, "_compare", spy)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
+        model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))
+        mgs_trace(model, torch.randn(4, 1, 4, 4))
+        assert seen == [(False, False)]
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
