@@ -42,10 +42,12 @@ STEPS = {
 }
 
 
-def loss_function(model, penalty, eager: bool):
-    """The step's loss; an eager Hutchinson step draws from the global generator, as a traced one does."""
+def loss_function(model, penalty, eager: bool, device: torch.device = torch.device("cpu")):
+    """The step's loss; an eager Hutchinson step draws from the global generator of the model's device, as a traced
+    one does (on CUDA, the CPU's generator would draw other probes)."""
     if penalty is not None and eager and penalty.get("estimator") == "hutchinson":
-        penalty = {**penalty, "generator": torch.default_generator}
+        generator = torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else torch.default_generator
+        penalty = {**penalty, "generator": generator}
 
     def loss(x, y):
         value = F.cross_entropy(model(x), y)
@@ -68,8 +70,8 @@ def measure(name: str, n: int, step: str, repeats: int, device: torch.device = t
     model = MODELS[name]().train().to(device)
     x = make_input(name, n, device)
     y = torch.randint(0, 10, (n,), device=device)
-    eager = loss_function(model, STEPS[step], eager=True)
-    traced = loss_function(model, STEPS[step], eager=False)
+    eager = loss_function(model, STEPS[step], eager=True, device=device)
+    traced = loss_function(model, STEPS[step], eager=False, device=device)
     torch._dynamo.reset()
     explained = torch._dynamo.explain(traced)(x, y)
     compiled = torch.compile(traced)
@@ -110,7 +112,14 @@ def measure(name: str, n: int, step: str, repeats: int, device: torch.device = t
         "loss_rel": abs(float(compiled_loss - eager_loss)) / abs(float(eager_loss)),
         "grad_rel": relative(compiled_grads, eager_grads), "compile_s": compile_s,
         "eager_ms": eager_ms, "compiled_ms": compiled_ms, "ratio": compiled_ms / eager_ms,
+        "break_reasons": [break_reason(r) for r in explained.break_reasons],
     }
+
+
+def break_reason(reason) -> str:
+    """One line per graph break: Dynamo's reason and the innermost frame of the traced code that caused it."""
+    frames = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in (reason.user_stack or [])]
+    return f"{reason.reason.strip().splitlines()[0][:160]} @ {' < '.join(reversed(frames[-3:]))}"
 
 
 def main(argv=None) -> None:
@@ -136,6 +145,8 @@ def main(argv=None) -> None:
                 print(f"| {r['model']} | {r['n']} | {r['step']} | {r['graphs']} | {r['breaks']} | {r['loss_rel']:.1e} | "
                       f"{r['grad_rel']:.1e} | {r['compile_s']:.0f} | {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | "
                       f"{r['ratio']:.2f} |", flush=True)
+                for reason in dict.fromkeys(r["break_reasons"]):  # printed once each, under the row
+                    print(f"<!-- graph break: {reason} -->", flush=True)
 
 
 if __name__ == "__main__":

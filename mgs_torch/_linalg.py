@@ -52,7 +52,7 @@ def logdet_psd(K: Tensor, jitter: float = 0.0, max_tries: int = 6) -> Tensor:
     """
     check_square(K)
     eye = torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
-    if capturing_cuda_graph(K.device) or torch.compiler.is_compiling():  # no host sync: no retry
+    if torch.compiler.is_compiling() or capturing_cuda_graph(K.device):  # no host sync: no retry
         L, info = torch.linalg.cholesky_ex((K + jitter * eye if jitter else K).detach())
         value = _LogdetFromCholesky.apply(K, L, float(jitter))
         return torch.where(info == 0, value, torch.full_like(value, float("nan")))

@@ -170,7 +170,8 @@ def check_outputs(out: object, n: int) -> Tensor:
         raise TypeError(f"the model output has dtype {out.dtype}; raw floating-point outputs (logits) are needed")
     if out[0].numel() == 0:
         raise ValueError(f"the model output has shape {tuple(out.shape)}: zero outputs per sample")
-    if capturing_cuda_graph(out.device) or torch.compiler.is_compiling():  # counting NaNs needs a host sync
+    if torch.compiler.is_compiling() or capturing_cuda_graph(out.device):  # counting NaNs needs a host sync (asked
+        # first whether it compiles: Dynamo cannot trace torch.cuda.is_current_stream_capturing, a graph break on CUDA)
         return out
     bad = (~torch.isfinite(out)).sum()
     if bad.item():

@@ -300,3 +300,20 @@ def test_a_model_with_backward_hooks_runs_the_penalty_eagerly_and_exactly():
     assert len(calls) == 2
     flat = lambda grads: torch.cat([g.reshape(-1) for g in grads])  # noqa: E731
     assert relative_error(flat(compiled), flat(eager)) < 1e-12
+
+
+def test_traced_code_never_asks_cuda_whether_it_captures_a_graph(monkeypatch):
+    """``torch.cuda.is_current_stream_capturing`` breaks Dynamo's graph on CUDA (found on an H200: one of the
+    compiled penalty step's breaks); the NaN check and the log-det ask ``is_compiling`` first and stop there."""
+    from mgs_torch import _linalg, _validation
+
+    def asked(device):
+        raise AssertionError("capturing_cuda_graph was called while compiling")
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(_validation, "capturing_cuda_graph", asked)
+    monkeypatch.setattr(_linalg, "capturing_cuda_graph", asked)
+    out = torch.full((2, 3), float("nan"))
+    assert _validation.check_outputs(out, 2) is out  # no host sync, no NaN error while compiling
+    K = torch.eye(3, dtype=torch.float64)
+    assert torch.allclose(_linalg.logdet_psd(K), torch.zeros((), dtype=torch.float64))
