@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check, prepared to run in one call on a CUDA machine (no network, under 8 minutes at its defaults):
+# The GPU check, prepared to run on a CUDA machine (no network; about 10 minutes at its defaults, so for one call of
+# at most 600 s set BENCH_BATCH="32 128" GRAPHS_S=0 ROUTES_S=0: that took 222 s on an H200 on 2026-12-04):
 #   1. the CUDA tests (K, tr K and penalty gradients against the float64 reference, no side effects
 #      incl. the CUDA RNG, chunk_size bounding GPU memory, a Lightning fit in bf16-mixed);
 #   2. where the time of the CIFAR CNN's exact trace step goes (torch.profiler, benchmarks/profile_step.py
@@ -9,7 +10,8 @@
 #      the 1.1 M-parameter CIFAR-sized CNN and the small ViT (env BENCH_BATCH, default n = 32 128 512);
 #   4. a torch.compile'd LeNet-5 training step with the penalty against the eager step (benchmarks/bench_compile.py);
 #   5. penalty steps eager against replayed from a CUDA graph (benchmarks/cuda_graphs.py);
-#   6. the trace and log-det steps with every convolution's Gram product forced to the materialised or the ghost route.
+#   6. the trace and log-det steps with every convolution's Gram product forced to the materialised or the ghost route,
+#      and the transposed-convolution backward's A/B on the log-det and Hutchinson steps and on the residual CNN.
 # Each part has its own time limit (seconds; env TESTS_S, PROFILE_S (per run), BENCH_S, COMPILE_S, GRAPHS_S,
 # ROUTES_S (per run)); a limit of 0 skips the part, and what a part measured before its limit is kept (rows are
 # printed or written as they finish). On an H200 (2026-11-27) tests, benchmark and graphs took about 25, 170 and
@@ -63,8 +65,11 @@ part() {  # part NAME LIMIT_S COMMAND...: run COMMAND under LIMIT_S seconds, or 
   part cuda_graphs "${GRAPHS_S:-240}" "$PY" benchmarks/cuda_graphs.py --json "$OUT/results-cuda-graphs.json"
   echo "## Gram routes"
   # the Gram-route cost model was set on the CPU: what the GPU prefers for the convolutions
-  for run in "trace --route materialize" "trace --route ghost" "logdet" "logdet --route materialize"; do
-    part "route $run" "${ROUTES_S:-60}" "$PY" benchmarks/profile_step.py --model cifar_cnn --n 128 --variant $run --time-only >> "$OUT/profile.txt" 2>&1
+  # and whether the opt-in transposed-convolution backward should be automatic: exact faster, Hutchinson slower on 2026-12-04
+  for run in "cifar_cnn --variant trace --route materialize" "cifar_cnn --variant trace --route ghost" "cifar_cnn --variant logdet" \
+      "cifar_cnn --variant logdet --route materialize" "cifar_cnn --variant logdet --transposed-conv" \
+      "cifar_cnn --variant hutchinson --transposed-conv" "resnet --variant trace" "resnet --variant trace --transposed-conv"; do
+    part "route $run" "${ROUTES_S:-60}" "$PY" benchmarks/profile_step.py --model $run --n 128 --time-only >> "$OUT/profile.txt" 2>&1
   done
   grep "median of 10 steps" "$OUT/profile.txt"
 } 2>&1 | tee "$OUT/gpu_check.log"
