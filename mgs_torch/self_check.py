@@ -19,8 +19,9 @@ backward) and the definitions of :mod:`mgs_torch._plain_loop` where PyTorch's ow
 Errors are relative (‖a − b‖ / ‖b‖), compared with a tolerance set by the least precise dtype the forward
 computes in: 10⁻⁶ in float64, 10⁻³ in float32; nothing is checked in half precision. TF32 (on by default for
 cuDNN convolutions on CUDA, and for matrix products where the user enabled it) keeps only 10 bits of mantissa, so
-its round-off alone reaches 10⁻³: the check runs both sides in full float32 (:func:`_full_float32`), which tests
-the same maths, and the computation after it keeps the user's setting. On a mismatch of a route
+its round-off alone reaches 10⁻³ (so does oneDNN's bfloat16 for float32 products on CPUs that have it): the check runs
+both sides in full float32 (:func:`_full_float32`), which tests the same maths, and the computation after it keeps
+the user's settings. On a mismatch of a route
 that uses layer rules, the reference engine is checked too: if it agrees, it is used for this model from then on
 (one warning); otherwise :class:`SelfCheckError` is raised with the report. Forwards with active Dropout are
 checked with its probability set to 0 (both sides deterministic); other random ops make the check inconclusive
@@ -222,23 +223,40 @@ class _Inconclusive(Exception):
     pass
 
 
+# (module, attribute) of each per-op float32 precision setting (PyTorch ≥ 2.9): cuBLAS, cuDNN and oneDNN (CPU)
+_FP32_PRECISION_SETTINGS = (("cuda", "matmul"), ("cudnn", "conv"), ("cudnn", "rnn"), ("mkldnn", "matmul"),
+                            ("mkldnn", "conv"), ("mkldnn", "rnn"))
+
+
 @contextlib.contextmanager
 def _full_float32() -> Iterator[None]:
-    """TF32 off for cuDNN and cuBLAS inside (restored after): float32 products keep their 24-bit mantissa.
+    """Float32 ops in full float32 inside (TF32 off on CUDA, bf16 off on oneDNN CPUs); the settings restored after.
 
     On an H200 with PyTorch's defaults (TF32 convolutions) both the engine and the autograd loop differed from
     full float32 by about 1.6·10⁻³ on a CIFAR-sized CNN's penalty gradient, above the float32 tolerance, so the
-    check failed where nothing was wrong (benchmarks/RESULTS.md, the GPU run of issue #22)."""
-    if not torch.cuda.is_available():
-        yield
+    check failed where nothing was wrong (benchmarks/RESULTS.md, the GPU run of issue #22);
+    ``torch.set_float32_matmul_precision("medium")`` lets oneDNN compute CPU matrix products in bfloat16 the same
+    way. Where PyTorch has the per-op settings (``torch.backends.cudnn.conv.fp32_precision`` …) they are used, never
+    the legacy ``allow_tf32`` flags, whose getters raise once the per-op settings disagree."""
+    settings = [getattr(getattr(torch.backends, module), op, None) for module, op in _FP32_PRECISION_SETTINGS]
+    if all(hasattr(setting, "fp32_precision") for setting in settings):
+        saved = [setting.fp32_precision for setting in settings]
+        try:
+            for setting in settings:
+                setting.fp32_precision = "ieee"
+            yield
+        finally:
+            for setting, value in zip(settings, saved):
+                setting.fp32_precision = value
         return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    saved_flags = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()  # PyTorch < 2.9
     try:
         torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        torch.backends.cudnn.allow_tf32 = saved_flags[0]
+        torch.set_float32_matmul_precision(saved_flags[1])
 
 
 @contextlib.contextmanager

@@ -274,26 +274,36 @@ def test_parameters_whose_part_of_j_is_round_off_are_no_false_alarm():
     assert "round-off" in self_check_reports(model)[-1].gradient_check
 
 
-def test_the_check_compares_in_full_float32_and_restores_the_users_tf32_settings(monkeypatch):
-    """TF32 round-off (10 bits of mantissa) once failed the float32 check of a correct engine on a GPU: the check
-    turns TF32 off for cuDNN and cuBLAS while it compares, and the user's settings are back after it."""
+def test_the_check_compares_in_full_float32_and_restores_the_users_precision_settings(monkeypatch):
+    """TF32 round-off (10 bits of mantissa) once failed the float32 check of a correct engine on a GPU, and oneDNN's
+    bfloat16 (``set_float32_matmul_precision("medium")``) would on CPUs that have it: the check runs every per-op
+    float32 setting at "ieee" while it compares, and the user's settings are back after it. The user's settings here
+    mix TF32 for cuDNN convolutions with full float32 for its RNNs, the state in which PyTorch's legacy
+    ``torch.backends.cudnn.allow_tf32`` getter raises: the check must not read it."""
     from mgs_torch import self_check
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    settings = [getattr(getattr(torch.backends, module), op) for module, op in self_check._FP32_PRECISION_SETTINGS]
+    if not all(hasattr(s, "fp32_precision") for s in settings):
+        pytest.skip("PyTorch < 2.9 has no per-op float32 precision settings")
     seen = []
     real_compare = self_check._compare
 
     def spy(*args, **kwargs):
-        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        seen.append([s.fp32_precision for s in settings])
         return real_compare(*args, **kwargs)
 
     monkeypatch.setattr(self_check, "_compare", spy)
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    saved = [s.fp32_precision for s in settings]
+    users = ["tf32", "tf32", "ieee", "bf16", "bf16", "none"]
     try:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
+        for s, value in zip(settings, users):
+            s.fp32_precision = value
+        with pytest.raises(RuntimeError, match="mix of the legacy and new APIs"):
+            torch.backends.cudnn.allow_tf32  # noqa: B018 - the legacy getter refuses this state
         model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))
         mgs_trace(model, torch.randn(4, 1, 4, 4))
-        assert seen == [(False, False)]
-        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+        assert seen == [["ieee"] * len(settings)]
+        assert [s.fp32_precision for s in settings] == users
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        for s, value in zip(settings, saved):
+            s.fp32_precision = value
