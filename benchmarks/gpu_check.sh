@@ -54,8 +54,8 @@ part() {  # part NAME LIMIT_S COMMAND...: run COMMAND under LIMIT_S seconds, or 
   echo "## benchmark"
   # shellcheck disable=SC2086
   part benchmark "${BENCH_S:-300}" "$PY" benchmarks/bench_mgs.py --device cuda --models lenet5 resnet cifar_cnn vit \
-    --batch ${BENCH_BATCH:-32 128 512} --repeats 5 --skip-slow --json "$OUT/results-cuda.json" > "$OUT/results-cuda.md"
-  "$PY" benchmarks/bench_mgs.py --from-json "$OUT/results-cuda.json" > "$OUT/results-cuda.md" 2>&1  # also a run cut short
+    --batch ${BENCH_BATCH:-32 128 512} --repeats 5 --skip-slow --json "$OUT/results-cuda.json"
+  "$PY" benchmarks/bench_mgs.py --from-json "$OUT/results-cuda.json" > "$OUT/results-cuda.md" 2>&1  # the tables, also of a run cut short
   cat "$OUT/results-cuda.md"
   echo "## compiled step"
   part bench_compile "${COMPILE_S:-120}" "$PY" benchmarks/bench_compile.py --device cuda --models lenet5 --batch 32 128 \

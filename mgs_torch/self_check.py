@@ -223,7 +223,7 @@ class _Inconclusive(Exception):
     pass
 
 
-# (module, attribute) of each per-op float32 precision setting (PyTorch ≥ 2.9): cuBLAS, cuDNN and oneDNN (CPU)
+# (module, attribute) of each per-op float32 precision setting: cuBLAS, cuDNN and oneDNN (CPU)
 _FP32_PRECISION_SETTINGS = (("cuda", "matmul"), ("cudnn", "conv"), ("cudnn", "rnn"), ("mkldnn", "matmul"),
                             ("mkldnn", "conv"), ("mkldnn", "rnn"))
 
@@ -236,27 +236,17 @@ def _full_float32() -> Iterator[None]:
     full float32 by about 1.6·10⁻³ on a CIFAR-sized CNN's penalty gradient, above the float32 tolerance, so the
     check failed where nothing was wrong (benchmarks/RESULTS.md, the GPU run of issue #22);
     ``torch.set_float32_matmul_precision("medium")`` lets oneDNN compute CPU matrix products in bfloat16 the same
-    way. Where PyTorch has the per-op settings (``torch.backends.cudnn.conv.fp32_precision`` …) they are used, never
-    the legacy ``allow_tf32`` flags, whose getters raise once the per-op settings disagree."""
-    settings = [getattr(getattr(torch.backends, module), op, None) for module, op in _FP32_PRECISION_SETTINGS]
-    if all(hasattr(setting, "fp32_precision") for setting in settings):
-        saved = [setting.fp32_precision for setting in settings]
-        try:
-            for setting in settings:
-                setting.fp32_precision = "ieee"
-            yield
-        finally:
-            for setting, value in zip(settings, saved):
-                setting.fp32_precision = value
-        return
-    saved_flags = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()  # PyTorch < 2.9
+    way. The per-op settings (``torch.backends.cudnn.conv.fp32_precision`` …, PyTorch ≥ 2.9) are used, never the
+    legacy ``allow_tf32`` flags, whose getters raise once the per-op settings disagree."""
+    settings = [getattr(getattr(torch.backends, module), op) for module, op in _FP32_PRECISION_SETTINGS]
+    saved = [setting.fp32_precision for setting in settings]
     try:
-        torch.backends.cudnn.allow_tf32 = False
-        torch.set_float32_matmul_precision("highest")
+        for setting in settings:
+            setting.fp32_precision = "ieee"
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = saved_flags[0]
-        torch.set_float32_matmul_precision(saved_flags[1])
+        for setting, value in zip(settings, saved):
+            setting.fp32_precision = value
 
 
 @contextlib.contextmanager

@@ -283,8 +283,6 @@ def test_the_check_compares_in_full_float32_and_restores_the_users_precision_set
     from mgs_torch import self_check
 
     settings = [getattr(getattr(torch.backends, module), op) for module, op in self_check._FP32_PRECISION_SETTINGS]
-    if not all(hasattr(s, "fp32_precision") for s in settings):
-        pytest.skip("PyTorch < 2.9 has no per-op float32 precision settings")
     seen = []
     real_compare = self_check._compare
 
