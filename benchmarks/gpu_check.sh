@@ -4,14 +4,16 @@
 #   1. the CUDA tests (K, tr K and penalty gradients against the float64 reference, no side effects
 #      incl. the CUDA RNG, chunk_size bounding GPU memory, a Lightning fit in bf16-mixed);
 #   2. where the time of the CIFAR CNN's exact trace step goes (torch.profiler, benchmarks/profile_step.py
-#      --kernels: each slow kernel with the operator, autograd node and input shapes that launched it), with and
-#      without the opt-in transposed-convolution backward (mgs_torch.op_fixes), and the Hutchinson step's;
+#      --kernels: each slow kernel with the operator, autograd node and input shapes that launched it), with aten's
+#      convolution backward and with the transposed-convolution backward (mgs_torch.op_fixes; automatic: on for the
+#      exact trace step on CUDA), and the Hutchinson step's (automatic: off);
 #   3. the benchmark on the GPU (CUDA-event timing, max_memory_allocated) for LeNet-5, the residual CNN,
 #      the 1.1 M-parameter CIFAR-sized CNN and the small ViT (env BENCH_BATCH, default n = 32 128 512);
 #   4. a torch.compile'd LeNet-5 training step with the penalty against the eager step (benchmarks/bench_compile.py);
 #   5. penalty steps eager against replayed from a CUDA graph (benchmarks/cuda_graphs.py);
 #   6. the trace and log-det steps with every convolution's Gram product forced to the materialised or the ghost route,
-#      and the transposed-convolution backward's A/B on the log-det and Hutchinson steps and on the residual CNN.
+#      and the transposed-convolution backward's A/B on the log-det and Hutchinson steps and on the residual CNN
+#      (whether the automatic choice, on for the exact trace only, is right on this GPU).
 # Each part has its own time limit (seconds; env TESTS_S, PROFILE_S (per run), BENCH_S, COMPILE_S, GRAPHS_S,
 # ROUTES_S (per run)); a limit of 0 skips the part, and what a part measured before its limit is kept (rows are
 # printed or written as they finish). On an H200 (2026-11-27) tests, benchmark and graphs took about 25, 170 and
@@ -47,7 +49,7 @@ part() {  # part NAME LIMIT_S COMMAND...: run COMMAND under LIMIT_S seconds, or 
     part tests "${TESTS_S:-240}" "$PY" tests/test_cuda.py
   fi
   echo "## profile"
-  for flag in "--variant trace" "--variant trace --transposed-conv" "--variant hutchinson"; do
+  for flag in "--variant trace --transposed-conv off" "--variant trace" "--variant hutchinson"; do
     part "profile $flag" "${PROFILE_S:-60}" "$PY" benchmarks/profile_step.py --model cifar_cnn --n 128 --rows 25 --kernels $flag >> "$OUT/profile.txt" 2>&1
   done
   grep -A 14 "median of 10 steps\|slowest kernels" "$OUT/profile.txt" | grep "^# \|^| [0-9]" | cut -c 1-400
@@ -65,10 +67,11 @@ part() {  # part NAME LIMIT_S COMMAND...: run COMMAND under LIMIT_S seconds, or 
   part cuda_graphs "${GRAPHS_S:-240}" "$PY" benchmarks/cuda_graphs.py --json "$OUT/results-cuda-graphs.json"
   echo "## Gram routes"
   # the Gram-route cost model was set on the CPU: what the GPU prefers for the convolutions
-  # and whether the opt-in transposed-convolution backward should be automatic: exact faster, Hutchinson slower on 2026-12-04
+  # and whether the automatic choice of the transposed-convolution backward is right (on 2026-12-04: exact trace
+  # faster with it, Hutchinson slower; the log-det step not measured)
   for run in "cifar_cnn --variant trace --route materialize" "cifar_cnn --variant trace --route ghost" "cifar_cnn --variant logdet" \
       "cifar_cnn --variant logdet --route materialize" "cifar_cnn --variant logdet --transposed-conv" \
-      "cifar_cnn --variant hutchinson --transposed-conv" "resnet --variant trace" "resnet --variant trace --transposed-conv"; do
+      "cifar_cnn --variant hutchinson --transposed-conv" "resnet --variant trace --transposed-conv off" "resnet --variant trace"; do
     part "route $run" "${ROUTES_S:-60}" "$PY" benchmarks/profile_step.py --model $run --n 128 --time-only >> "$OUT/profile.txt" 2>&1
   done
   grep "median of 10 steps" "$OUT/profile.txt"

@@ -1,7 +1,8 @@
 """Where the time of one MGS training step goes: torch.profiler's operator table (CPU or CUDA).
 
     PYTHONPATH=. python benchmarks/profile_step.py --model cifar_cnn --n 128 --variant trace [--device cuda]
-        [--transposed-conv]           (the opt-in convolution of mgs_torch.op_fixes, for an A/B)
+        [--transposed-conv [on|off|auto]] (mgs_torch.op_fixes' transposed-convolution backward, for an A/B;
+                                       default auto: on in the exact trace step on CUDA only, as in the library)
         [--route materialize|ghost]   (force one Gram route for every convolution, for tuning the cost model)
         [--time-only]                 (the median step time, no operator table)
         [--kernels]                   (which operator, called from which autograd node, with which input
@@ -37,14 +38,15 @@ def main(argv=None) -> None:
     ap.add_argument("--variant", default="trace", choices=["plain", "trace", "hutchinson", "logdet"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rows", type=int, default=30)
-    ap.add_argument("--transposed-conv", action="store_true", help="use_transposed_convolution_backward(True)")
+    ap.add_argument("--transposed-conv", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                    help="use_transposed_convolution_backward(True / False / None); bare --transposed-conv means on")
     ap.add_argument("--route", choices=["auto", "materialize", "ghost"], default="auto",
                     help="force the materialised or the ghost Gram route for every convolution (default: the cost model's choice)")
     ap.add_argument("--time-only", action="store_true", help="print the median step time only")
     ap.add_argument("--kernels", action="store_true",
                     help="also attribute the slowest kernels (CUDA) or leaf operators (CPU) to their callers and input shapes")
     args = ap.parse_args(argv)
-    use_transposed_convolution_backward(args.transposed_conv)
+    use_transposed_convolution_backward({"on": True, "off": False, "auto": None}[args.transposed_conv])
     if args.route != "auto":  # what the structured engine's cost model would otherwise decide per convolution
         forced = args.route == "ghost"
         factors.ConvFactor.ghost_is_cheaper = lambda self, quantity: forced
@@ -54,7 +56,7 @@ def main(argv=None) -> None:
     x = make_input(args.model, args.n, device)
     y = torch.randint(0, 10, (args.n,), device=device)
     step = make_step(model, torch.optim.SGD(model.parameters(), lr=1e-6), x, y, args.variant)
-    label = f"{args.model} n={args.n} {args.variant} on {args.device}" + (", transposed-conv" if args.transposed_conv else "")
+    label = f"{args.model} n={args.n} {args.variant} on {args.device}" + ("" if args.transposed_conv == "auto" else f", transposed-conv {args.transposed_conv}")
     label += f", route={args.route}" if args.route != "auto" else ""
     print(f"# {label}: median of 10 steps {median_ms(step, 10, device, warmup=3):.2f} ms")
     if args.time_only:

@@ -27,9 +27,10 @@ and their ``*_cell`` ops          inside ``vmap`` ("output with shape [1, h] doe
                                   size-1 dimension of the input has a non-standard stride
 ``torch.roll`` without ``dims``    on a 0-d per-sample tensor, ``vmap``'s rule rolls the *batch*: the
                                   samples' values trade places (a scalar's roll is the identity)
-``F.conv1d/2d/3d`` (opt-in)       right, but slow on the GPU: the weight-derivative of its backward
+``F.conv1d/2d/3d`` (automatic)    right, but slow on the GPU: the weight-derivative of its backward
                                   runs as a convolution with the whole feature map as kernel
-                                  (:func:`use_transposed_convolution_backward`)
+                                  (:func:`use_transposed_convolution_backward`: by default only in
+                                  the exact trace penalty on CUDA, where it was measured faster)
 ================================  ==============================================================
 
 :class:`ExactOps` is a :class:`~torch.overrides.TorchFunctionMode` that is active whenever mgs_torch
@@ -720,18 +721,54 @@ _CALL_THE_ORIGINAL = (
 _CONVOLUTIONS = {F.conv1d: _convolution(1), F.conv2d: _convolution(2), F.conv3d: _convolution(3)}
 
 
-def use_transposed_convolution_backward(enabled: bool = True) -> None:
-    """Route convolutions through :class:`_Convolution` (off by default: an experiment for the GPU).
+#: ``use_transposed_convolution_backward``'s setting: True (always), False (never), None (automatic, the default)
+_TRANSPOSED_CONVOLUTION_SETTING: list[bool | None] = [None]
+# open blocks of transposed_convolutions_where_automatic(True); a plain list, which Dynamo reads like any global
+_AUTOMATIC_TRANSPOSED_CONVOLUTIONS: list[int] = [0]
 
-    Exact either way (the audit runs both). On the CPU it measured slower (Hutchinson steps +40 %,
-    exact trace steps −10 … +6 %); on an H200 the slow kernel it avoids was a quarter of the CIFAR
-    CNN's exact trace step, which ``benchmarks/gpu_check.sh`` compares with and without this.
+
+def use_transposed_convolution_backward(enabled: bool | None = True) -> None:
+    """Route convolutions through :class:`_Convolution`: ``True`` always, ``False`` never, ``None`` automatically.
+
+    Exact either way (the audit runs both); only the speed differs. ``None`` (the state a process starts in)
+    uses it where it was measured faster: inside the **exact trace penalty of the structured engine on a CUDA
+    device** (an H200: CIFAR CNN −14 %, residual CNN −31 % per step at n = 128). Everywhere else it stays off:
+    on the CPU it measured slower (Hutchinson steps +40 %, exact trace steps −10 … +6 %), and on the GPU it made
+    the one-probe Hutchinson step 53 % slower (its weight gradient runs under ``vmap`` as a per-sample loop).
+    The log-det penalty was not measured: ``True`` turns it on for it too. Process-wide.
     """
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"use_transposed_convolution_backward takes True, False or None (automatic), got {enabled!r}")
+    _TRANSPOSED_CONVOLUTION_SETTING[0] = enabled
     for op, fix in _CONVOLUTIONS.items():
         if enabled:
             REPLACED_OPS[op] = fix
         else:
             REPLACED_OPS.pop(op, None)
+
+
+@contextlib.contextmanager
+def transposed_convolutions_where_automatic(wanted: bool = True) -> Iterator[None]:
+    """Inside the block, forwards that mgs_torch runs route convolutions through :class:`_Convolution` when ``wanted``
+    and :func:`use_transposed_convolution_backward` is in its automatic state (``None``); an explicit
+    ``True``/``False`` wins. The choice is made when the forward records its graph, so the backward passes
+    run later (``loss.backward()``) follow it."""
+    if not wanted:
+        yield
+        return
+    _AUTOMATIC_TRANSPOSED_CONVOLUTIONS[0] += 1
+    try:
+        yield
+    finally:
+        _AUTOMATIC_TRANSPOSED_CONVOLUTIONS[0] -= 1
+
+
+def _replacement_table() -> dict:
+    """The ops an :class:`ExactOps` created now replaces: :data:`REPLACED_OPS`, with the convolutions where the
+    automatic choice asks for them."""
+    if _AUTOMATIC_TRANSPOSED_CONVOLUTIONS[0] and _TRANSPOSED_CONVOLUTION_SETTING[0] is None:
+        return {**REPLACED_OPS, **_CONVOLUTIONS}
+    return REPLACED_OPS
 
 
 @contextlib.contextmanager
@@ -770,6 +807,7 @@ class ExactOps(TorchFunctionMode):
     def __init__(self, substitutes: dict[int, Tensor] | None = None):
         super().__init__()
         self.substitutes = substitutes or {}
+        self.replacements = _replacement_table()
 
     def __torch_function__(self, func, types_=(), args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -780,7 +818,7 @@ class ExactOps(TorchFunctionMode):
             # weights (flatten_parameters) only to see whether they alias; equal pointers make them
             # leave the weights as they are, which is what a functional call needs.
             return 0
-        fix = REPLACED_OPS.get(func)
+        fix = self.replacements.get(func)
         if fix is not None:
             name = getattr(func, "__name__", str(func))
             for record in _RECORDERS:  # verify's report (recording_replacements)

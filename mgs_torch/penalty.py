@@ -12,9 +12,9 @@ from ._guards import preserved_state, restore_rng_states, rng_states
 from ._problem import KernelProblem, build_problem
 from ._io import OutputSelector
 from ._validation import Inputs, ParamFilter, functional_model
-from .engines import engine_for
+from .engines import engine_for, structured
 from .estimators import ESTIMATORS, KINDS, default_generator, trace_cotangents, trace_from_rows
-from .op_fixes import explained_failures
+from .op_fixes import explained_failures, transposed_convolutions_where_automatic
 from .kernel import on_problem
 from .options import REDUCTIONS, PenaltyOptions
 from .self_check import checked_engine
@@ -125,6 +125,20 @@ def _check_logdet_precision(model: nn.Module, dtype: torch.dtype | None) -> None
         )
 
 
+#: devices where the automatic state of :func:`~mgs_torch.op_fixes.use_transposed_convolution_backward` uses it
+TRANSPOSED_CONVOLUTION_DEVICES: tuple[str, ...] = ("cuda",)
+
+
+def _transposed_convolutions_pay(kind: str, estimator: str, engine, problem: KernelProblem) -> bool:
+    """Where :func:`~mgs_torch.op_fixes.use_transposed_convolution_backward`'s automatic state switches it on: the
+    exact trace penalty of the structured engine on a CUDA device, the only place it was measured faster
+    (benchmarks/RESULTS.md, the H200 section of issue #22)."""
+    return (
+        kind == "trace" and estimator == "exact" and engine is structured
+        and any(t.device.type in TRANSPOSED_CONVOLUTION_DEVICES for t in problem.params.values())
+    )
+
+
 def mgs_penalty(
     model: nn.Module,
     inputs: Inputs,
@@ -196,7 +210,8 @@ def mgs_penalty(
     else:
 
         def compute(problem: KernelProblem, engine) -> tuple[Tensor, KernelProblem]:
-            with announced(problem, engine, what=kind, outputs=outputs, chunk_size=chunk_size):
+            automatic = transposed_convolutions_where_automatic(_transposed_convolutions_pay(kind, estimator, engine, problem))
+            with announced(problem, engine, what=kind, outputs=outputs, chunk_size=chunk_size), automatic:
                 if kind == "trace":
                     return trace_from_rows(
                         problem, engine, estimator=estimator, num_probes=num_probes, generator=generator, chunk_size=chunk_size,

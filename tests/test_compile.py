@@ -150,7 +150,10 @@ def test_train_mode_batch_norm_runs_the_penalty_eagerly_and_exactly():
     for c, e in zip(gradients(model, compiled_loss), eager):
         assert relative_error(c, e) < 1e-10
     for key, value in model.state_dict().items():  # the running statistics moved once, as in the eager step
-        assert torch.equal(value, after_eager[key]), key
+        # to float64 rounding: Inductor's C++ kernels sum the batch statistics in their own order (vector width by CPU)
+        torch.testing.assert_close(value, after_eager[key], rtol=1e-13, atol=1e-15, msg=key)
+        moved = not torch.equal(state[key], after_eager[key])
+        assert moved == (not torch.equal(value, state[key])), key  # moved in the compiled step exactly where eager moved
 
 
 def test_a_chunked_penalty_runs_eagerly_inside_a_compiled_step():
