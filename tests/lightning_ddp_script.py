@@ -55,6 +55,9 @@ def main(out: str) -> None:
     pl.seed_everything(0, verbose=False)
     model = RegNet(mgs_alpha=0.5, seed=0)
     monitor = MGSMonitor(probe="train", max_samples=8, log_every_n_steps=1, log_on_epoch_end=True)
+    # a budget rank 0 alone can judge (its clock, its kernels): every rank must follow its decision, or the values'
+    # broadcast would wait forever; 1 % of the fit: after the first step's kernel every scheduled step is skipped
+    budgeted = MGSMonitor(prefix="budget/", max_samples=4, log_every_n_steps=1, max_overhead=0.01)
     record = Record()
     seen = SeenByEarlyStopping()
     # min_delta far beyond any change: epoch 0 sets the best value, epoch 1 does not improve it -> stop after epoch 1,
@@ -65,7 +68,7 @@ def main(out: str) -> None:
     ckpt = ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), monitor="mgs/trace_epoch", mode="min", save_top_k=1)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=4,
-        logger=pl.loggers.CSVLogger(out, name="csv", version=0), callbacks=[stop, monitor, record, seen, mgs_stop, ckpt],
+        logger=pl.loggers.CSVLogger(out, name="csv", version=0), callbacks=[stop, monitor, budgeted, record, seen, mgs_stop, ckpt],
         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
     )
     trainer.fit(model, loader(32, 4))
@@ -80,6 +83,7 @@ def main(out: str) -> None:
             "history": monitor.history,
             "probe": monitor.probe_inputs,
             "computations": monitor.computations,
+            "budgeted": {"history": budgeted.history, "skipped": budgeted.skipped_steps, "computations": budgeted.computations},
             "seen": seen.seen,
             "stopped_epoch": stop.stopped_epoch,
             "mgs_stop_values": list(mgs_stop.rule.values),

@@ -226,8 +226,10 @@ def test_hutchinson_engines_script_prints_both_engines(capsys):
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     structured, reference, plain, ratio, plain_ratio = (float(c) for c in cells[2:])
     assert structured > 0 and reference > 0 and plain > 0
-    assert abs(ratio - reference / structured) < 0.01 + 0.01 * ratio
-    assert abs(plain_ratio - plain / structured) < 0.01 + 0.01 * plain_ratio
+    # the times are printed to 0.1 ms and the ratios to 0.01: on a fast machine a 1 ms time is rounded by up to 5 %
+    rounded = lambda a, b: 0.011 + (0.05 / a + 0.05 / b) * a / b * 1.1  # noqa: E731 - first-order error of a / b
+    assert abs(ratio - reference / structured) < rounded(reference, structured)
+    assert abs(plain_ratio - plain / structured) < rounded(plain, structured)
 
 
 def test_hutchinson_steps_naive_probe_matches_a_per_sample_loop():

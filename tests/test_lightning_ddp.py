@@ -94,6 +94,16 @@ def test_metrics_are_computed_once_logged_once_and_known_to_every_rank(ddp_run):
     assert len(penalties) == 8  # rank 0's value, once per step
 
 
+def test_a_budgeted_monitor_follows_rank_zeros_decision_on_every_rank(ddp_run):
+    """max_overhead: rank 0 decides from its own clock and broadcasts; a rank deciding alone would hang the fit."""
+    ranks, _ = ddp_run
+    zero, one = ranks[0]["budgeted"], ranks[1]["budgeted"]
+    assert one["history"] == zero["history"] and one["skipped"] == zero["skipped"]
+    steps = [h["step"] for h in zero["history"]]
+    assert steps[0] == 0 and len(steps) + zero["skipped"] == 8
+    assert zero["computations"] == len(steps) and one["computations"] == 0
+
+
 def test_early_stopping_and_checkpoint_on_an_mgs_key_agree_on_every_rank(ddp_run):
     ranks, _ = ddp_run
     per_row = [h["mgs/trace_per_row_epoch"] for h in ranks[0]["history"] if h["stage"] == "epoch"]

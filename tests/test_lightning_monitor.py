@@ -72,6 +72,10 @@ def test_exported_names():
         ({"jitter": float("nan")}, "jitter must be a finite number"),
         ({"seed": -3}, "seed must be an int >= 0"),
         ({"spectrum_threads": 0}, "spectrum_threads must be an int >= 1 or None"),
+        ({"max_overhead": 0.0}, r"max_overhead is the monitor's largest share of the training time, in \(0, 1\]"),
+        ({"max_overhead": 1.5}, r"in \(0, 1\] \(e.g. 0.05 for 5 %\)"),
+        ({"max_overhead": -0.1}, "max_overhead must be a finite number >= 0.0"),
+        ({"max_overhead": float("nan")}, "max_overhead must be a finite number"),
     ],
 )
 def test_invalid_arguments_are_rejected_at_construction(kwargs, match):
@@ -246,6 +250,65 @@ def test_epoch_end_only(tmp_path):
 def test_nothing_to_log_warns(tmp_path):
     with pytest.warns(RuntimeWarning, match="logs nothing"):
         fit(PlainNet(), tmp_path, loader(8, 8), callbacks=[MGSMonitor()], log_every_n_steps=0)
+
+
+class FakeClock:
+    """Seconds that pass only when told to: each training step takes 1, each kernel ``kernel_seconds``."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class StepSeconds(pl.Callback):
+    def __init__(self, clock: FakeClock):
+        self.clock = clock
+
+    def on_train_batch_end(self, *args, **kwargs):
+        self.clock.now += 1.0
+
+
+def budgeted_fit(tmp_path, monkeypatch, *, budget, kernel_seconds, steps, epochs=1, **kwargs):
+    clock = FakeClock()
+    monitor = MGSMonitor(log_every_n_steps=1, max_overhead=budget, **kwargs)
+    monitor._clock = clock
+    compute = monitor._kernel_and_metrics
+
+    def costly(*args, **kw):
+        clock.now += kernel_seconds
+        return compute(*args, **kw)
+
+    monkeypatch.setattr(monitor, "_kernel_and_metrics", costly)
+    t = fit(PlainNet(), tmp_path, loader(2 * steps, 2), callbacks=[monitor, StepSeconds(clock)], max_epochs=epochs)
+    return monitor, t, clock
+
+
+def test_max_overhead_keeps_the_monitors_share_of_the_fit_within_the_budget(tmp_path, monkeypatch, caplog):
+    """A kernel costs 4 training steps; with a 20 % budget the monitor computes about one scheduled step in 20 and its
+    share of the fit ends within one kernel of the budget, never above it after the first kernel."""
+    with caplog.at_level("INFO"):
+        monitor, t, clock = budgeted_fit(tmp_path, monkeypatch, budget=0.2, kernel_seconds=4.0, steps=200)
+    steps = [h["step"] for h in monitor.history]
+    assert steps[0] == 0  # the first scheduled step is always computed
+    assert len(steps) + monitor.skipped_steps == 200 and monitor.skipped_steps > 150
+    assert [s for s, _ in t.logger.values("mgs/trace")] == steps  # what is logged is what was computed
+    own, elapsed = sum(h["seconds"] for h in monitor.history), clock.now
+    assert own == 4.0 * len(steps)
+    assert 0.2 - 4.0 / elapsed < own / elapsed <= 0.2
+    for i, step in enumerate(steps[1:], start=2):  # after each computation but the first: i kernels and `step` steps
+        assert 4.0 * i <= 0.2 * (step + 4.0 * i) + 1e-9
+    assert sum("max_overhead=0.2" in r.getMessage() for r in caplog.records) == 1  # announced once
+
+
+def test_max_overhead_never_skips_epoch_end_values_and_a_budget_of_one_skips_nothing(tmp_path, monkeypatch):
+    monitor, t, _ = budgeted_fit(tmp_path, monkeypatch, budget=0.01, kernel_seconds=4.0, steps=10, epochs=2, log_on_epoch_end=True)
+    assert [s for s, _ in t.logger.values("mgs/trace_epoch")] == [10, 20]
+    assert [h["step"] for h in monitor.history if h["stage"] == "step"] == [0]
+    assert monitor.skipped_steps == 19
+    monitor, _, _ = budgeted_fit(tmp_path / "one", monkeypatch, budget=1.0, kernel_seconds=4.0, steps=10)
+    assert monitor.skipped_steps == 0 and [h["step"] for h in monitor.history] == list(range(10))
 
 
 def test_once_per_optimizer_step_under_gradient_accumulation(tmp_path):

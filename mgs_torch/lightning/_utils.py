@@ -12,12 +12,12 @@ from torch import Tensor, nn
 
 try:  # the classic package name first (what pyproject depends on), then the unified one
     import pytorch_lightning as pl
-    from pytorch_lightning.utilities import rank_zero_warn
+    from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 except ImportError:  # pragma: no cover - depends on the environment
     try:
         import lightning.pytorch as pl  # type: ignore[no-redef]
-        from lightning.pytorch.utilities import rank_zero_warn  # type: ignore[no-redef]
+        from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn  # type: ignore[no-redef]
         from lightning.pytorch.utilities.exceptions import MisconfigurationException  # type: ignore[no-redef]
     except ImportError as err:
         raise ImportError(
@@ -29,7 +29,7 @@ from .. import options
 from .._io import take_samples
 from ..options import Inputs
 
-__all__ = ["pl", "MisconfigurationException", "MGSConfigurationError", "rank_zero_warn"]
+__all__ = ["pl", "MisconfigurationException", "MGSConfigurationError", "rank_zero_info", "rank_zero_warn"]
 
 _INPUT_KEYS = ("x", "input", "inputs", "features")
 _TARGET_KEYS = ("y", "target", "targets", "label", "labels")

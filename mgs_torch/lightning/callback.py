@@ -23,6 +23,7 @@ from ..scores import SampleScores, sample_scores_from_kernel
 from .probe import draw_probe_batch
 from ._utils import (
     MGSConfigurationError,
+    rank_zero_info,
     rank_zero_warn,
     cap_samples,
     check_choice,
@@ -85,6 +86,13 @@ class MGSMonitor(pl.Callback):
         log_every_n_steps: step interval; ``None`` (default) takes the Trainer's
             ``log_every_n_steps``; ``0`` logs no step values (use with ``log_on_epoch_end=True``).
         log_on_epoch_end: also log at the end of every training epoch (keys with ``_epoch``).
+        max_overhead: a budget for the monitor's share of the fit's wall time, e.g. ``0.05``. Before a
+            scheduled step the callback compares its seconds so far plus the last kernel's cost c with the
+            fit's: it computes the step only if ``own + c ≤ max_overhead · (elapsed + c)``, and otherwise
+            skips it (counted in :attr:`skipped_steps`; the first skip is announced). The first scheduled
+            step is always computed, so in a short fit the share can exceed the budget by one kernel; over a
+            long one it tends to the budget. Which steps are logged then depends on timing (rank 0's clock,
+            broadcast under DDP). Epoch-end values are never skipped. ``None`` (default): every scheduled step.
         probe: which batch the kernel is formed on. ``"current"`` (default): the training batch of
             the step (under DDP, rank 0's local batch). ``"train"`` / ``"val"``: a fixed probe batch
             drawn once when training starts from the training / validation dataset — ``max_samples``
@@ -172,6 +180,7 @@ class MGSMonitor(pl.Callback):
         *,
         log_every_n_steps: int | None = None,
         log_on_epoch_end: bool = False,
+        max_overhead: float | None = None,
         probe: str = "current",
         max_samples: int | None = None,
         metrics: Sequence[str] | str = DEFAULT_METRICS,
@@ -196,6 +205,13 @@ class MGSMonitor(pl.Callback):
         logits: OutputSelector = None,
     ) -> None:
         check_int("log_every_n_steps", log_every_n_steps, minimum=0, allow_none=True)
+        if max_overhead is not None:
+            check_float("max_overhead", max_overhead, minimum=0.0)
+            if not 0.0 < max_overhead <= 1.0:
+                raise MGSConfigurationError(
+                    f"max_overhead is the monitor's largest share of the training time, in (0, 1] (e.g. 0.05 for 5 %), "
+                    f"got {max_overhead!r}; None computes every scheduled step"
+                )
         check_choice("probe", probe, PROBES)
         check_int("max_samples", max_samples, minimum=1, allow_none=True)
         with configuration_errors():
@@ -221,6 +237,7 @@ class MGSMonitor(pl.Callback):
 
         self.log_every_n_steps = log_every_n_steps
         self.log_on_epoch_end = bool(log_on_epoch_end)
+        self.max_overhead = None if max_overhead is None else float(max_overhead)
         self.probe = probe
         self.max_samples = max_samples
         self.metrics = metrics
@@ -242,6 +259,12 @@ class MGSMonitor(pl.Callback):
         self.prog_bar_keys: frozenset[str] = prog_bar_keys
         #: kernels computed by this process (0 on DDP ranks other than 0)
         self.computations: int = 0
+        #: scheduled steps skipped to keep within ``max_overhead`` (every rank)
+        self.skipped_steps: int = 0
+        self._clock: Callable[[], float] = time.perf_counter
+        self._fit_started: float | None = None
+        self._own_seconds: float = 0.0  # rank 0's kernel seconds in this fit (broadcast: the same on every rank)
+        self._last_cost: float = 0.0
 
         #: every logged record: {"step", "epoch", "stage", prefix+name: value, ...} (every rank)
         self.history: list[dict[str, float]] = []
@@ -323,6 +346,7 @@ class MGSMonitor(pl.Callback):
             rank_zero_warn(message, category=RuntimeWarning)
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._fit_started, self._own_seconds = self._clock(), 0.0  # the budget is a share of this fit's time
         # every rank draws the same probe (cheap, and a missing data set fails on all ranks alike)
         if self.probe != "current" and self._probe_inputs is None:
             self._draw_probe(trainer, pl_module)
@@ -335,6 +359,9 @@ class MGSMonitor(pl.Callback):
         if interval == 0 or (step + 1) % interval != 0 or step == self._last_step:
             return
         self._last_step = step
+        if self.max_overhead is not None and not self._within_budget(trainer, step):
+            self.skipped_steps += 1
+            return
         self._measure_and_log(trainer, pl_module, batch, step=step, suffix="", stage="step")
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -345,6 +372,27 @@ class MGSMonitor(pl.Callback):
         self._last_epoch = trainer.current_epoch
         self._measure_and_log(trainer, pl_module, self._last_batch, step=self._step(trainer), suffix="_epoch", stage="epoch")
         self._last_batch = None
+
+    def _within_budget(self, trainer: "pl.Trainer", step: int) -> bool:
+        """Whether computing this step keeps the monitor within ``max_overhead`` of the fit's time (rank 0 decides)."""
+        allowed = True
+        if trainer.is_global_zero:
+            now = self._clock()
+            if self._fit_started is None:  # the hooks were called without on_train_start
+                self._fit_started = now
+            elapsed, cost = now - self._fit_started, self._last_cost
+            allowed = self._own_seconds + cost <= self.max_overhead * (elapsed + cost)
+        if trainer.world_size > 1:  # every rank must agree, or rank 0's broadcast of the values would wait forever
+            allowed = bool(trainer.strategy.broadcast(allowed, src=0))
+        if not allowed and "MGSMonitor-budget" not in self._warned:
+            self._warned.add("MGSMonitor-budget")
+            rank_zero_info(
+                f"MGSMonitor(max_overhead={self.max_overhead:g}): a kernel takes {self._last_cost:.3g} s, so step {step} "
+                f"and others are skipped to keep the monitor under {100 * self.max_overhead:g} % of the training time "
+                f"(counted in MGSMonitor.skipped_steps); a longer log_every_n_steps or a smaller max_samples logs more "
+                f"regularly"
+            )
+        return allowed
 
     def state_dict(self) -> dict[str, Any]:
         """The probe batch (CPU tensors), the schedule's position and :attr:`history`, so that a resumed run
@@ -463,7 +511,7 @@ class MGSMonitor(pl.Callback):
         K: Tensor | None = None
         payload: tuple[dict[str, float], float] | None = None
         if trainer.is_global_zero:  # computed once, on rank 0
-            started = time.perf_counter()
+            started = self._clock()
             self.computations += 1
             try:
                 K, result, n = self._kernel_and_metrics(pl_module, batch)
@@ -480,11 +528,13 @@ class MGSMonitor(pl.Callback):
             scalars = {f"{self.prefix}{name}{suffix}": float(values.get(name, math.nan)) for name in self.metrics}
             if self.log_sample_scores:
                 scalars.update(self._sample_score_scalars(K, n if K is not None else 0, suffix))
-            payload = (scalars, time.perf_counter() - started)
+            payload = (scalars, self._clock() - started)
         if trainer.world_size > 1:  # every rank reaches this hook at the same step: all agree on rank 0's values
             payload = trainer.strategy.broadcast(payload, src=0)
         assert payload is not None
         scalars, seconds = payload
+        self._own_seconds += seconds
+        self._last_cost = seconds
         if trainer.is_global_zero:
             for logger in trainer.loggers:  # Lightning's own rows carry the epoch too
                 logger.log_metrics({**scalars, "epoch": trainer.current_epoch}, step=step)
