@@ -736,6 +736,11 @@ def use_transposed_convolution_backward(enabled: bool | None = True) -> None:
     on the CPU it measured slower (Hutchinson steps +40 %, exact trace steps −10 … +6 %), and on the GPU it made
     the one-probe Hutchinson step 53 % slower (its weight gradient runs under ``vmap`` as a per-sample loop).
     The log-det penalty was not measured: ``True`` turns it on for it too. Process-wide.
+
+    The first-use self-check (:mod:`mgs_torch.self_check`) runs the engine on its own probes, outside the
+    automatic choice, so it checks the layer rules through aten's convolution; the replacement itself is checked
+    against the float64 per-sample loop on every convolution case by the test suite (``tests/test_audit.py`` on
+    the CPU, ``tests/test_cuda.py`` on a GPU).
     """
     if enabled is not None and not isinstance(enabled, bool):
         raise TypeError(f"use_transposed_convolution_backward takes True, False or None (automatic), got {enabled!r}")
