@@ -62,7 +62,7 @@ _AUDIT = ["tests/test_audit.py::test_matches_the_autograd_loop", "tests/test_aud
 MODULES: dict[str, list[str]] = {
     "mgs_torch/estimators.py": _CORE_FAST,
     "mgs_torch/kernel.py": _CORE_FAST + ["tests/test_errors.py", "tests/test_side_effects.py"],
-    "mgs_torch/penalty.py": _CORE_FAST + ["tests/test_side_effects.py"] + _AUDIT,
+    "mgs_torch/penalty.py": _CORE_FAST + ["tests/test_side_effects.py", "tests/test_convolution_backward_choice.py"] + _AUDIT,
     "mgs_torch/engines/jacobian.py": _CORE_FAST + _AUDIT + ["tests/test_trust.py"],
     "mgs_torch/engines/__init__.py": _CORE_FAST + ["tests/test_structured.py"] + _AUDIT,
     "mgs_torch/engines/structured.py": _CORE_FAST + ["tests/test_structured.py"] + _AUDIT,
@@ -71,11 +71,12 @@ MODULES: dict[str, list[str]] = {
     + ["tests/test_audit.py::test_unfolded_convolution_gradients_match_the_loop"],
     "mgs_torch/_problem.py": _CORE_FAST + ["tests/test_trust.py", "tests/test_side_effects.py", "tests/test_errors_inputs.py"] + _AUDIT,
     "mgs_torch/op_fixes.py": ["tests/test_op_fixes.py", "tests/test_faithful_forwards.py"] + _CORE_FAST + _AUDIT
-    + ["tests/test_audit.py::test_transposed_convolution_backward_matches_the_loop"],
+    + ["tests/test_audit.py::test_transposed_convolution_backward_matches_the_loop", "tests/test_convolution_backward_choice.py"],
     "mgs_torch/metrics.py": ["tests/test_metrics.py", "tests/test_metrics_checks.py"],
     "mgs_torch/scores.py": ["tests/test_scores.py"],
     "mgs_torch/verify.py": ["tests/test_trust.py", "tests/test_readme.py"],
-    "mgs_torch/lightning/callback.py": ["tests/test_lightning_monitor.py", "tests/test_lightning_callback_metrics.py"],
+    "mgs_torch/lightning/callback.py": ["tests/test_lightning_monitor.py", "tests/test_lightning_callback_metrics.py",
+                                        "tests/test_lightning_ddp.py"],
     "mgs_torch/lightning/mixin.py": ["tests/test_lightning_mixin.py"],
 }
 IMPORT_TIME_FILES = 3  # how many of a module's test files a mutant of a line run at import time gets

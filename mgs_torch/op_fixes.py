@@ -753,7 +753,7 @@ def use_transposed_convolution_backward(enabled: bool | None = True) -> None:
 
 
 @contextlib.contextmanager
-def transposed_convolutions_where_automatic(wanted: bool = True) -> Iterator[None]:
+def transposed_convolutions_where_automatic(wanted: bool) -> Iterator[None]:
     """Inside the block, forwards that mgs_torch runs route convolutions through :class:`_Convolution` when ``wanted``
     and :func:`use_transposed_convolution_backward` is in its automatic state (``None``); an explicit
     ``True``/``False`` wins. The choice is made when the forward records its graph, so the backward passes

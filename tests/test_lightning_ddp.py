@@ -101,6 +101,8 @@ def test_a_budgeted_monitor_follows_rank_zeros_decision_on_every_rank(ddp_run):
     assert one["history"] == zero["history"] and one["skipped"] == zero["skipped"]
     steps = [h["step"] for h in zero["history"]]
     assert steps[0] == 0 and len(steps) + zero["skipped"] == 8
+    # 1 % of 8 steps is far less than a second kernel: rank 0 skips (a rank deciding alone, without the budget, would not)
+    assert zero["skipped"] >= 1
     assert zero["computations"] == len(steps) and one["computations"] == 0
 
 

@@ -262,7 +262,7 @@ class MGSMonitor(pl.Callback):
         #: scheduled steps skipped to keep within ``max_overhead`` (every rank)
         self.skipped_steps: int = 0
         self._clock: Callable[[], float] = time.perf_counter
-        self._fit_started: float | None = None
+        self._fit_started: float = 0.0  # set by on_train_start, which Lightning runs before any batch
         self._own_seconds: float = 0.0  # rank 0's kernel seconds in this fit (broadcast: the same on every rank)
         self._last_cost: float = 0.0
 
@@ -377,10 +377,7 @@ class MGSMonitor(pl.Callback):
         """Whether computing this step keeps the monitor within ``max_overhead`` of the fit's time (rank 0 decides)."""
         allowed = True
         if trainer.is_global_zero:
-            now = self._clock()
-            if self._fit_started is None:  # the hooks were called without on_train_start
-                self._fit_started = now
-            elapsed, cost = now - self._fit_started, self._last_cost
+            elapsed, cost = self._clock() - self._fit_started, self._last_cost
             allowed = self._own_seconds + cost <= self.max_overhead * (elapsed + cost)
         if trainer.world_size > 1:  # every rank must agree, or rank 0's broadcast of the values would wait forever
             allowed = bool(trainer.strategy.broadcast(allowed, src=0))
