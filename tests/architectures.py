@@ -7,18 +7,14 @@ import warnings
 
 import torch
 
-from reference import kernel_loop, penalty_grad_loop, relative_error, trainable
+from reference import flat_gradients, kernel_loop, penalty_grad_loop, relative_error, trainable
 from mgs_torch import mgs_kernel, mgs_penalty
-
-
-def _flat(grads, params) -> torch.Tensor:
-    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
 
 
 def loop_reference(model, x) -> tuple[torch.Tensor, torch.Tensor]:
     """K and ∂ tr K/∂θ (all trainable parameters, concatenated) by the autograd loop."""
     grads = penalty_grad_loop(model, x, "trace")
-    return kernel_loop(model, x).detach(), _flat(grads, trainable(model)).detach()
+    return kernel_loop(model, x).detach(), flat_gradients(grads, trainable(model)).detach()
 
 
 def assert_matches_the_loop(model, x, strategy: str, reference: tuple[torch.Tensor, torch.Tensor], tol: float,
@@ -29,7 +25,7 @@ def assert_matches_the_loop(model, x, strategy: str, reference: tuple[torch.Tens
         warnings.simplefilter("ignore")
         K = mgs_kernel(model, x, strategy=strategy)
         value = mgs_penalty(model, x, strategy=strategy, reduction="sum")
-    grad = _flat(torch.autograd.grad(value, trainable(model), allow_unused=True), trainable(model))
+    grad = flat_gradients(torch.autograd.grad(value, trainable(model), allow_unused=True), trainable(model))
     errors = {"K": relative_error(K, K_ref), "∂ tr K": relative_error(grad, grad_ref)}
     tols = {"K": tol, "∂ tr K": tol if grad_tol is None else grad_tol}
     assert all(errors[k] <= tols[k] for k in errors), f"strategy={strategy!r}: relative errors {errors}, tolerances {tols}"

@@ -175,6 +175,11 @@ def penalty_grad_fd(model, inputs, kind: str, *, eps: float = 1e-6, whole_batch:
     return out
 
 
+def flat_gradients(grads, params) -> torch.Tensor:
+    """Gradients as one vector in the parameters' order, a parameter the value does not reach (``None``) as zeros."""
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """‖actual − expected‖ / max(‖expected‖, tiny): one number per comparison."""
     scale = max(float(expected.norm()), 1e-300)

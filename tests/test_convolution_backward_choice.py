@@ -22,7 +22,7 @@ from mgs_torch.op_fixes import (
     _CONVOLUTIONS, REPLACED_OPS, ExactOps, recording_replacements, transposed_convolutions_where_automatic,
     use_transposed_convolution_backward,
 )
-from reference import kernel_loop, penalty_grad_loop, relative_error, trainable
+from reference import flat_gradients, kernel_loop, penalty_grad_loop, relative_error, trainable
 
 TOL = 1e-9
 
@@ -106,8 +106,7 @@ def test_where_it_pays_the_exact_trace_penalty_uses_it_and_keeps_the_loops_value
     assert "conv2d" in names
     assert relative_error(value.detach(), kernel_loop(model, x).trace()) <= TOL
     expected = penalty_grad_loop(model, x, "trace")
-    flat = lambda gs: torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(gs, trainable(model))])  # noqa: E731
-    assert relative_error(flat(grads), flat(expected)) <= TOL
+    assert relative_error(flat_gradients(grads, trainable(model)), flat_gradients(expected, trainable(model))) <= TOL
     # the block ends with the call: the metrics after it run aten's convolution again
     with recording_replacements() as after:
         mgs_trace(model, x, strategy="structured")

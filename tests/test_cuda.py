@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from model_zoo import by_name, build  # noqa: E402
-from reference import kernel_loop, penalty_grad_loop, relative_error, trainable  # noqa: E402
+from reference import flat_gradients, kernel_loop, penalty_grad_loop, relative_error, trainable  # noqa: E402
 from mgs_torch import capture_step, mgs_kernel, mgs_penalty, mgs_trace  # noqa: E402
 
 try:
@@ -53,8 +53,7 @@ def check_case_on_gpu(name: str) -> dict:
         for kind, ref in g_ref.items():
             value = mgs_penalty(gm, gx, kind=kind, strategy=strategy, reduction="sum", **kw)
             ours = torch.autograd.grad(value, trainable(gm), allow_unused=True)
-            flat = lambda gs, ps: torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).cpu() for g, p in zip(gs, ps)])  # noqa: E731
-            errors[f"{strategy} ∂{kind}"] = relative_error(flat(ours, trainable(gm)), flat(ref, trainable(model)))
+            errors[f"{strategy} ∂{kind}"] = relative_error(flat_gradients(ours, trainable(gm)).cpu(), flat_gradients(ref, trainable(model)))
     return errors
 
 
@@ -84,8 +83,7 @@ def test_exact_trace_penalty_takes_the_transposed_convolution_backward_on_gpu():
         grads = torch.autograd.grad(value, trainable(gm), allow_unused=True)
     assert "conv2d" in names, names
     expected = penalty_grad_loop(model, x, "trace", whole_batch=case.whole_batch)
-    flat = lambda gs, ps: torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).cpu() for g, p in zip(gs, ps)])  # noqa: E731
-    assert relative_error(flat(grads, trainable(gm)), flat(expected, trainable(model))) <= 1e-9
+    assert relative_error(flat_gradients(grads, trainable(gm)).cpu(), flat_gradients(expected, trainable(model))) <= 1e-9
     with recording_replacements() as names:
         mgs_penalty(gm, gx, estimator="hutchinson", strategy="structured", generator=torch.Generator(device="cuda"), **case.kernel_kwargs)
     assert "conv2d" not in names, names
